@@ -1,0 +1,191 @@
+//! The application: database connection, gRPC router (service, health, reflection),
+//! serving, and graceful shutdown.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{server::NamedService, transport::Server};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    config::DatabaseArgs,
+    grpc::IngestApiHandler,
+    local_postgres::{self, LocalPostgres},
+    proto::{self, ingest_service_server::IngestServiceServer},
+    service::IngestService,
+    storage::{self, Storage},
+};
+
+/// How often health re-checks the database.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one health probe may take before the database counts as unreachable.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The database the service runs against, and the local cluster behind it, if any.
+pub struct Database {
+    pub pool: PgPool,
+    pub local: Option<LocalPostgres>,
+}
+
+impl Database {
+    /// Connects to DATABASE_URL, or starts (or reuses) the local cluster when it is unset,
+    /// and applies the migrations.
+    pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Self> {
+        let pool_options = PgPoolOptions::new()
+            .max_connections(args.max_connections)
+            .acquire_timeout(Duration::from_secs(5));
+        let (pool, local) = match &args.database_url {
+            Some(url) => {
+                tracing::info!(database = %url.redacted(), "using DATABASE_URL");
+                let pool = pool_options.connect(url.expose()).await.with_context(|| {
+                    format!(
+                        "cannot connect to DATABASE_URL ({}); check that the server runs and \
+                         accepts this user, or unset DATABASE_URL to use a local cluster",
+                        url.redacted()
+                    )
+                })?;
+                (pool, None)
+            }
+            None => {
+                let data_dir = args.data_dir.clone().unwrap_or_else(local_postgres::default_data_dir);
+                let local = LocalPostgres::ensure(&data_dir).await?;
+                let pool = pool_options
+                    .connect_with(local.connect_options(local_postgres::DATABASE))
+                    .await
+                    .context("cannot connect to the local PostgreSQL")?;
+                (pool, Some(local))
+            }
+        };
+        storage::migrate(&pool).await.context("cannot apply the database migrations")?;
+        Ok(Self { pool, local })
+    }
+}
+
+/// A bound, ready-to-serve krisp-ingest.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    storage: Storage,
+}
+
+impl Application {
+    /// Binds `listen` (port 0 picks a free port) over an already migrated pool.
+    pub async fn build(listen: SocketAddr, pool: PgPool) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            local_addr,
+            storage: Storage::new(pool),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight calls finish.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let service = IngestService::new(self.storage.clone());
+        let api = IngestServiceServer::new(IngestApiHandler::new(service));
+
+        let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
+        let monitor = tokio::spawn(monitor_database(self.storage.clone(), health.clone(), health_stopped));
+
+        tracing::info!(address = %self.local_addr, "krisp-ingest serving gRPC");
+        let served = Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(api)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+                shutdown.await;
+                tracing::info!("shutting down: finishing in-flight calls");
+            })
+            .await;
+        let _ = stop_health.send(());
+        let _ = monitor.await;
+        served.context("gRPC server failed")
+    }
+}
+
+/// Keeps the health status in step with the database: NOT_SERVING while it is unreachable.
+async fn monitor_database(
+    storage: Storage,
+    health: HealthReporter,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let service_name = <IngestServiceServer<IngestApiHandler> as NamedService>::NAME;
+    let mut last = None;
+    loop {
+        let status = match tokio::time::timeout(HEALTH_TIMEOUT, storage.ping()).await {
+            Ok(Ok(())) => ServingStatus::Serving,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "database health probe failed");
+                ServingStatus::NotServing
+            }
+            Err(_) => {
+                tracing::warn!("database health probe timed out");
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            tracing::info!(?status, "health changed");
+            health.set_service_status("", status).await;
+            health.set_service_status(service_name, status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(service_name, ServingStatus::NotServing).await;
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,259 @@
+//! Command-line clients: `demo` (what the original pipeline's main.py did, over gRPC)
+//! and `feed` (a simulated voice service streaming sentiments). Their output is for
+//! people, on standard output.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{TimeDelta, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::config::{ClientArgs, FeedArgs};
+use crate::grpc::convert::to_timestamp;
+use crate::proto::{
+    self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame,
+};
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<IngestServiceClient<Channel>> {
+    IngestServiceClient::connect(args.server.clone())
+        .await
+        .with_context(|| format!("cannot reach krisp-ingest at {}; is it running?", args.server))
+}
+
+fn status_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
+    move |status| anyhow::anyhow!("{what} failed: {:?}: {}", status.code(), status.message())
+}
+
+/// A participation to demonstrate with: a new user, timezone, session and join.
+async fn new_participation(
+    client: &mut IngestServiceClient<Channel>,
+    started: chrono::DateTime<Utc>,
+) -> anyhow::Result<(proto::User, proto::Timezone, proto::Session, proto::Participation)> {
+    let user = client
+        .create_user(proto::CreateUserRequest {
+            external_id: format!("demo-{}", Uuid::new_v4()),
+            country: "AM".into(),
+            native_language: "hy".into(),
+            region: "Yerevan".into(),
+        })
+        .await
+        .map_err(status_error("CreateUser"))?
+        .into_inner()
+        .user
+        .context("CreateUser returned no user")?;
+    let timezone = client
+        .upsert_timezone(proto::UpsertTimezoneRequest {
+            timezone: Some(proto::Timezone {
+                code: "Asia/Yerevan".into(),
+                utc_offset: Some(prost_types::Duration { seconds: 4 * 3600, nanos: 0 }),
+            }),
+        })
+        .await
+        .map_err(status_error("UpsertTimezone"))?
+        .into_inner()
+        .timezone
+        .context("UpsertTimezone returned no timezone")?;
+    let session = client
+        .create_session(proto::CreateSessionRequest {
+            session_type: proto::SessionType::Meeting as i32,
+            started_at: Some(to_timestamp(started)),
+        })
+        .await
+        .map_err(status_error("CreateSession"))?
+        .into_inner()
+        .session
+        .context("CreateSession returned no session")?;
+    let participation = client
+        .join_session(proto::JoinSessionRequest {
+            user_id: user.id.clone(),
+            session_id: session.id.clone(),
+            timezone_code: timezone.code.clone(),
+            connected_at: Some(to_timestamp(started)),
+        })
+        .await
+        .map_err(status_error("JoinSession"))?
+        .into_inner()
+        .participation
+        .context("JoinSession returned no participation")?;
+    Ok((user, timezone, session, participation))
+}
+
+/// Does what the original pipeline's main.py did, through the API, and prints it back.
+pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let started = Utc::now() - TimeDelta::minutes(10);
+    let (user, timezone, session, participation) = new_participation(&mut client, started).await?;
+    let sentiment = client
+        .record_sentiment(proto::RecordSentimentRequest {
+            participation_id: participation.id.clone(),
+            sentiment: Some(proto::NewSentiment {
+                started_at: Some(to_timestamp(started + TimeDelta::seconds(30))),
+                ended_at: Some(to_timestamp(started + TimeDelta::seconds(45))),
+                label: proto::SentimentLabel::Positive as i32,
+                score: Some(0.82),
+            }),
+        })
+        .await
+        .map_err(status_error("RecordSentiment"))?
+        .into_inner()
+        .sentiment;
+    let event = client
+        .record_event(proto::RecordEventRequest {
+            participation_id: participation.id.clone(),
+            event: Some(proto::NewEvent {
+                occurred_at: Some(to_timestamp(started + TimeDelta::seconds(5))),
+                kind: proto::EventKind::MicrophoneUnmuted as i32,
+                attributes: [("device".to_owned(), "built-in microphone".to_owned())].into(),
+            }),
+        })
+        .await
+        .map_err(status_error("RecordEvent"))?
+        .into_inner()
+        .event;
+    let left = client
+        .leave_session(proto::LeaveSessionRequest {
+            participation_id: participation.id.clone(),
+            disconnected_at: Some(to_timestamp(started + TimeDelta::minutes(5))),
+            talked_time: Some(prost_types::Duration { seconds: 95, nanos: 0 }),
+            microphone_used: true,
+            speaker_used: true,
+        })
+        .await
+        .map_err(status_error("LeaveSession"))?
+        .into_inner()
+        .participation;
+    let ended = client
+        .end_session(proto::EndSessionRequest {
+            session_id: session.id.clone(),
+            ended_at: Some(to_timestamp(started + TimeDelta::minutes(6))),
+        })
+        .await
+        .map_err(status_error("EndSession"))?
+        .into_inner()
+        .session;
+
+    println!("user:          {user:?}");
+    println!("timezone:      {timezone:?}");
+    println!("session:       {ended:?}");
+    println!("participation: {left:?}");
+    println!("sentiment:     {sentiment:?}");
+    println!("event:         {event:?}");
+    println!("timeline of participation {}:", participation.id);
+    let mut timeline = client
+        .get_timeline(proto::GetTimelineRequest {
+            participation_id: participation.id.clone(),
+        })
+        .await
+        .map_err(status_error("GetTimeline"))?
+        .into_inner();
+    while let Some(entry) = timeline.message().await.map_err(status_error("GetTimeline"))? {
+        match entry.entry.and_then(|e| e.entry) {
+            Some(proto::timeline_entry::Entry::Event(e)) => println!("  event      {e:?}"),
+            Some(proto::timeline_entry::Entry::Sentiment(s)) => println!("  sentiment  {s:?}"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Streams `count` sentiments for a participation in one stream, with a progress bar.
+pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut client = connect(&args.client).await?;
+    let start = Utc::now() - TimeDelta::hours(1);
+    let participation_id = match &args.participation_id {
+        Some(id) => id.clone(),
+        None => new_participation(&mut client, start).await?.3.id,
+    };
+    let participation = client
+        .get_participation(proto::GetParticipationRequest {
+            participation_id: participation_id.clone(),
+        })
+        .await
+        .map_err(status_error("GetParticipation"))?
+        .into_inner()
+        .participation
+        .context("GetParticipation returned no participation")?;
+    let connected = participation
+        .connected_at
+        .map(|t| t.seconds)
+        .context("participation has no connected_at")?;
+    let stream_id = Uuid::new_v4();
+    let bar = ProgressBar::new(args.count);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} sentiments {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    let (tx, rx) = mpsc::channel(8);
+    let (count, batch_size, progress) = (args.count, args.batch_size as u64, bar.clone());
+    let header = proto::StreamHeader {
+        stream_id: stream_id.to_string(),
+        participation_id: participation_id.clone(),
+    };
+    let producer = tokio::spawn(async move {
+        let frame = |f| proto::StreamSentimentsRequest { frame: Some(f) };
+        if tx.send(frame(Frame::Header(header))).await.is_err() {
+            return;
+        }
+        let labels = [
+            proto::SentimentLabel::Positive,
+            proto::SentimentLabel::Neutral,
+            proto::SentimentLabel::Negative,
+        ];
+        let mut sent = 0;
+        while sent < count {
+            let n = batch_size.min(count - sent);
+            let sentiments = (sent..sent + n)
+                .map(|i| {
+                    // 100 ms segments, back to back, from the moment of connection.
+                    let ms = i64::try_from(i).unwrap_or(i64::MAX / 200) * 100;
+                    let at = |offset_ms: i64| prost_types::Timestamp {
+                        seconds: connected + (ms + offset_ms) / 1000,
+                        nanos: i32::try_from(((ms + offset_ms) % 1000) * 1_000_000).unwrap_or(0),
+                    };
+                    proto::NewSentiment {
+                        started_at: Some(at(0)),
+                        ended_at: Some(at(100)),
+                        label: labels[(i % 3) as usize] as i32,
+                        score: Some(((i % 200) as f64 / 100.0) - 1.0),
+                    }
+                })
+                .collect();
+            if tx.send(frame(Frame::Batch(proto::SentimentBatch { sentiments }))).await.is_err() {
+                return;
+            }
+            sent += n;
+            progress.set_position(sent);
+        }
+        let _ = tx
+            .send(frame(Frame::Trailer(proto::StreamTrailer { item_count: count })))
+            .await;
+    });
+
+    let started = Instant::now();
+    let response = client.stream_sentiments(ReceiverStream::new(rx)).await;
+    let _ = producer.await;
+    bar.finish();
+    let receipt = response
+        .map_err(status_error("StreamSentiments"))?
+        .into_inner()
+        .receipt
+        .context("StreamSentiments returned no receipt")?;
+    let elapsed = started.elapsed().max(Duration::from_millis(1));
+    println!(
+        "stream {} committed: {} sentiments for participation {participation_id} in {:.2?} \
+         ({:.0} sentiments/s)",
+        receipt.stream_id,
+        receipt.items_stored,
+        elapsed,
+        receipt.items_stored as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! Validated domain types. A value of these types has passed every rule that does not
+//! need the database; constructors return the violated rules otherwise.
+
+mod feed;
+mod session;
+mod user;
+
+pub use feed::*;
+pub use session::*;
+pub use user::*;
+
+/// Checks a free-form text field: no NUL characters (PostgreSQL text cannot hold them)
+/// and a length in characters within `min..=max`.
+pub fn check_text(value: &str, min: usize, max: usize) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err("must not contain NUL characters".to_owned());
+    }
+    let length = value.chars().count();
+    if length < min {
+        return Err(if min == 1 {
+            "is required".to_owned()
+        } else {
+            format!("must be at least {min} characters long")
+        });
+    }
+    if length > max {
+        return Err(format!("must be at most {max} characters long, got {length}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_rules() {
+        assert!(check_text("ok", 1, 5).is_ok());
+        assert_eq!(check_text("", 1, 5), Err("is required".to_owned()));
+        assert!(check_text("a\0b", 0, 5).is_err());
+        assert!(check_text("abcdef", 0, 5).is_err());
+        // Lengths count characters, not bytes.
+        assert!(check_text("ééééé", 1, 5).is_ok());
+    }
+}

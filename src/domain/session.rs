@@ -1,0 +1,207 @@
+use chrono::{DateTime, TimeDelta, Utc};
+use uuid::Uuid;
+
+/// What kind of session a session is. Stored as its lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionType {
+    Call,
+    Meeting,
+    Webinar,
+}
+
+impl SessionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Call => "call",
+            Self::Meeting => "meeting",
+            Self::Webinar => "webinar",
+        }
+    }
+
+    pub fn from_stored(value: &str) -> Option<Self> {
+        match value {
+            "call" => Some(Self::Call),
+            "meeting" => Some(Self::Meeting),
+            "webinar" => Some(Self::Webinar),
+            _ => None,
+        }
+    }
+}
+
+/// A stored session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub id: Uuid,
+    pub session_type: SessionType,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl Session {
+    /// Derived from start and end; `None` while the session goes on.
+    pub fn duration(&self) -> Option<TimeDelta> {
+        self.ended_at.map(|end| end - self.started_at)
+    }
+
+    /// Why a user cannot connect at `connected_at`, if they cannot.
+    pub fn refuses_connection_at(&self, connected_at: DateTime<Utc>) -> Option<String> {
+        if connected_at < self.started_at {
+            return Some(format!(
+                "connected_at {connected_at} is before the session started ({})",
+                self.started_at
+            ));
+        }
+        match self.ended_at {
+            Some(end) if connected_at > end => Some(format!(
+                "connected_at {connected_at} is after the session ended ({end})"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A participation to create when a user joins a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewParticipation {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub timezone_code: String,
+    pub connected_at: DateTime<Utc>,
+}
+
+/// What a user's leaving records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leave {
+    pub participation_id: Uuid,
+    pub disconnected_at: DateTime<Utc>,
+    pub talked_time: TimeDelta,
+    pub microphone_used: bool,
+    pub speaker_used: bool,
+}
+
+/// The usage figures a participation gets when the user leaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    pub talked_time: TimeDelta,
+    pub microphone_used: bool,
+    pub speaker_used: bool,
+}
+
+/// A stored participation: a user's presence in a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Participation {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub timezone_code: String,
+    pub connected_at: DateTime<Utc>,
+    pub disconnected_at: Option<DateTime<Utc>>,
+    pub usage: Option<Usage>,
+}
+
+impl Participation {
+    /// Why `leave` cannot close this participation, if it cannot.
+    pub fn refuses_leave(&self, leave: &Leave) -> Option<(&'static str, String)> {
+        if let Some(at) = self.disconnected_at {
+            return Some(("", format!("the participation was left already, at {at}")));
+        }
+        if leave.disconnected_at < self.connected_at {
+            return Some((
+                "disconnected_at",
+                format!(
+                    "must not be before the participation connected ({})",
+                    self.connected_at
+                ),
+            ));
+        }
+        if leave.talked_time > leave.disconnected_at - self.connected_at {
+            return Some((
+                "talked_time",
+                "must not be longer than the participation lasted".to_owned(),
+            ));
+        }
+        None
+    }
+
+    /// Why an item spanning `start..=end` cannot belong to this participation, if it cannot.
+    pub fn refuses_span(
+        &self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Option<(&'static str, String)> {
+        if start < self.connected_at {
+            return Some((
+                "start",
+                format!("is before the participation connected ({})", self.connected_at),
+            ));
+        }
+        match self.disconnected_at {
+            Some(gone) if end > gone => Some((
+                "end",
+                format!("is after the participation disconnected ({gone})"),
+            )),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + seconds, 0).unwrap_or_default()
+    }
+
+    fn participation(disconnected_at: Option<DateTime<Utc>>) -> Participation {
+        Participation {
+            id: Uuid::nil(),
+            user_id: Uuid::nil(),
+            session_id: Uuid::nil(),
+            timezone_code: "UTC".into(),
+            connected_at: at(0),
+            disconnected_at,
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn spans_must_lie_inside_the_participation() {
+        let open = participation(None);
+        assert!(open.refuses_span(at(0), at(10_000)).is_none());
+        assert_eq!(open.refuses_span(at(-1), at(5)).map(|r| r.0), Some("start"));
+        let closed = participation(Some(at(100)));
+        assert!(closed.refuses_span(at(0), at(100)).is_none());
+        assert_eq!(closed.refuses_span(at(50), at(101)).map(|r| r.0), Some("end"));
+    }
+
+    #[test]
+    fn leave_rules() {
+        let open = participation(None);
+        let leave = |secs, talked| Leave {
+            participation_id: Uuid::nil(),
+            disconnected_at: at(secs),
+            talked_time: TimeDelta::seconds(talked),
+            microphone_used: true,
+            speaker_used: true,
+        };
+        assert!(open.refuses_leave(&leave(60, 60)).is_none());
+        assert_eq!(open.refuses_leave(&leave(60, 61)).map(|r| r.0), Some("talked_time"));
+        assert_eq!(open.refuses_leave(&leave(-1, 0)).map(|r| r.0), Some("disconnected_at"));
+        assert_eq!(participation(Some(at(5))).refuses_leave(&leave(60, 0)).map(|r| r.0), Some(""));
+    }
+
+    #[test]
+    fn sessions_refuse_connections_outside_them() {
+        let session = Session {
+            id: Uuid::nil(),
+            session_type: SessionType::Call,
+            started_at: at(0),
+            ended_at: Some(at(100)),
+        };
+        assert!(session.refuses_connection_at(at(0)).is_none());
+        assert!(session.refuses_connection_at(at(-1)).is_some());
+        assert!(session.refuses_connection_at(at(101)).is_some());
+        assert_eq!(session.duration(), Some(TimeDelta::seconds(100)));
+    }
+}

@@ -1,0 +1,193 @@
+//! The service's error type, and the one place where it becomes a `tonic::Status`.
+
+use std::fmt;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// A violated rule about one field of a request, reported in a `google.rpc.BadRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the field, e.g. `sentiment.ended_at` or `sentiments[41].score`.
+    pub field: String,
+    /// What is wrong, in words a client author understands.
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+
+    /// The same violation, for a field nested under `prefix`.
+    pub fn under(self, prefix: &str) -> Self {
+        Self {
+            field: format!("{prefix}.{}", self.field),
+            description: self.description,
+        }
+    }
+}
+
+impl fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.description)
+    }
+}
+
+/// Everything that can go wrong while serving a request. Each variant says the status
+/// code a client receives.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `INVALID_ARGUMENT`, with every violation in a `BadRequest` detail.
+    #[error("invalid request: {}", summarize(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// `NOT_FOUND`: a referenced entity does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// `ALREADY_EXISTS`.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// `FAILED_PRECONDITION`: well formed, but at odds with stored state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// `ABORTED`: a concurrency conflict (serialization failure, deadlock); retry.
+    #[error("the transaction was aborted by a concurrent one; nothing was stored, retry")]
+    Aborted(#[source] sqlx::Error),
+    /// `CANCELLED`: the client's request stream broke off.
+    #[error("the request stream broke off ({0}); nothing was stored")]
+    StreamBroken(String),
+    /// `UNAVAILABLE`: the database cannot be reached; retry later.
+    #[error("the database is unavailable; nothing was stored, retry later")]
+    Unavailable(#[source] sqlx::Error),
+    /// `INTERNAL`: a bug or an unexpected database error. Details are logged, not sent.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+fn summarize(violations: &[FieldViolation]) -> String {
+    match violations {
+        [] => "no details".to_owned(),
+        [only] => only.to_string(),
+        [first, rest @ ..] => format!("{first} (and {} more)", rest.len()),
+    }
+}
+
+impl Error {
+    /// `INVALID_ARGUMENT` for a single field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    pub fn not_found(entity: &'static str, id: impl fmt::Display) -> Self {
+        Self::NotFound(format!("{entity} {id} not found"))
+    }
+
+    pub fn internal(error: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(error.into())
+    }
+
+    /// The gRPC status code the client receives.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Aborted(_) => Code::Aborted,
+            Self::StreamBroken(_) => Code::Cancelled,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = error.code();
+        match &error {
+            Error::Unavailable(cause) | Error::Aborted(cause) => {
+                tracing::warn!(error = %cause, "request failed: {error}");
+            }
+            Error::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "request failed: internal error");
+            }
+            _ => tracing::info!(code = ?code, "request rejected: {error}"),
+        }
+        let message = error.to_string();
+        match error {
+            Error::InvalidArgument(violations) => {
+                let violations: Vec<_> = violations
+                    .into_iter()
+                    .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                    .collect();
+                Status::with_error_details(code, message, ErrorDetails::with_bad_request(violations))
+            }
+            _ => Status::new(code, message),
+        }
+    }
+}
+
+/// Collects field violations so that a client learns about all of them at once.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, description));
+    }
+
+    /// Keeps the value of `result`, or records its violations under `prefix`.
+    pub fn take<T>(&mut self, prefix: &str, result: Result<T, Vec<FieldViolation>>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(violations) => {
+                self.0.extend(violations.into_iter().map(|v| v.under(prefix)));
+                None
+            }
+        }
+    }
+
+    /// Records the error of `result` as a violation of `field`.
+    pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(description) => {
+                self.add(field, description);
+                None
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<FieldViolation> {
+        self.0
+    }
+
+    /// `Ok(value)` when nothing was violated (the value is then always present).
+    pub fn finish<T>(self, value: Option<T>) -> Result<T, Vec<FieldViolation>> {
+        match value {
+            Some(value) if self.0.is_empty() => Ok(value),
+            _ if self.0.is_empty() => Err(vec![FieldViolation::new(
+                "",
+                "the request could not be read",
+            )]),
+            _ => Err(self.0),
+        }
+    }
+}
+
+impl From<Vec<FieldViolation>> for Error {
+    fn from(violations: Vec<FieldViolation>) -> Self {
+        Self::InvalidArgument(violations)
+    }
+}

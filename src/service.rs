@@ -1,0 +1,313 @@
+//! The use cases. Handlers call these with validated domain values; these apply the
+//! rules that need stored state and drive storage. A client stream becomes exactly one
+//! database transaction here.
+
+use chrono::{DateTime, Utc};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::domain::{
+    Event, FeedItem, Frame, Leave, NewEvent, NewParticipation, NewSentiment, NewUser,
+    Participation, Receipt, Sentiment, Session, SessionType, StreamHeader, TimelineEntry,
+    Timezone, Usage, User,
+};
+use crate::error::{Error, FieldViolation};
+use crate::storage::{self, FeedTable, Storage, StreamClaim};
+
+/// Rows buffered before they are written inside a stream's transaction: bounds the
+/// memory a stream holds, however long it is.
+pub const FLUSH_ROWS: usize = 2_000;
+
+#[derive(Debug, Clone)]
+pub struct IngestService {
+    storage: Storage,
+}
+
+impl IngestService {
+    pub fn new(storage: Storage) -> Self {
+        Self { storage }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub async fn create_user(&self, user: NewUser) -> Result<User, Error> {
+        self.storage.insert_user(Uuid::now_v7(), &user).await
+    }
+
+    pub async fn get_user(&self, id: Uuid) -> Result<User, Error> {
+        self.storage
+            .get_user(id)
+            .await?
+            .ok_or_else(|| Error::not_found("user", id))
+    }
+
+    /// Deletes the user and all that hangs under them; returns the participations deleted.
+    pub async fn delete_user(&self, id: Uuid) -> Result<u64, Error> {
+        self.storage
+            .delete_user(id)
+            .await?
+            .ok_or_else(|| Error::not_found("user", id))
+    }
+
+    pub async fn upsert_timezone(&self, timezone: Timezone) -> Result<(Timezone, bool), Error> {
+        self.storage.upsert_timezone(&timezone).await
+    }
+
+    pub async fn list_timezones(&self) -> Result<Vec<Timezone>, Error> {
+        self.storage.list_timezones().await
+    }
+
+    pub async fn create_session(
+        &self,
+        session_type: SessionType,
+        started_at: DateTime<Utc>,
+    ) -> Result<Session, Error> {
+        let session = Session {
+            id: Uuid::now_v7(),
+            session_type,
+            started_at,
+            ended_at: None,
+        };
+        self.storage.insert_session(&session).await
+    }
+
+    pub async fn get_session(&self, id: Uuid) -> Result<Session, Error> {
+        self.storage
+            .get_session(id)
+            .await?
+            .ok_or_else(|| Error::not_found("session", id))
+    }
+
+    pub async fn end_session(&self, id: Uuid, ended_at: DateTime<Utc>) -> Result<Session, Error> {
+        let session = self.get_session(id).await?;
+        if let Some(end) = session.ended_at {
+            return Err(Error::FailedPrecondition(format!(
+                "session {id} ended already, at {end}"
+            )));
+        }
+        if ended_at < session.started_at {
+            return Err(Error::invalid(
+                "ended_at",
+                format!("must not be before the session started ({})", session.started_at),
+            ));
+        }
+        match self.storage.end_session(id, ended_at).await? {
+            Some(session) => Ok(session),
+            // Ended (or deleted) by a concurrent request between the read and the update.
+            None => Err(Error::FailedPrecondition(format!("session {id} ended already"))),
+        }
+    }
+
+    pub async fn join_session(&self, join: NewParticipation) -> Result<Participation, Error> {
+        let session = self.get_session(join.session_id).await?;
+        if let Some(why) = session.refuses_connection_at(join.connected_at) {
+            return Err(Error::FailedPrecondition(why));
+        }
+        self.storage
+            .insert_participation(Uuid::now_v7(), &join)
+            .await
+    }
+
+    pub async fn get_participation(&self, id: Uuid) -> Result<Participation, Error> {
+        self.storage
+            .get_participation(id)
+            .await?
+            .ok_or_else(|| Error::not_found("participation", id))
+    }
+
+    pub async fn leave_session(&self, leave: Leave) -> Result<Participation, Error> {
+        let participation = self.get_participation(leave.participation_id).await?;
+        if let Some((field, why)) = participation.refuses_leave(&leave) {
+            return Err(if field.is_empty() {
+                Error::FailedPrecondition(why)
+            } else {
+                Error::invalid(field, why)
+            });
+        }
+        let usage = Usage {
+            talked_time: leave.talked_time,
+            microphone_used: leave.microphone_used,
+            speaker_used: leave.speaker_used,
+        };
+        self.storage
+            .leave_participation(&participation, leave.disconnected_at, &usage)
+            .await?
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "participation {} was left already",
+                    participation.id
+                ))
+            })
+    }
+
+    pub async fn record_sentiment(
+        &self,
+        participation_id: Uuid,
+        sentiment: NewSentiment,
+    ) -> Result<Sentiment, Error> {
+        let id = self.record_one(participation_id, "sentiment", &sentiment).await?;
+        Ok(Sentiment {
+            id,
+            participation_id,
+            sentiment,
+        })
+    }
+
+    pub async fn record_event(
+        &self,
+        participation_id: Uuid,
+        event: NewEvent,
+    ) -> Result<Event, Error> {
+        let id = self.record_one(participation_id, "event", &event).await?;
+        Ok(Event {
+            id,
+            participation_id,
+            event,
+        })
+    }
+
+    async fn record_one<T: FeedTable>(
+        &self,
+        participation_id: Uuid,
+        field: &str,
+        item: &T,
+    ) -> Result<Uuid, Error> {
+        let participation = self.get_participation(participation_id).await?;
+        check_span(&participation, item, field)?;
+        let id = Uuid::now_v7();
+        self.storage
+            .insert_feed_items(&participation, &[id], std::slice::from_ref(item))
+            .await?;
+        Ok(id)
+    }
+
+    pub async fn timeline(
+        &self,
+        participation_id: Uuid,
+    ) -> Result<mpsc::Receiver<Result<TimelineEntry, Error>>, Error> {
+        let participation = self.get_participation(participation_id).await?;
+        Ok(self.storage.timeline(&participation))
+    }
+
+    /// Ingests one client stream in one transaction. The stream must be a header, any
+    /// number of batches, and a trailer whose count matches, followed by the end of the
+    /// stream. Anything else (including a stream that merely stops, which is what a
+    /// cancelled or broken-off client looks like) rolls the transaction back.
+    pub async fn ingest_stream<T, S>(&self, frames: S) -> Result<Receipt, Error>
+    where
+        T: FeedTable,
+        S: Stream<Item = Result<Frame<T>, Error>> + Send,
+    {
+        let mut frames = std::pin::pin!(frames);
+        let header = match frames.next().await.transpose()? {
+            Some(Frame::Header(header)) => header,
+            Some(_) => {
+                return Err(Error::invalid(
+                    "header",
+                    "the first message of a stream must be its header",
+                ));
+            }
+            None => return Err(Error::invalid("header", "the stream ended before its header")),
+        };
+        let StreamHeader {
+            stream_id,
+            participation_id,
+        } = header;
+        let participation = self.get_participation(participation_id).await?;
+
+        let mut tx = self.storage.begin().await?;
+        match storage::claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
+            StreamClaim::New => {}
+            StreamClaim::Committed {
+                participation_id: committed_for,
+                kind,
+                receipt,
+            } => {
+                if committed_for != participation_id || kind != T::KIND {
+                    return Err(Error::AlreadyExists(format!(
+                        "stream id {stream_id} was used already for a stream of {kind} of \
+                         participation {committed_for}"
+                    )));
+                }
+                tracing::info!(%stream_id, "replayed stream: returning the first receipt");
+                return Ok(receipt);
+            }
+        }
+
+        let mut received: u64 = 0;
+        let mut ids = Vec::with_capacity(FLUSH_ROWS);
+        let mut pending: Vec<T> = Vec::with_capacity(FLUSH_ROWS);
+        let item_count = loop {
+            match frames.next().await.transpose()? {
+                Some(Frame::Batch(items)) => {
+                    for item in items {
+                        check_span(&participation, &item, &format!("{}[{received}]", T::FIELD))?;
+                        received += 1;
+                        ids.push(Uuid::now_v7());
+                        pending.push(item);
+                        if pending.len() >= FLUSH_ROWS {
+                            T::insert_batch(&mut tx, &participation, Some(stream_id), &ids, &pending)
+                                .await?;
+                            ids.clear();
+                            pending.clear();
+                        }
+                    }
+                }
+                Some(Frame::Trailer { item_count }) => break item_count,
+                Some(Frame::Header(_)) => {
+                    return Err(Error::invalid(
+                        "header",
+                        "a stream has one header, as its first message",
+                    ));
+                }
+                None => {
+                    return Err(Error::invalid(
+                        "trailer",
+                        "the stream ended without a trailer, so nothing was stored: \
+                         finish a stream with a trailer carrying its item count",
+                    ));
+                }
+            }
+        };
+        if item_count != received {
+            return Err(Error::InvalidArgument(vec![FieldViolation::new(
+                "trailer.item_count",
+                format!("the trailer counts {item_count} items but the stream carried {received}"),
+            )]));
+        }
+        if frames.next().await.transpose()?.is_some() {
+            return Err(Error::invalid(
+                "trailer",
+                "the trailer must be the last message of a stream",
+            ));
+        }
+        if !pending.is_empty() {
+            T::insert_batch(&mut tx, &participation, Some(stream_id), &ids, &pending).await?;
+        }
+        let committed_at =
+            storage::finish_stream(&mut tx, &participation, stream_id, received).await?;
+        tx.commit().await.map_err(storage::db_error)?;
+        tracing::info!(%stream_id, items = received, kind = T::KIND, "stream committed");
+        Ok(Receipt {
+            stream_id,
+            items_stored: received,
+            committed_at,
+            replayed: false,
+        })
+    }
+}
+
+/// Fails unless `item` lies inside `participation`; `field` names the item in requests.
+fn check_span<T: FeedItem>(participation: &Participation, item: &T, field: &str) -> Result<(), Error> {
+    let (start, end) = item.span();
+    match participation.refuses_span(start, end) {
+        None => Ok(()),
+        Some((which, why)) => {
+            let name = if which == "start" { T::START_FIELD } else { T::END_FIELD };
+            Err(Error::invalid(format!("{field}.{name}"), why))
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Writing and reading the feeds: sentiments, events, and the records of committed
+//! client streams. Batches are written with one `INSERT ... SELECT FROM UNNEST(...)`
+//! statement each, so a batch of thousands of rows costs one round trip.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{db_error, Storage};
+use crate::domain::{
+    Event, EventKind, FeedItem, NewEvent, NewSentiment, Participation, Receipt, Sentiment,
+    SentimentLabel, TimelineEntry,
+};
+use crate::error::Error;
+
+/// A feed item type with a table to write it to.
+pub trait FeedTable: FeedItem + Sized {
+    /// Inserts `items` (with the matching `ids`) for `participation`, tagged with the
+    /// stream that carried them, if any.
+    fn insert_batch<'c>(
+        conn: &'c mut PgConnection,
+        participation: &'c Participation,
+        stream_id: Option<Uuid>,
+        ids: &'c [Uuid],
+        items: &'c [Self],
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'c;
+}
+
+impl FeedTable for NewSentiment {
+    fn insert_batch<'c>(
+        conn: &'c mut PgConnection,
+        participation: &'c Participation,
+        stream_id: Option<Uuid>,
+        ids: &'c [Uuid],
+        items: &'c [Self],
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'c {
+        async move {
+            let started: Vec<DateTime<Utc>> = items.iter().map(|s| s.started_at).collect();
+            let ended: Vec<DateTime<Utc>> = items.iter().map(|s| s.ended_at).collect();
+            let labels: Vec<&str> = items.iter().map(|s| s.label.as_str()).collect();
+            let scores: Vec<Option<f64>> = items.iter().map(|s| s.score).collect();
+            sqlx::query(
+                "INSERT INTO sentiments \
+                   (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
+                 SELECT id, $1, $2, $3, started_at, ended_at, label, score \
+                 FROM UNNEST($4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[], \
+                             $8::float8[]) AS t(id, started_at, ended_at, label, score)",
+            )
+            .bind(participation.user_id)
+            .bind(participation.id)
+            .bind(stream_id)
+            .bind(ids)
+            .bind(started)
+            .bind(ended)
+            .bind(labels)
+            .bind(scores)
+            .execute(conn)
+            .await
+            .map_err(db_error)?;
+            Ok(())
+        }
+    }
+}
+
+impl FeedTable for NewEvent {
+    fn insert_batch<'c>(
+        conn: &'c mut PgConnection,
+        participation: &'c Participation,
+        stream_id: Option<Uuid>,
+        ids: &'c [Uuid],
+        items: &'c [Self],
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'c {
+        async move {
+            let occurred: Vec<DateTime<Utc>> = items.iter().map(|e| e.occurred_at).collect();
+            let kinds: Vec<&str> = items.iter().map(|e| e.kind.as_str()).collect();
+            let attributes = items
+                .iter()
+                .map(|e| serde_json::to_string(&e.attributes))
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(Error::internal)?;
+            sqlx::query(
+                "INSERT INTO events \
+                   (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
+                 SELECT id, $1, $2, $3, occurred_at, kind, attributes::jsonb \
+                 FROM UNNEST($4::uuid[], $5::timestamptz[], $6::text[], $7::text[]) \
+                   AS t(id, occurred_at, kind, attributes)",
+            )
+            .bind(participation.user_id)
+            .bind(participation.id)
+            .bind(stream_id)
+            .bind(ids)
+            .bind(occurred)
+            .bind(kinds)
+            .bind(attributes)
+            .execute(conn)
+            .await
+            .map_err(db_error)?;
+            Ok(())
+        }
+    }
+}
+
+/// What claiming a stream id found.
+#[derive(Debug)]
+pub enum StreamClaim {
+    /// The id is new: this transaction owns it until it commits or rolls back.
+    New,
+    /// A stream with this id committed before.
+    Committed {
+        participation_id: Uuid,
+        kind: String,
+        receipt: Receipt,
+    },
+}
+
+type StreamRow = (Uuid, String, i64, Option<DateTime<Utc>>);
+
+/// Records `stream_id` inside the stream's transaction. A concurrent claim of the same id
+/// waits for this transaction, then finds the committed stream (or claims it, if this
+/// one rolled back): a stream id commits once.
+pub async fn claim_stream(
+    conn: &mut PgConnection,
+    participation: &Participation,
+    stream_id: Uuid,
+    kind: &str,
+) -> Result<StreamClaim, Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO ingest_streams (user_id, stream_id, participation_id, kind) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, stream_id) DO NOTHING",
+    )
+    .bind(participation.user_id)
+    .bind(stream_id)
+    .bind(participation.id)
+    .bind(kind)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(StreamClaim::New);
+    }
+    let row: Option<StreamRow> = sqlx::query_as(
+        "SELECT participation_id, kind, items_stored, committed_at FROM ingest_streams \
+         WHERE user_id = $1 AND stream_id = $2",
+    )
+    .bind(participation.user_id)
+    .bind(stream_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let (participation_id, kind, items_stored, committed_at) = row.ok_or_else(|| {
+        Error::Aborted(sqlx::Error::Protocol(
+            "the stream record vanished while claiming it".into(),
+        ))
+    })?;
+    Ok(StreamClaim::Committed {
+        participation_id,
+        kind,
+        receipt: Receipt {
+            stream_id,
+            items_stored: u64::try_from(items_stored).unwrap_or_default(),
+            committed_at: committed_at.unwrap_or_default(),
+            replayed: true,
+        },
+    })
+}
+
+/// Completes a claimed stream's record just before its transaction commits.
+pub async fn finish_stream(
+    conn: &mut PgConnection,
+    participation: &Participation,
+    stream_id: Uuid,
+    items_stored: u64,
+) -> Result<DateTime<Utc>, Error> {
+    let items = i64::try_from(items_stored).map_err(Error::internal)?;
+    sqlx::query_scalar(
+        "UPDATE ingest_streams SET items_stored = $3, committed_at = clock_timestamp() \
+         WHERE user_id = $1 AND stream_id = $2 RETURNING committed_at",
+    )
+    .bind(participation.user_id)
+    .bind(stream_id)
+    .bind(items)
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}
+
+type TimelineRow = (
+    bool,
+    Uuid,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    String,
+    Option<f64>,
+    Option<sqlx::types::JsonValue>,
+);
+
+fn timeline_entry(participation_id: Uuid, row: TimelineRow) -> Result<TimelineEntry, Error> {
+    let (is_event, id, at, ended_at, kind, score, attributes) = row;
+    let corrupt = |what: &str| Error::internal(anyhow::anyhow!("stored {what} is unreadable"));
+    if is_event {
+        let kind = EventKind::from_stored(&kind).ok_or_else(|| corrupt("event kind"))?;
+        let attributes = serde_json::from_value(attributes.unwrap_or_default())
+            .map_err(|_| corrupt("event attributes"))?;
+        Ok(TimelineEntry::Event(Event {
+            id,
+            participation_id,
+            event: NewEvent {
+                occurred_at: at,
+                kind,
+                attributes,
+            },
+        }))
+    } else {
+        let label = SentimentLabel::from_stored(&kind).ok_or_else(|| corrupt("label"))?;
+        Ok(TimelineEntry::Sentiment(Sentiment {
+            id,
+            participation_id,
+            sentiment: NewSentiment {
+                started_at: at,
+                ended_at: ended_at.ok_or_else(|| corrupt("sentiment end"))?,
+                label,
+                score,
+            },
+        }))
+    }
+}
+
+/// Rows in flight between the query and the client; bounds the memory of a timeline.
+const TIMELINE_BUFFER: usize = 256;
+
+impl Storage {
+    /// A participation's sentiments and events in time order, produced as they are read.
+    pub fn timeline(&self, participation: &Participation) -> mpsc::Receiver<Result<TimelineEntry, Error>> {
+        let (tx, rx) = mpsc::channel(TIMELINE_BUFFER);
+        let pool: PgPool = self.pool.clone();
+        let (user_id, participation_id) = (participation.user_id, participation.id);
+        tokio::spawn(async move {
+            let mut rows = sqlx::query_as::<_, TimelineRow>(
+                "SELECT false AS is_event, id, started_at AS at, ended_at, label AS kind, score, \
+                        NULL::jsonb AS attributes \
+                 FROM sentiments WHERE user_id = $1 AND participation_id = $2 \
+                 UNION ALL \
+                 SELECT true, id, occurred_at, NULL, kind, NULL, attributes \
+                 FROM events WHERE user_id = $1 AND participation_id = $2 \
+                 ORDER BY at, is_event DESC, id",
+            )
+            .bind(user_id)
+            .bind(participation_id)
+            .fetch(&pool);
+            loop {
+                let item = match rows.try_next().await {
+                    Ok(Some(row)) => timeline_entry(participation_id, row),
+                    Ok(None) => break,
+                    Err(error) => Err(db_error(error)),
+                };
+                let failed = item.is_err();
+                // A closed channel means the client went away: stop reading.
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+}

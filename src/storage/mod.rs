@@ -1,0 +1,329 @@
+//! PostgreSQL access: every query of the service, with errors translated in one place
+//! ([`errors::db_error`]). All statements bind their parameters.
+
+mod errors;
+mod feed;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+pub use errors::db_error;
+pub use feed::{FeedTable, StreamClaim, claim_stream, finish_stream};
+
+use crate::domain::{
+    NewParticipation, NewUser, Participation, Session, SessionType, Timezone, Usage, User,
+};
+use crate::error::Error;
+
+/// The migrations under `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Applies the pending migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// The service's handle on the database.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pool: PgPool,
+}
+
+type UserRow = (Uuid, String, Option<String>, Option<String>, Option<String>, DateTime<Utc>);
+
+fn user_from_row(row: UserRow) -> User {
+    let (id, external_id, country, native_language, region, created_at) = row;
+    User {
+        id,
+        external_id,
+        country,
+        native_language,
+        region,
+        created_at,
+    }
+}
+
+type SessionRow = (Uuid, String, DateTime<Utc>, Option<DateTime<Utc>>);
+
+fn session_from_row(row: SessionRow) -> Result<Session, Error> {
+    let (id, session_type, started_at, ended_at) = row;
+    let session_type = SessionType::from_stored(&session_type)
+        .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown session type {session_type:?}")))?;
+    Ok(Session {
+        id,
+        session_type,
+        started_at,
+        ended_at,
+    })
+}
+
+type ParticipationRow = (
+    Uuid,
+    Uuid,
+    Uuid,
+    String,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<i64>,
+    Option<bool>,
+    Option<bool>,
+);
+
+const PARTICIPATION_COLUMNS: &str = "id, user_id, session_id, timezone_code, connected_at, \
+     disconnected_at, talked_time_us, microphone_used, speaker_used";
+
+fn participation_from_row(row: ParticipationRow) -> Participation {
+    let (id, user_id, session_id, timezone_code, connected_at, disconnected_at, talked, mic, spk) =
+        row;
+    let usage = match (talked, mic, spk) {
+        (Some(talked_us), Some(microphone_used), Some(speaker_used)) => Some(Usage {
+            talked_time: TimeDelta::microseconds(talked_us),
+            microphone_used,
+            speaker_used,
+        }),
+        _ => None,
+    };
+    Participation {
+        id,
+        user_id,
+        session_id,
+        timezone_code,
+        connected_at,
+        disconnected_at,
+        usage,
+    }
+}
+
+impl Storage {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, Error> {
+        self.pool.begin().await.map_err(db_error)
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn insert_user(&self, id: Uuid, user: &NewUser) -> Result<User, Error> {
+        let row: UserRow = sqlx::query_as(
+            "INSERT INTO users (id, external_id, country, native_language, region) \
+             VALUES ($1, $2, $3, $4, $5) \
+             RETURNING id, external_id, country, native_language, region, created_at",
+        )
+        .bind(id)
+        .bind(&user.external_id)
+        .bind(&user.country)
+        .bind(&user.native_language)
+        .bind(&user.region)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(user_from_row(row))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %id))]
+    pub async fn get_user(&self, id: Uuid) -> Result<Option<User>, Error> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, external_id, country, native_language, region, created_at \
+             FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(row.map(user_from_row))
+    }
+
+    /// Deletes a user and (by cascade) everything that hangs under the user. Returns the
+    /// number of participations deleted, or `None` when there was no such user.
+    #[tracing::instrument(skip_all, fields(user_id = %id))]
+    pub async fn delete_user(&self, id: Uuid) -> Result<Option<u64>, Error> {
+        let mut tx = self.begin().await?;
+        let participations: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM participations WHERE user_id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        tx.commit().await.map_err(db_error)?;
+        Ok((deleted == 1).then(|| u64::try_from(participations).unwrap_or_default()))
+    }
+
+    /// Creates or updates a timezone; `true` when it was created.
+    #[tracing::instrument(skip_all, fields(code = %timezone.code))]
+    pub async fn upsert_timezone(&self, timezone: &Timezone) -> Result<(Timezone, bool), Error> {
+        let (code, utc_offset_seconds, created): (String, i32, bool) = sqlx::query_as(
+            "INSERT INTO timezones (code, utc_offset_seconds) VALUES ($1, $2) \
+             ON CONFLICT (code) DO UPDATE SET utc_offset_seconds = EXCLUDED.utc_offset_seconds \
+             RETURNING code, utc_offset_seconds, (xmax = 0) AS created",
+        )
+        .bind(&timezone.code)
+        .bind(timezone.utc_offset_seconds)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok((
+            Timezone {
+                code,
+                utc_offset_seconds,
+            },
+            created,
+        ))
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn list_timezones(&self) -> Result<Vec<Timezone>, Error> {
+        let rows: Vec<(String, i32)> =
+            sqlx::query_as("SELECT code, utc_offset_seconds FROM timezones ORDER BY code")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|(code, utc_offset_seconds)| Timezone {
+                code,
+                utc_offset_seconds,
+            })
+            .collect())
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn insert_session(&self, session: &Session) -> Result<Session, Error> {
+        let row: SessionRow = sqlx::query_as(
+            "INSERT INTO sessions (id, session_type, started_at, ended_at) VALUES ($1, $2, $3, $4) \
+             RETURNING id, session_type, started_at, ended_at",
+        )
+        .bind(session.id)
+        .bind(session.session_type.as_str())
+        .bind(session.started_at)
+        .bind(session.ended_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        session_from_row(row)
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id = %id))]
+    pub async fn get_session(&self, id: Uuid) -> Result<Option<Session>, Error> {
+        let row: Option<SessionRow> = sqlx::query_as(
+            "SELECT id, session_type, started_at, ended_at FROM sessions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(session_from_row).transpose()
+    }
+
+    /// Sets the end of a session that has not ended; `None` when it has (or is gone).
+    #[tracing::instrument(skip_all, fields(session_id = %id))]
+    pub async fn end_session(
+        &self,
+        id: Uuid,
+        ended_at: DateTime<Utc>,
+    ) -> Result<Option<Session>, Error> {
+        let row: Option<SessionRow> = sqlx::query_as(
+            "UPDATE sessions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL \
+             RETURNING id, session_type, started_at, ended_at",
+        )
+        .bind(id)
+        .bind(ended_at)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.map(session_from_row).transpose()
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn insert_participation(
+        &self,
+        id: Uuid,
+        participation: &NewParticipation,
+    ) -> Result<Participation, Error> {
+        let row: ParticipationRow = sqlx::query_as(&format!(
+            "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING {PARTICIPATION_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(participation.user_id)
+        .bind(participation.session_id)
+        .bind(&participation.timezone_code)
+        .bind(participation.connected_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(participation_from_row(row))
+    }
+
+    #[tracing::instrument(skip_all, fields(participation_id = %id))]
+    pub async fn get_participation(&self, id: Uuid) -> Result<Option<Participation>, Error> {
+        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+            "SELECT {PARTICIPATION_COLUMNS} FROM participations WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(row.map(participation_from_row))
+    }
+
+    /// Closes an open participation; `None` when it was closed already (or is gone).
+    #[tracing::instrument(skip_all, fields(participation_id = %participation.id))]
+    pub async fn leave_participation(
+        &self,
+        participation: &Participation,
+        disconnected_at: DateTime<Utc>,
+        usage: &Usage,
+    ) -> Result<Option<Participation>, Error> {
+        let talked_us = usage.talked_time.num_microseconds().ok_or_else(|| {
+            Error::invalid("talked_time", "must not be longer than the participation lasted")
+        })?;
+        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+            "UPDATE participations SET disconnected_at = $3, talked_time_us = $4, \
+             microphone_used = $5, speaker_used = $6 \
+             WHERE user_id = $1 AND id = $2 AND disconnected_at IS NULL \
+             RETURNING {PARTICIPATION_COLUMNS}"
+        ))
+        .bind(participation.user_id)
+        .bind(participation.id)
+        .bind(disconnected_at)
+        .bind(talked_us)
+        .bind(usage.microphone_used)
+        .bind(usage.speaker_used)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(row.map(participation_from_row))
+    }
+
+    /// Inserts feed items outside any stream (the unary record RPCs).
+    pub async fn insert_feed_items<T: FeedTable>(
+        &self,
+        participation: &Participation,
+        ids: &[Uuid],
+        items: &[T],
+    ) -> Result<(), Error> {
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        T::insert_batch(&mut conn, participation, None, ids, items).await
+    }
+}
