@@ -50,7 +50,10 @@ impl Database {
                 (pool, None)
             }
             None => {
-                let data_dir = args.data_dir.clone().unwrap_or_else(local_postgres::default_data_dir);
+                let data_dir = args
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(local_postgres::default_data_dir);
                 let local = LocalPostgres::ensure(&data_dir).await?;
                 let pool = pool_options
                     .connect_with(local.connect_options(local_postgres::DATABASE))
@@ -59,7 +62,9 @@ impl Database {
                 (pool, Some(local))
             }
         };
-        storage::migrate(&pool).await.context("cannot apply the database migrations")?;
+        storage::migrate(&pool)
+            .await
+            .context("cannot apply the database migrations")?;
         Ok(Self { pool, local })
     }
 }
@@ -106,8 +111,19 @@ impl Application {
         let service = IngestService::new(self.storage.clone());
         let api = IngestServiceServer::new(IngestApiHandler::new(service));
 
+        // Not serving until the first database probe says otherwise.
+        let ingest_name = <IngestServiceServer<IngestApiHandler> as NamedService>::NAME;
+        for name in ["", ingest_name] {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
         let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
-        let monitor = tokio::spawn(monitor_database(self.storage.clone(), health.clone(), health_stopped));
+        let monitor = tokio::spawn(monitor_database(
+            self.storage.clone(),
+            health.clone(),
+            health_stopped,
+        ));
 
         tracing::info!(address = %self.local_addr, "krisp-ingest serving gRPC");
         let served = Server::builder()
@@ -158,8 +174,12 @@ async fn monitor_database(
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
     }
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(service_name, ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(service_name, ServingStatus::NotServing)
+        .await;
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -21,7 +21,12 @@ use crate::proto::{
 async fn connect(args: &ClientArgs) -> anyhow::Result<IngestServiceClient<Channel>> {
     IngestServiceClient::connect(args.server.clone())
         .await
-        .with_context(|| format!("cannot reach krisp-ingest at {}; is it running?", args.server))
+        .with_context(|| {
+            format!(
+                "cannot reach krisp-ingest at {}; is it running?",
+                args.server
+            )
+        })
 }
 
 fn status_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
@@ -32,7 +37,12 @@ fn status_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ 
 async fn new_participation(
     client: &mut IngestServiceClient<Channel>,
     started: chrono::DateTime<Utc>,
-) -> anyhow::Result<(proto::User, proto::Timezone, proto::Session, proto::Participation)> {
+) -> anyhow::Result<(
+    proto::User,
+    proto::Timezone,
+    proto::Session,
+    proto::Participation,
+)> {
     let user = client
         .create_user(proto::CreateUserRequest {
             external_id: format!("demo-{}", Uuid::new_v4()),
@@ -49,7 +59,10 @@ async fn new_participation(
         .upsert_timezone(proto::UpsertTimezoneRequest {
             timezone: Some(proto::Timezone {
                 code: "Asia/Yerevan".into(),
-                utc_offset: Some(prost_types::Duration { seconds: 4 * 3600, nanos: 0 }),
+                utc_offset: Some(prost_types::Duration {
+                    seconds: 4 * 3600,
+                    nanos: 0,
+                }),
             }),
         })
         .await
@@ -118,7 +131,10 @@ pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
         .leave_session(proto::LeaveSessionRequest {
             participation_id: participation.id.clone(),
             disconnected_at: Some(to_timestamp(started + TimeDelta::minutes(5))),
-            talked_time: Some(prost_types::Duration { seconds: 95, nanos: 0 }),
+            talked_time: Some(prost_types::Duration {
+                seconds: 95,
+                nanos: 0,
+            }),
             microphone_used: true,
             speaker_used: true,
         })
@@ -150,7 +166,11 @@ pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error("GetTimeline"))?
         .into_inner();
-    while let Some(entry) = timeline.message().await.map_err(status_error("GetTimeline"))? {
+    while let Some(entry) = timeline
+        .message()
+        .await
+        .map_err(status_error("GetTimeline"))?
+    {
         match entry.entry.and_then(|e| e.entry) {
             Some(proto::timeline_entry::Entry::Event(e)) => println!("  event      {e:?}"),
             Some(proto::timeline_entry::Entry::Sentiment(s)) => println!("  sentiment  {s:?}"),
@@ -226,14 +246,20 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
                     }
                 })
                 .collect();
-            if tx.send(frame(Frame::Batch(proto::SentimentBatch { sentiments }))).await.is_err() {
+            if tx
+                .send(frame(Frame::Batch(proto::SentimentBatch { sentiments })))
+                .await
+                .is_err()
+            {
                 return;
             }
             sent += n;
             progress.set_position(sent);
         }
         let _ = tx
-            .send(frame(Frame::Trailer(proto::StreamTrailer { item_count: count })))
+            .send(frame(Frame::Trailer(proto::StreamTrailer {
+                item_count: count,
+            })))
             .await;
     });
 

@@ -6,13 +6,22 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "krisp-ingest", version, about = "gRPC ingestion service for call analytics")]
+#[command(
+    name = "krisp-ingest",
+    version,
+    about = "gRPC ingestion service for call analytics"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
     /// Address to serve gRPC on (serve). Port 0 picks a free port, printed at startup.
-    #[arg(long, env = "KRISP_LISTEN", default_value = "127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "KRISP_LISTEN",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
     pub listen: SocketAddr,
 
     /// Log format on standard error.
@@ -51,7 +60,12 @@ pub struct DatabaseArgs {
     pub data_dir: Option<PathBuf>,
 
     /// Maximum number of database connections in the pool.
-    #[arg(long, env = "KRISP_DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
+    #[arg(
+        long,
+        env = "KRISP_DB_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
     pub max_connections: u32,
 }
 
@@ -116,7 +130,9 @@ impl DatabaseUrl {
 
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("DatabaseUrl").field(&self.redacted()).finish()
+        f.debug_tuple("DatabaseUrl")
+            .field(&self.redacted())
+            .finish()
     }
 }
 
@@ -138,9 +154,9 @@ mod tests {
 
     #[test]
     fn passwords_stay_out_of_debug() {
-        let url: DatabaseUrl = "postgres://app:s3cret@db:5432/krisp".parse().unwrap_or_else(|_| {
-            DatabaseUrl(String::new())
-        });
+        let url: DatabaseUrl = "postgres://app:s3cret@db:5432/krisp"
+            .parse()
+            .unwrap_or_else(|_| DatabaseUrl(String::new()));
         let shown = format!("{url:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("app:***@db:5432/krisp"), "{shown}");

@@ -112,7 +112,10 @@ impl From<Error> for Status {
                 tracing::warn!(error = %cause, "request failed: {error}");
             }
             Error::Internal(cause) => {
-                tracing::error!(error = format!("{cause:#}"), "request failed: internal error");
+                tracing::error!(
+                    error = format!("{cause:#}"),
+                    "request failed: internal error"
+                );
             }
             _ => tracing::info!(code = ?code, "request rejected: {error}"),
         }
@@ -123,7 +126,11 @@ impl From<Error> for Status {
                     .into_iter()
                     .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
                     .collect();
-                Status::with_error_details(code, message, ErrorDetails::with_bad_request(violations))
+                Status::with_error_details(
+                    code,
+                    message,
+                    ErrorDetails::with_bad_request(violations),
+                )
             }
             _ => Status::new(code, message),
         }
@@ -148,7 +155,8 @@ impl Violations {
         match result {
             Ok(value) => Some(value),
             Err(violations) => {
-                self.0.extend(violations.into_iter().map(|v| v.under(prefix)));
+                self.0
+                    .extend(violations.into_iter().map(|v| v.under(prefix)));
                 None
             }
         }

@@ -14,10 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, anyhow, bail};
-use sqlx::{
-    ConnectOptions, Connection, PgConnection,
-    postgres::PgConnectOptions,
-};
+use sqlx::{ConnectOptions, Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::process::Command;
 
 /// The database the service uses inside the local cluster.
@@ -64,15 +61,15 @@ fn candidate_bin_dirs() -> Vec<PathBuf> {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(version) = name.strip_prefix(prefix) {
-                if let Ok(major) = version.split('.').next().unwrap_or("").parse::<u32>() {
-                    versioned.push((major, entry.path().join("bin")));
-                }
+            if let Some(version) = name.strip_prefix(prefix)
+                && let Ok(major) = version.split('.').next().unwrap_or("").parse::<u32>()
+            {
+                versioned.push((major, entry.path().join("bin")));
             }
         }
     }
     // Newest major version first.
-    versioned.sort_by(|a, b| b.0.cmp(&a.0));
+    versioned.sort_by_key(|(major, _)| std::cmp::Reverse(*major));
     dirs.extend(versioned.into_iter().map(|(_, dir)| dir));
     dirs.extend(["/usr/local/pgsql/bin", "/usr/lib/postgresql/bin"].map(PathBuf::from));
     dirs
@@ -82,7 +79,11 @@ fn candidate_bin_dirs() -> Vec<PathBuf> {
 pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     candidate_bin_dirs()
         .into_iter()
-        .find(|dir| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file()))
+        .find(|dir| {
+            ["initdb", "pg_ctl", "postgres"]
+                .iter()
+                .all(|b| dir.join(b).is_file())
+        })
         .ok_or_else(|| {
             anyhow!(
                 "no PostgreSQL server binaries (initdb, pg_ctl, postgres) were found on PATH or in \
@@ -177,7 +178,10 @@ impl LocalPostgres {
 
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(self.bin_dir.join(program));
-        command.current_dir("/").env("LC_ALL", "C").kill_on_drop(false);
+        command
+            .current_dir("/")
+            .env("LC_ALL", "C")
+            .kill_on_drop(false);
         if let Some(user) = &self.run_as {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
@@ -211,15 +215,27 @@ impl LocalPostgres {
         }
         fs::create_dir_all(&self.data_dir)?;
         if let Some(user) = &self.run_as {
-            std::os::unix::fs::chown(&self.data_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .with_context(|| format!("cannot hand {} to {}", self.data_dir.display(), user.name))?;
+            std::os::unix::fs::chown(
+                &self.data_dir,
+                Some(user.uid.as_raw()),
+                Some(user.gid.as_raw()),
+            )
+            .with_context(|| format!("cannot hand {} to {}", self.data_dir.display(), user.name))?;
         }
         tracing::info!(data_dir = %self.data_dir.display(), "initialising a local PostgreSQL cluster");
         let dir = self.data_dir_arg()?;
         let output = self
             .run(
                 "initdb",
-                &["-D", dir, "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--no-locale"],
+                &[
+                    "-D",
+                    dir,
+                    "-U",
+                    SUPERUSER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-locale",
+                ],
             )
             .await?;
         if !output.status.success() {
@@ -240,7 +256,9 @@ impl LocalPostgres {
     }
 
     async fn is_running(&self) -> anyhow::Result<bool> {
-        let output = self.run("pg_ctl", &["status", "-D", self.data_dir_arg()?]).await?;
+        let output = self
+            .run("pg_ctl", &["status", "-D", self.data_dir_arg()?])
+            .await?;
         // pg_ctl status: 0 running, 3 not running, 4 no accessible data directory.
         Ok(output.status.success())
     }
@@ -252,17 +270,36 @@ impl LocalPostgres {
         }
         let dir = self.data_dir_arg()?;
         let log = self.data_dir.join("server.log");
-        let log = log.to_str().ok_or_else(|| anyhow!("log path is not UTF-8"))?;
+        let log = log
+            .to_str()
+            .ok_or_else(|| anyhow!("log path is not UTF-8"))?;
         // No TCP listener: only a socket in the data directory, reachable by its owner.
         let options = format!("-c listen_addresses='' -k '{dir}' -c unix_socket_permissions=0700");
         let output = self
-            .run("pg_ctl", &["start", "-D", dir, "-l", log, "-w", "-t", "60", "-o", &options])
+            .run(
+                "pg_ctl",
+                &[
+                    "start", "-D", dir, "-l", log, "-w", "-t", "60", "-o", &options,
+                ],
+            )
             .await?;
         if !output.status.success() {
-            let tail = fs::read_to_string(&log)
-                .map(|text| text.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+            let tail = fs::read_to_string(log)
+                .map(|text| {
+                    text.lines()
+                        .rev()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
                 .unwrap_or_default();
-            bail!("pg_ctl start failed: {}\nserver log ({log}):\n{tail}", describe(&output));
+            bail!(
+                "pg_ctl start failed: {}\nserver log ({log}):\n{tail}",
+                describe(&output)
+            );
         }
         tracing::info!(data_dir = %self.data_dir.display(), "started a local PostgreSQL");
         self.started_here = true;
@@ -297,7 +334,10 @@ impl LocalPostgres {
                 .await?;
         if !exists {
             // Identifiers cannot be bound; DATABASE is a constant.
-            match sqlx::query(&format!("CREATE DATABASE {DATABASE}")).execute(&mut conn).await {
+            match sqlx::query(&format!("CREATE DATABASE {DATABASE}"))
+                .execute(&mut conn)
+                .await
+            {
                 Ok(_) => {}
                 // Another process created it in the meantime.
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
@@ -311,7 +351,10 @@ impl LocalPostgres {
     /// Stops the cluster (fast shutdown: open transactions roll back, data is kept).
     pub async fn stop(&self) -> anyhow::Result<()> {
         let output = self
-            .run("pg_ctl", &["stop", "-D", self.data_dir_arg()?, "-m", "fast", "-w"])
+            .run(
+                "pg_ctl",
+                &["stop", "-D", self.data_dir_arg()?, "-m", "fast", "-w"],
+            )
             .await?;
         if !output.status.success() {
             bail!("pg_ctl stop failed: {}", describe(&output));

@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use crate::domain::{
     Event, FeedItem, Frame, Leave, NewEvent, NewParticipation, NewSentiment, NewUser,
-    Participation, Receipt, Sentiment, Session, SessionType, StreamHeader, TimelineEntry,
-    Timezone, Usage, User,
+    Participation, Receipt, Sentiment, Session, SessionType, StreamHeader, TimelineEntry, Timezone,
+    Usage, User,
 };
 use crate::error::{Error, FieldViolation};
 use crate::storage::{self, FeedTable, Storage, StreamClaim};
@@ -91,13 +91,18 @@ impl IngestService {
         if ended_at < session.started_at {
             return Err(Error::invalid(
                 "ended_at",
-                format!("must not be before the session started ({})", session.started_at),
+                format!(
+                    "must not be before the session started ({})",
+                    session.started_at
+                ),
             ));
         }
         match self.storage.end_session(id, ended_at).await? {
             Some(session) => Ok(session),
             // Ended (or deleted) by a concurrent request between the read and the update.
-            None => Err(Error::FailedPrecondition(format!("session {id} ended already"))),
+            None => Err(Error::FailedPrecondition(format!(
+                "session {id} ended already"
+            ))),
         }
     }
 
@@ -148,7 +153,9 @@ impl IngestService {
         participation_id: Uuid,
         sentiment: NewSentiment,
     ) -> Result<Sentiment, Error> {
-        let id = self.record_one(participation_id, "sentiment", &sentiment).await?;
+        let id = self
+            .record_one(participation_id, "sentiment", &sentiment)
+            .await?;
         Ok(Sentiment {
             id,
             participation_id,
@@ -210,7 +217,12 @@ impl IngestService {
                     "the first message of a stream must be its header",
                 ));
             }
-            None => return Err(Error::invalid("header", "the stream ended before its header")),
+            None => {
+                return Err(Error::invalid(
+                    "header",
+                    "the stream ended before its header",
+                ));
+            }
         };
         let StreamHeader {
             stream_id,
@@ -249,8 +261,14 @@ impl IngestService {
                         ids.push(Uuid::now_v7());
                         pending.push(item);
                         if pending.len() >= FLUSH_ROWS {
-                            T::insert_batch(&mut tx, &participation, Some(stream_id), &ids, &pending)
-                                .await?;
+                            T::insert_batch(
+                                &mut tx,
+                                &participation,
+                                Some(stream_id),
+                                &ids,
+                                &pending,
+                            )
+                            .await?;
                             ids.clear();
                             pending.clear();
                         }
@@ -301,12 +319,20 @@ impl IngestService {
 }
 
 /// Fails unless `item` lies inside `participation`; `field` names the item in requests.
-fn check_span<T: FeedItem>(participation: &Participation, item: &T, field: &str) -> Result<(), Error> {
+fn check_span<T: FeedItem>(
+    participation: &Participation,
+    item: &T,
+    field: &str,
+) -> Result<(), Error> {
     let (start, end) = item.span();
     match participation.refuses_span(start, end) {
         None => Ok(()),
         Some((which, why)) => {
-            let name = if which == "start" { T::START_FIELD } else { T::END_FIELD };
+            let name = if which == "start" {
+                T::START_FIELD
+            } else {
+                T::END_FIELD
+            };
             Err(Error::invalid(format!("{field}.{name}"), why))
         }
     }

@@ -81,13 +81,13 @@ impl NewSentiment {
                 format!("must be after started_at ({started_at}), got {ended_at}"),
             ));
         }
-        if let Some(score) = score {
-            if !score.is_finite() || !(-1.0..=1.0).contains(&score) {
-                violations.push(FieldViolation::new(
-                    "score",
-                    format!("must be a finite number from -1.0 to 1.0, got {score}"),
-                ));
-            }
+        if let Some(score) = score
+            && (!score.is_finite() || !(-1.0..=1.0).contains(&score))
+        {
+            violations.push(FieldViolation::new(
+                "score",
+                format!("must be a finite number from -1.0 to 1.0, got {score}"),
+            ));
         }
         if violations.is_empty() {
             Ok(Self {
@@ -250,14 +250,21 @@ mod tests {
     fn sentiments_end_after_they_start() {
         assert!(NewSentiment::parse(at(0), at(1), SentimentLabel::Neutral, None).is_ok());
         let err = NewSentiment::parse(at(1), at(1), SentimentLabel::Neutral, None);
-        assert_eq!(err.map_err(|v| v[0].field.clone()), Err("ended_at".to_owned()));
+        assert_eq!(
+            err.map_err(|v| v[0].field.clone()),
+            Err("ended_at".to_owned())
+        );
     }
 
     #[test]
     fn scores_are_finite_and_in_range() {
         for bad in [f64::NAN, f64::INFINITY, -1.0001, 2.0] {
             let err = NewSentiment::parse(at(0), at(1), SentimentLabel::Positive, Some(bad));
-            assert_eq!(err.map_err(|v| v[0].field.clone()), Err("score".to_owned()), "{bad}");
+            assert_eq!(
+                err.map_err(|v| v[0].field.clone()),
+                Err("score".to_owned()),
+                "{bad}"
+            );
         }
         assert!(NewSentiment::parse(at(0), at(1), SentimentLabel::Positive, Some(-1.0)).is_ok());
     }

@@ -24,7 +24,9 @@ pub fn check_text(value: &str, min: usize, max: usize) -> Result<(), String> {
         });
     }
     if length > max {
-        return Err(format!("must be at most {max} characters long, got {length}"));
+        return Err(format!(
+            "must be at most {max} characters long, got {length}"
+        ));
     }
     Ok(())
 }

@@ -132,7 +132,10 @@ impl Participation {
         if start < self.connected_at {
             return Some((
                 "start",
-                format!("is before the participation connected ({})", self.connected_at),
+                format!(
+                    "is before the participation connected ({})",
+                    self.connected_at
+                ),
             ));
         }
         match self.disconnected_at {
@@ -172,7 +175,10 @@ mod tests {
         assert_eq!(open.refuses_span(at(-1), at(5)).map(|r| r.0), Some("start"));
         let closed = participation(Some(at(100)));
         assert!(closed.refuses_span(at(0), at(100)).is_none());
-        assert_eq!(closed.refuses_span(at(50), at(101)).map(|r| r.0), Some("end"));
+        assert_eq!(
+            closed.refuses_span(at(50), at(101)).map(|r| r.0),
+            Some("end")
+        );
     }
 
     #[test]
@@ -186,9 +192,20 @@ mod tests {
             speaker_used: true,
         };
         assert!(open.refuses_leave(&leave(60, 60)).is_none());
-        assert_eq!(open.refuses_leave(&leave(60, 61)).map(|r| r.0), Some("talked_time"));
-        assert_eq!(open.refuses_leave(&leave(-1, 0)).map(|r| r.0), Some("disconnected_at"));
-        assert_eq!(participation(Some(at(5))).refuses_leave(&leave(60, 0)).map(|r| r.0), Some(""));
+        assert_eq!(
+            open.refuses_leave(&leave(60, 61)).map(|r| r.0),
+            Some("talked_time")
+        );
+        assert_eq!(
+            open.refuses_leave(&leave(-1, 0)).map(|r| r.0),
+            Some("disconnected_at")
+        );
+        assert_eq!(
+            participation(Some(at(5)))
+                .refuses_leave(&leave(60, 0))
+                .map(|r| r.0),
+            Some("")
+        );
     }
 
     #[test]

@@ -41,14 +41,17 @@ impl NewUser {
             return Ok(None);
         }
         let mut parts = value.split('-');
-        let primary_ok = parts
-            .next()
-            .is_some_and(|p| (2..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphabetic()));
-        let rest_ok = parts.all(|p| (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let primary_ok = parts.next().is_some_and(|p| {
+            (2..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphabetic())
+        });
+        let rest_ok = parts
+            .all(|p| (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()));
         if primary_ok && rest_ok {
             Ok(Some(value.to_owned()))
         } else {
-            Err(format!("must be a BCP 47 language tag such as \"en\" or \"pt-BR\", got {value:?}"))
+            Err(format!(
+                "must be a BCP 47 language tag such as \"en\" or \"pt-BR\", got {value:?}"
+            ))
         }
     }
 

@@ -199,7 +199,10 @@ pub fn new_user(req: proto::CreateUserRequest) -> Violated<NewUser> {
     let mut v = Violations::new();
     let external_id = v.check("external_id", NewUser::parse_external_id(&req.external_id));
     let country = v.check("country", NewUser::parse_country(&req.country));
-    let native_language = v.check("native_language", NewUser::parse_language(&req.native_language));
+    let native_language = v.check(
+        "native_language",
+        NewUser::parse_language(&req.native_language),
+    );
     let region = v.check("region", NewUser::parse_region(&req.region));
     let user = match (external_id, country, native_language, region) {
         (Some(external_id), Some(country), Some(native_language), Some(region)) => Some(NewUser {
@@ -256,7 +259,9 @@ fn signed_duration_required(value: Option<&prost_types::Duration>) -> Result<Tim
 pub fn timezone_to_proto(tz: Timezone) -> proto::Timezone {
     proto::Timezone {
         code: tz.code,
-        utc_offset: Some(to_duration(TimeDelta::seconds(i64::from(tz.utc_offset_seconds)))),
+        utc_offset: Some(to_duration(TimeDelta::seconds(i64::from(
+            tz.utc_offset_seconds,
+        )))),
     }
 }
 
@@ -372,7 +377,9 @@ pub fn new_sentiment(s: &proto::NewSentiment) -> Violated<NewSentiment> {
             NewSentiment::parse(started_at, ended_at, label, s.score)
         }
         _ => {
-            if s.score.is_some_and(|x| !x.is_finite() || !(-1.0..=1.0).contains(&x)) {
+            if s.score
+                .is_some_and(|x| !x.is_finite() || !(-1.0..=1.0).contains(&x))
+            {
                 v.add("score", "must be a finite number from -1.0 to 1.0");
             }
             Err(v.into_vec())
@@ -436,12 +443,12 @@ pub fn stream_header(header: &proto::StreamHeader) -> Violated<StreamHeader> {
     let mut v = Violations::new();
     let stream_id = v.check("header.stream_id", uuid(&header.stream_id));
     let participation_id = v.check("header.participation_id", uuid(&header.participation_id));
-    let header = stream_id.zip(participation_id).map(|(stream_id, participation_id)| {
-        StreamHeader {
+    let header = stream_id
+        .zip(participation_id)
+        .map(|(stream_id, participation_id)| StreamHeader {
             stream_id,
             participation_id,
-        }
-    });
+        });
     v.finish(header)
 }
 
@@ -546,13 +553,34 @@ mod tests {
 
     #[test]
     fn durations_round_trip() {
-        let d = prost_types::Duration { seconds: 90, nanos: 500_000_000 };
+        let d = prost_types::Duration {
+            seconds: 90,
+            nanos: 500_000_000,
+        };
         let delta = duration(Some(&d)).unwrap_or_default();
         assert_eq!(to_duration(delta), d);
-        assert!(duration(Some(&prost_types::Duration { seconds: -1, nanos: 0 })).is_err());
-        assert!(duration(Some(&prost_types::Duration { seconds: 1, nanos: -1 })).is_err());
-        let negative = prost_types::Duration { seconds: -18000, nanos: 0 };
-        assert_eq!(to_duration(signed_duration(&negative).unwrap_or_default()), negative);
+        assert!(
+            duration(Some(&prost_types::Duration {
+                seconds: -1,
+                nanos: 0
+            }))
+            .is_err()
+        );
+        assert!(
+            duration(Some(&prost_types::Duration {
+                seconds: 1,
+                nanos: -1
+            }))
+            .is_err()
+        );
+        let negative = prost_types::Duration {
+            seconds: -18000,
+            nanos: 0,
+        };
+        assert_eq!(
+            to_duration(signed_duration(&negative).unwrap_or_default()),
+            negative
+        );
     }
 
     #[test]
@@ -568,8 +596,14 @@ mod tests {
     fn batch_violations_carry_the_stream_index() {
         let items = vec![
             proto::NewSentiment {
-                started_at: Some(prost_types::Timestamp { seconds: 10, nanos: 0 }),
-                ended_at: Some(prost_types::Timestamp { seconds: 11, nanos: 0 }),
+                started_at: Some(prost_types::Timestamp {
+                    seconds: 10,
+                    nanos: 0,
+                }),
+                ended_at: Some(prost_types::Timestamp {
+                    seconds: 11,
+                    nanos: 0,
+                }),
                 label: 1,
                 score: None,
             },
@@ -582,7 +616,11 @@ mod tests {
         let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["sentiments[41].started_at", "sentiments[41].ended_at", "sentiments[41].label"]
+            [
+                "sentiments[41].started_at",
+                "sentiments[41].ended_at",
+                "sentiments[41].label"
+            ]
         );
     }
 }

@@ -96,7 +96,10 @@ impl IngestApi for IngestApiHandler {
     ) -> ApiResult<proto::ListTimezonesResponse> {
         let timezones = self.service.list_timezones().await?;
         ok(proto::ListTimezonesResponse {
-            timezones: timezones.into_iter().map(convert::timezone_to_proto).collect(),
+            timezones: timezones
+                .into_iter()
+                .map(convert::timezone_to_proto)
+                .collect(),
         })
     }
 
@@ -107,7 +110,10 @@ impl IngestApi for IngestApiHandler {
     ) -> ApiResult<proto::CreateSessionResponse> {
         let (session_type, started_at) =
             convert::create_session(request.into_inner()).map_err(Error::from)?;
-        let session = self.service.create_session(session_type, started_at).await?;
+        let session = self
+            .service
+            .create_session(session_type, started_at)
+            .await?;
         ok(proto::CreateSessionResponse {
             session: Some(convert::session_to_proto(session)),
         })

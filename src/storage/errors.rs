@@ -16,9 +16,15 @@ fn constraint_error(constraint: &str) -> Option<Error> {
              (a participation that has not been left runs until it is)"
                 .into(),
         ),
-        "participations_user_fkey" => Error::NotFound("the user of the request does not exist".into()),
-        "participations_session_fkey" => Error::NotFound("the session of the request does not exist".into()),
-        "participations_timezone_fkey" => Error::NotFound("the timezone of the request does not exist".into()),
+        "participations_user_fkey" => {
+            Error::NotFound("the user of the request does not exist".into())
+        }
+        "participations_session_fkey" => {
+            Error::NotFound("the session of the request does not exist".into())
+        }
+        "participations_timezone_fkey" => {
+            Error::NotFound("the timezone of the request does not exist".into())
+        }
         "sentiments_participation_fkey"
         | "events_participation_fkey"
         | "ingest_streams_participation_fkey" => {
@@ -82,7 +88,10 @@ mod tests {
 
     #[test]
     fn pool_and_io_failures_are_unavailable() {
-        assert_eq!(db_error(sqlx::Error::PoolTimedOut).code(), Code::Unavailable);
+        assert_eq!(
+            db_error(sqlx::Error::PoolTimedOut).code(),
+            Code::Unavailable
+        );
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(db_error(sqlx::Error::Io(io)).code(), Code::Unavailable);
         assert_eq!(db_error(sqlx::Error::RowNotFound).code(), Code::Internal);

@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{db_error, Storage};
+use super::{Storage, db_error};
 use crate::domain::{
     Event, EventKind, FeedItem, NewEvent, NewSentiment, Participation, Receipt, Sentiment,
     SentimentLabel, TimelineEntry,
@@ -31,76 +31,72 @@ pub trait FeedTable: FeedItem + Sized {
 }
 
 impl FeedTable for NewSentiment {
-    fn insert_batch<'c>(
-        conn: &'c mut PgConnection,
-        participation: &'c Participation,
+    async fn insert_batch(
+        conn: &mut PgConnection,
+        participation: &Participation,
         stream_id: Option<Uuid>,
-        ids: &'c [Uuid],
-        items: &'c [Self],
-    ) -> impl Future<Output = Result<(), Error>> + Send + 'c {
-        async move {
-            let started: Vec<DateTime<Utc>> = items.iter().map(|s| s.started_at).collect();
-            let ended: Vec<DateTime<Utc>> = items.iter().map(|s| s.ended_at).collect();
-            let labels: Vec<&str> = items.iter().map(|s| s.label.as_str()).collect();
-            let scores: Vec<Option<f64>> = items.iter().map(|s| s.score).collect();
-            sqlx::query(
-                "INSERT INTO sentiments \
-                   (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
-                 SELECT id, $1, $2, $3, started_at, ended_at, label, score \
-                 FROM UNNEST($4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[], \
-                             $8::float8[]) AS t(id, started_at, ended_at, label, score)",
-            )
-            .bind(participation.user_id)
-            .bind(participation.id)
-            .bind(stream_id)
-            .bind(ids)
-            .bind(started)
-            .bind(ended)
-            .bind(labels)
-            .bind(scores)
-            .execute(conn)
-            .await
-            .map_err(db_error)?;
-            Ok(())
-        }
+        ids: &[Uuid],
+        items: &[Self],
+    ) -> Result<(), Error> {
+        let started: Vec<DateTime<Utc>> = items.iter().map(|s| s.started_at).collect();
+        let ended: Vec<DateTime<Utc>> = items.iter().map(|s| s.ended_at).collect();
+        let labels: Vec<&str> = items.iter().map(|s| s.label.as_str()).collect();
+        let scores: Vec<Option<f64>> = items.iter().map(|s| s.score).collect();
+        sqlx::query(
+            "INSERT INTO sentiments \
+               (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
+             SELECT id, $1, $2, $3, started_at, ended_at, label, score \
+             FROM UNNEST($4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[], \
+                         $8::float8[]) AS t(id, started_at, ended_at, label, score)",
+        )
+        .bind(participation.user_id)
+        .bind(participation.id)
+        .bind(stream_id)
+        .bind(ids)
+        .bind(started)
+        .bind(ended)
+        .bind(labels)
+        .bind(scores)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
     }
 }
 
 impl FeedTable for NewEvent {
-    fn insert_batch<'c>(
-        conn: &'c mut PgConnection,
-        participation: &'c Participation,
+    async fn insert_batch(
+        conn: &mut PgConnection,
+        participation: &Participation,
         stream_id: Option<Uuid>,
-        ids: &'c [Uuid],
-        items: &'c [Self],
-    ) -> impl Future<Output = Result<(), Error>> + Send + 'c {
-        async move {
-            let occurred: Vec<DateTime<Utc>> = items.iter().map(|e| e.occurred_at).collect();
-            let kinds: Vec<&str> = items.iter().map(|e| e.kind.as_str()).collect();
-            let attributes = items
-                .iter()
-                .map(|e| serde_json::to_string(&e.attributes))
-                .collect::<Result<Vec<String>, _>>()
-                .map_err(Error::internal)?;
-            sqlx::query(
-                "INSERT INTO events \
-                   (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
-                 SELECT id, $1, $2, $3, occurred_at, kind, attributes::jsonb \
-                 FROM UNNEST($4::uuid[], $5::timestamptz[], $6::text[], $7::text[]) \
-                   AS t(id, occurred_at, kind, attributes)",
-            )
-            .bind(participation.user_id)
-            .bind(participation.id)
-            .bind(stream_id)
-            .bind(ids)
-            .bind(occurred)
-            .bind(kinds)
-            .bind(attributes)
-            .execute(conn)
-            .await
-            .map_err(db_error)?;
-            Ok(())
-        }
+        ids: &[Uuid],
+        items: &[Self],
+    ) -> Result<(), Error> {
+        let occurred: Vec<DateTime<Utc>> = items.iter().map(|e| e.occurred_at).collect();
+        let kinds: Vec<&str> = items.iter().map(|e| e.kind.as_str()).collect();
+        let attributes = items
+            .iter()
+            .map(|e| serde_json::to_string(&e.attributes))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(Error::internal)?;
+        sqlx::query(
+            "INSERT INTO events \
+               (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
+             SELECT id, $1, $2, $3, occurred_at, kind, attributes::jsonb \
+             FROM UNNEST($4::uuid[], $5::timestamptz[], $6::text[], $7::text[]) \
+               AS t(id, occurred_at, kind, attributes)",
+        )
+        .bind(participation.user_id)
+        .bind(participation.id)
+        .bind(stream_id)
+        .bind(ids)
+        .bind(occurred)
+        .bind(kinds)
+        .bind(attributes)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
     }
 }
 
@@ -235,7 +231,10 @@ const TIMELINE_BUFFER: usize = 256;
 
 impl Storage {
     /// A participation's sentiments and events in time order, produced as they are read.
-    pub fn timeline(&self, participation: &Participation) -> mpsc::Receiver<Result<TimelineEntry, Error>> {
+    pub fn timeline(
+        &self,
+        participation: &Participation,
+    ) -> mpsc::Receiver<Result<TimelineEntry, Error>> {
         let (tx, rx) = mpsc::channel(TIMELINE_BUFFER);
         let pool: PgPool = self.pool.clone();
         let (user_id, participation_id) = (participation.user_id, participation.id);

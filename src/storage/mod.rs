@@ -30,7 +30,14 @@ pub struct Storage {
     pool: PgPool,
 }
 
-type UserRow = (Uuid, String, Option<String>, Option<String>, Option<String>, DateTime<Utc>);
+type UserRow = (
+    Uuid,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    DateTime<Utc>,
+);
 
 fn user_from_row(row: UserRow) -> User {
     let (id, external_id, country, native_language, region, created_at) = row;
@@ -296,7 +303,10 @@ impl Storage {
         usage: &Usage,
     ) -> Result<Option<Participation>, Error> {
         let talked_us = usage.talked_time.num_microseconds().ok_or_else(|| {
-            Error::invalid("talked_time", "must not be longer than the participation lasted")
+            Error::invalid(
+                "talked_time",
+                "must not be longer than the participation lasted",
+            )
         })?;
         let row: Option<ParticipationRow> = sqlx::query_as(&format!(
             "UPDATE participations SET disconnected_at = $3, talked_time_us = $4, \

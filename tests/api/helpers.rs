@@ -1,0 +1,296 @@
+//! One `spawn_app()` for every test: a fresh database on the test PostgreSQL (DATABASE_URL
+//! when set, otherwise the same local cluster the service uses by default), migrated, and
+//! the real gRPC server on 127.0.0.1:0 with a tonic client connected to it.
+
+use std::{net::SocketAddr, str::FromStr, time::Duration};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use krisp_ingest::{
+    app::Application,
+    grpc::convert::to_timestamp,
+    local_postgres::{self, LocalPostgres},
+    proto::{self, ingest_service_client::IngestServiceClient},
+    storage,
+};
+use sqlx::{
+    Connection, Executor, PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use tokio::sync::OnceCell;
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+use uuid::Uuid;
+
+/// Connect options of the test server's maintenance database, found once per process.
+static SERVER: OnceCell<PgConnectOptions> = OnceCell::const_new();
+
+async fn server() -> PgConnectOptions {
+    SERVER
+        .get_or_init(|| async {
+            let options = match std::env::var("DATABASE_URL") {
+                Ok(url) => PgConnectOptions::from_str(&url)
+                    .expect("DATABASE_URL is not a valid PostgreSQL URL")
+                    .database("postgres"),
+                Err(_) => {
+                    let dir = std::env::var_os("KRISP_DATA_DIR")
+                        .map(Into::into)
+                        .unwrap_or_else(local_postgres::default_data_dir);
+                    LocalPostgres::ensure(&dir)
+                        .await
+                        .expect("cannot start the local PostgreSQL for tests")
+                        .connect_options("postgres")
+                }
+            };
+            drop_stale_databases(&options).await;
+            options
+        })
+        .await
+        .clone()
+}
+
+const PREFIX: &str = "krisp_test_";
+
+/// Drops the databases of earlier test processes that are no longer running.
+async fn drop_stale_databases(options: &PgConnectOptions) {
+    let mut conn = PgConnection::connect_with(options)
+        .await
+        .expect("connect to test server");
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'krisp\\_test\\_%'")
+            .fetch_all(&mut conn)
+            .await
+            .expect("list test databases");
+    for name in names {
+        let pid = name[PREFIX.len()..]
+            .split('_')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = conn
+                .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                .await;
+        }
+    }
+}
+
+/// Creates a fresh, migrated database and returns a pool on it.
+pub async fn fresh_database() -> PgPool {
+    let server = server().await;
+    let name = format!("{PREFIX}{}_{}", std::process::id(), Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect_with(&server)
+        .await
+        .expect("connect to test server");
+    conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
+        .await
+        .expect("create test database");
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(server.database(&name))
+        .await
+        .expect("connect to test database");
+    storage::migrate(&pool)
+        .await
+        .expect("migrate test database");
+    pool
+}
+
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub client: IngestServiceClient<Channel>,
+    pub channel: Channel,
+    /// The test's own view of the database, to check what the server stored.
+    pub db: PgPool,
+}
+
+/// Starts the server as `main` does, on 127.0.0.1:0, over a fresh database.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_on(fresh_database().await).await
+}
+
+/// Starts the server over `db`, which the test may also use to look at what it stores.
+pub async fn spawn_app_on(db: PgPool) -> TestApp {
+    let application = Application::build("127.0.0.1:0".parse().unwrap(), db.clone())
+        .await
+        .expect("build application");
+    let address = application.local_addr();
+    tokio::spawn(application.run_until_stopped(std::future::pending()));
+    let channel = connect(address).await;
+    TestApp {
+        address,
+        client: IngestServiceClient::new(channel.clone()),
+        channel,
+        db,
+    }
+}
+
+/// A new connection (its own HTTP/2 connection) to the server.
+pub async fn connect(address: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the test server")
+}
+
+pub fn at(base: DateTime<Utc>, seconds: i64) -> Option<prost_types::Timestamp> {
+    Some(to_timestamp(base + TimeDelta::seconds(seconds)))
+}
+
+/// A fixed instant, so that tests do not depend on the clock.
+pub fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_750_000_000, 0).unwrap()
+}
+
+/// The field violations of an INVALID_ARGUMENT status, as (field, description) pairs.
+pub fn violations(status: &Status) -> Vec<(String, String)> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|br| {
+            br.field_violations
+                .iter()
+                .map(|v| (v.field.clone(), v.description.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The fields named by an INVALID_ARGUMENT status.
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    violations(status)
+        .into_iter()
+        .map(|(field, _)| field)
+        .collect()
+}
+
+pub async fn count(db: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(db).await.expect(sql)
+}
+
+impl TestApp {
+    pub async fn create_user(&self, external_id: &str) -> proto::User {
+        self.client
+            .clone()
+            .create_user(proto::CreateUserRequest {
+                external_id: external_id.into(),
+                country: "US".into(),
+                native_language: "en".into(),
+                region: "California".into(),
+            })
+            .await
+            .expect("CreateUser")
+            .into_inner()
+            .user
+            .unwrap()
+    }
+
+    pub async fn upsert_timezone(&self, code: &str, offset_seconds: i64) -> proto::Timezone {
+        self.client
+            .clone()
+            .upsert_timezone(proto::UpsertTimezoneRequest {
+                timezone: Some(proto::Timezone {
+                    code: code.into(),
+                    utc_offset: Some(prost_types::Duration {
+                        seconds: offset_seconds,
+                        nanos: 0,
+                    }),
+                }),
+            })
+            .await
+            .expect("UpsertTimezone")
+            .into_inner()
+            .timezone
+            .unwrap()
+    }
+
+    pub async fn create_session(&self, started_at: DateTime<Utc>) -> proto::Session {
+        self.client
+            .clone()
+            .create_session(proto::CreateSessionRequest {
+                session_type: proto::SessionType::Call as i32,
+                started_at: Some(to_timestamp(started_at)),
+            })
+            .await
+            .expect("CreateSession")
+            .into_inner()
+            .session
+            .unwrap()
+    }
+
+    pub async fn join(
+        &self,
+        user: &proto::User,
+        session: &proto::Session,
+        connected_at: DateTime<Utc>,
+    ) -> Result<proto::Participation, Status> {
+        self.client
+            .clone()
+            .join_session(proto::JoinSessionRequest {
+                user_id: user.id.clone(),
+                session_id: session.id.clone(),
+                timezone_code: "UTC".into(),
+                connected_at: Some(to_timestamp(connected_at)),
+            })
+            .await
+            .map(|r| r.into_inner().participation.unwrap())
+    }
+
+    /// A user connected to a new session at t0 (in timezone UTC).
+    pub async fn participation(&self) -> proto::Participation {
+        self.upsert_timezone("UTC", 0).await;
+        let user = self.create_user(&format!("user-{}", Uuid::new_v4())).await;
+        let session = self.create_session(t0()).await;
+        self.join(&user, &session, t0()).await.expect("JoinSession")
+    }
+}
+
+/// `n` valid sentiments of 1 s each, starting `offset` seconds after t0.
+pub fn sentiments(offset: i64, n: usize) -> Vec<proto::NewSentiment> {
+    (0..n as i64)
+        .map(|i| proto::NewSentiment {
+            started_at: at(t0(), offset + i),
+            ended_at: at(t0(), offset + i + 1),
+            label: proto::SentimentLabel::Neutral as i32,
+            score: Some(0.25),
+        })
+        .collect()
+}
+
+pub mod frames {
+    use super::proto::{self, stream_sentiments_request::Frame};
+
+    fn wrap(frame: Frame) -> proto::StreamSentimentsRequest {
+        proto::StreamSentimentsRequest { frame: Some(frame) }
+    }
+
+    pub fn header(stream_id: &str, participation_id: &str) -> proto::StreamSentimentsRequest {
+        wrap(Frame::Header(proto::StreamHeader {
+            stream_id: stream_id.into(),
+            participation_id: participation_id.into(),
+        }))
+    }
+
+    pub fn batch(sentiments: Vec<proto::NewSentiment>) -> proto::StreamSentimentsRequest {
+        wrap(Frame::Batch(proto::SentimentBatch { sentiments }))
+    }
+
+    pub fn trailer(item_count: u64) -> proto::StreamSentimentsRequest {
+        wrap(Frame::Trailer(proto::StreamTrailer { item_count }))
+    }
+
+    /// A complete, well-formed stream of `batches`.
+    pub fn stream(
+        stream_id: &str,
+        participation_id: &str,
+        batches: Vec<Vec<proto::NewSentiment>>,
+    ) -> Vec<proto::StreamSentimentsRequest> {
+        let total: usize = batches.iter().map(Vec::len).sum();
+        let mut out = vec![header(stream_id, participation_id)];
+        out.extend(batches.into_iter().map(batch));
+        out.push(trailer(total as u64));
+        out
+    }
+}

@@ -1,0 +1,12 @@
+//! Integration tests: the real gRPC server on a loopback port against real PostgreSQL,
+//! one fresh database per test. They assert what a client sees (status codes, error
+//! details) and what the database holds.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod helpers;
+mod participations;
+mod server;
+mod streams;
+mod unary_feed;
+mod users_timezones_sessions;

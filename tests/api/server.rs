@@ -1,0 +1,157 @@
+//! Health, reflection and behaviour when the database is unreachable.
+
+use std::time::Duration;
+
+use krisp_ingest::proto;
+use sqlx::postgres::PgPoolOptions;
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+use crate::helpers::{spawn_app, spawn_app_on};
+
+async fn health(channel: tonic::transport::Channel, service: &str) -> ServingStatus {
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+#[tokio::test]
+async fn health_serves_when_the_database_is_up() {
+    let app = spawn_app().await;
+    for service in ["", "krisp.ingest.v1.IngestService"] {
+        let mut status = health(app.channel.clone(), service).await;
+        for _ in 0..100 {
+            if status == ServingStatus::Serving {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            status = health(app.channel.clone(), service).await;
+        }
+        assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_database_means_not_serving_and_unavailable() {
+    // Nothing listens on port 1: every connection attempt is refused.
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nothing")
+        .unwrap();
+    let app = spawn_app_on(pool).await;
+    let mut status = health(app.channel.clone(), "krisp.ingest.v1.IngestService").await;
+    for _ in 0..100 {
+        if status == ServingStatus::NotServing {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = health(app.channel.clone(), "krisp.ingest.v1.IngestService").await;
+    }
+    assert_eq!(status, ServingStatus::NotServing);
+    assert_eq!(
+        health(app.channel.clone(), "").await,
+        ServingStatus::NotServing
+    );
+
+    let error = app
+        .client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    assert!(
+        !error.message().contains("127.0.0.1:1"),
+        "no internals: {}",
+        error.message()
+    );
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_the_services() {
+    let app = spawn_app().await;
+    let mut client = ServerReflectionClient::new(app.channel.clone());
+    let request = |message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(vec![
+            request(MessageRequest::ListServices(String::new())),
+            request(MessageRequest::FileContainingSymbol(
+                "krisp.ingest.v1.IngestService".into(),
+            )),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let listed = responses
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap();
+    let MessageResponse::ListServicesResponse(list) = listed else {
+        panic!("expected a service list, got {listed:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "krisp.ingest.v1.IngestService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    let described = responses
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap();
+    let MessageResponse::FileDescriptorResponse(files) = described else {
+        panic!("expected file descriptors, got {described:?}");
+    };
+    use prost::Message;
+    let files: Vec<_> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+        .collect();
+    let service = files
+        .iter()
+        .flat_map(|f| &f.service)
+        .find(|s| s.name() == "IngestService")
+        .expect("IngestService is described");
+    let methods: Vec<_> = service.method.iter().map(|m| m.name()).collect();
+    assert!(
+        methods.contains(&"StreamSentiments") && methods.contains(&"GetTimeline"),
+        "{methods:?}"
+    );
+    let streaming = service
+        .method
+        .iter()
+        .find(|m| m.name() == "StreamSentiments")
+        .unwrap();
+    assert!(streaming.client_streaming());
+}

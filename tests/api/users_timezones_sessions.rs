@@ -1,0 +1,255 @@
+use krisp_ingest::proto;
+use tonic::Code;
+
+use crate::helpers::{at, count, spawn_app, t0, violated_fields, violations};
+
+#[tokio::test]
+async fn users_are_created_read_and_deleted() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let user = app.create_user("caller-1").await;
+    assert_eq!(user.external_id, "caller-1");
+    assert_eq!(user.country, "US");
+    assert!(user.created_at.is_some());
+
+    let fetched = client
+        .get_user(proto::GetUserRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(fetched, user);
+
+    let deleted = client
+        .delete_user(proto::DeleteUserRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.participations_deleted, 0);
+    let status = client
+        .get_user(proto::GetUserRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .delete_user(proto::DeleteUserRequest { user_id: user.id })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test]
+async fn external_ids_are_unique() {
+    let app = spawn_app().await;
+    app.create_user("same").await;
+    let status = app
+        .client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: "same".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(
+        status.message().contains("external_id"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        !status.message().contains("users_external_id_key"),
+        "no internals: {}",
+        status.message()
+    );
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 1);
+}
+
+#[tokio::test]
+async fn bad_user_fields_are_all_reported() {
+    let app = spawn_app().await;
+    let status = app
+        .client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: String::new(),
+            country: "usa".into(),
+            native_language: "english!".into(),
+            region: "a\0b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&status),
+        ["external_id", "country", "native_language", "region"]
+    );
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 0);
+
+    let status = app
+        .client
+        .clone()
+        .get_user(proto::GetUserRequest {
+            user_id: "not-a-uuid".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["user_id"]);
+}
+
+#[tokio::test]
+async fn timezones_are_upserted_and_listed() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let upsert = |code: &str, seconds: i64| proto::UpsertTimezoneRequest {
+        timezone: Some(proto::Timezone {
+            code: code.into(),
+            utc_offset: Some(prost_types::Duration { seconds, nanos: 0 }),
+        }),
+    };
+    let first = client
+        .upsert_timezone(upsert("EST", -5 * 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    let again = client
+        .upsert_timezone(upsert("EST", -4 * 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(
+        again.timezone.unwrap().utc_offset.unwrap().seconds,
+        -4 * 3600
+    );
+    client
+        .upsert_timezone(upsert("Asia/Kathmandu", 20700))
+        .await
+        .unwrap();
+
+    let list = client
+        .list_timezones(proto::ListTimezonesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .timezones;
+    let codes: Vec<_> = list.iter().map(|t| t.code.as_str()).collect();
+    assert_eq!(codes, ["Asia/Kathmandu", "EST"]);
+
+    let status = client
+        .upsert_timezone(upsert("Mars/Olympus", 15 * 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["timezone.utc_offset"]);
+    let status = client
+        .upsert_timezone(upsert("bad code", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["timezone.code"]);
+    let status = client
+        .upsert_timezone(proto::UpsertTimezoneRequest { timezone: None })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["timezone"]);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM timezones").await, 2);
+}
+
+#[tokio::test]
+async fn sessions_start_end_and_derive_their_duration() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let session = app.create_session(t0()).await;
+    assert_eq!(session.session_type, proto::SessionType::Call as i32);
+    assert!(session.ended_at.is_none() && session.duration.is_none());
+
+    let ended = client
+        .end_session(proto::EndSessionRequest {
+            session_id: session.id.clone(),
+            ended_at: at(t0(), 3600),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(ended.duration.unwrap().seconds, 3600);
+    let fetched = client
+        .get_session(proto::GetSessionRequest {
+            session_id: session.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(fetched, ended);
+
+    let status = client
+        .end_session(proto::EndSessionRequest {
+            session_id: session.id.clone(),
+            ended_at: at(t0(), 7200),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn sessions_refuse_bad_input() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let status = client
+        .create_session(proto::CreateSessionRequest {
+            session_type: 0,
+            started_at: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["session_type", "started_at"]);
+    let status = client
+        .create_session(proto::CreateSessionRequest {
+            session_type: 42,
+            started_at: Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: -5,
+            }),
+        })
+        .await
+        .unwrap_err();
+    let found = violations(&status);
+    assert!(found[0].1.contains("unknown value 42"), "{found:?}");
+    assert_eq!(found[1].0, "started_at");
+
+    let session = app.create_session(t0()).await;
+    let status = client
+        .end_session(proto::EndSessionRequest {
+            session_id: session.id.clone(),
+            ended_at: at(t0(), -1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["ended_at"]);
+    let status = client
+        .get_session(proto::GetSessionRequest {
+            session_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(
+        count(
+            &app.db,
+            "SELECT count(*) FROM sessions WHERE ended_at IS NOT NULL"
+        )
+        .await,
+        0
+    );
+}
