@@ -74,7 +74,11 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     storage: Storage,
+    shutdown_grace: Duration,
 }
+
+/// How long in-flight calls may take to finish after a shutdown signal, by default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Application {
     /// Binds `listen` (port 0 picks a free port) over an already migrated pool.
@@ -87,7 +91,14 @@ impl Application {
             listener,
             local_addr,
             storage: Storage::new(pool),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         })
+    }
+
+    /// Sets how long in-flight calls may take to finish once shutdown begins.
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -126,17 +137,33 @@ impl Application {
         ));
 
         tracing::info!(address = %self.local_addr, "krisp-ingest serving gRPC");
-        let served = Server::builder()
+        let (begin_drain, drain_requested) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(api)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
-                shutdown.await;
-                tracing::info!("shutting down: finishing in-flight calls");
-            })
-            .await;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async {
+                let _ = drain_requested.await;
+            });
+        let mut server = std::pin::pin!(server);
+        let served = tokio::select! {
+            served = &mut server => served,
+            () = shutdown => {
+                tracing::info!(grace = ?self.shutdown_grace, "shutting down: finishing in-flight calls");
+                let _ = begin_drain.send(());
+                match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+                    Ok(served) => served,
+                    Err(_) => {
+                        // Dropping the server drops the remaining calls; their open
+                        // transactions roll back.
+                        tracing::warn!("shutdown grace period over: cancelling the calls still open");
+                        Ok(())
+                    }
+                }
+            }
+        };
         let _ = stop_health.send(());
         let _ = monitor.await;
         served.context("gRPC server failed")

@@ -152,12 +152,16 @@ pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
         .into_inner()
         .session;
 
-    println!("user:          {user:?}");
-    println!("timezone:      {timezone:?}");
-    println!("session:       {ended:?}");
-    println!("participation: {left:?}");
-    println!("sentiment:     {sentiment:?}");
-    println!("event:         {event:?}");
+    let (Some(sentiment), Some(event), Some(left), Some(ended)) = (sentiment, event, left, ended)
+    else {
+        bail!("the server answered without the created resources");
+    };
+    println!("user           {}", describe_user(&user));
+    println!("timezone       {}", describe_timezone(&timezone));
+    println!("session        {}", describe_session(&ended));
+    println!("participation  {}", describe_participation(&left));
+    println!("sentiment      {}", describe_sentiment(&sentiment));
+    println!("event          {}", describe_event(&event));
     println!("timeline of participation {}:", participation.id);
     let mut timeline = client
         .get_timeline(proto::GetTimelineRequest {
@@ -172,8 +176,12 @@ pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
         .map_err(status_error("GetTimeline"))?
     {
         match entry.entry.and_then(|e| e.entry) {
-            Some(proto::timeline_entry::Entry::Event(e)) => println!("  event      {e:?}"),
-            Some(proto::timeline_entry::Entry::Sentiment(s)) => println!("  sentiment  {s:?}"),
+            Some(proto::timeline_entry::Entry::Event(e)) => {
+                println!("  event      {}", describe_event(&e))
+            }
+            Some(proto::timeline_entry::Entry::Sentiment(s)) => {
+                println!("  sentiment  {}", describe_sentiment(&s));
+            }
             None => {}
         }
     }
@@ -202,7 +210,7 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
         .context("GetParticipation returned no participation")?;
     let connected = participation
         .connected_at
-        .map(|t| t.seconds)
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
         .context("participation has no connected_at")?;
     let stream_id = Uuid::new_v4();
     let bar = ProgressBar::new(args.count);
@@ -234,9 +242,8 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
                 .map(|i| {
                     // 100 ms segments, back to back, from the moment of connection.
                     let ms = i64::try_from(i).unwrap_or(i64::MAX / 200) * 100;
-                    let at = |offset_ms: i64| prost_types::Timestamp {
-                        seconds: connected + (ms + offset_ms) / 1000,
-                        nanos: i32::try_from(((ms + offset_ms) % 1000) * 1_000_000).unwrap_or(0),
+                    let at = |offset_ms: i64| {
+                        to_timestamp(connected + TimeDelta::milliseconds(ms + offset_ms))
                     };
                     proto::NewSentiment {
                         started_at: Some(at(0)),
@@ -282,4 +289,84 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
         receipt.items_stored as f64 / elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+fn time(value: Option<&prost_types::Timestamp>) -> String {
+    value
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
+        .map_or_else(
+            || "-".to_owned(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+}
+
+fn seconds(value: Option<&prost_types::Duration>) -> String {
+    value.map_or_else(
+        || "-".to_owned(),
+        |d| format!("{}s", d.seconds as f64 + f64::from(d.nanos) / 1e9),
+    )
+}
+
+fn describe_user(user: &proto::User) -> String {
+    format!(
+        "{} external_id={} country={} native_language={} region={}",
+        user.id, user.external_id, user.country, user.native_language, user.region
+    )
+}
+
+fn describe_timezone(tz: &proto::Timezone) -> String {
+    format!("{} utc_offset={}", tz.code, seconds(tz.utc_offset.as_ref()))
+}
+
+fn describe_session(session: &proto::Session) -> String {
+    format!(
+        "{} {:?} {} .. {} duration={}",
+        session.id,
+        session.session_type(),
+        time(session.started_at.as_ref()),
+        time(session.ended_at.as_ref()),
+        seconds(session.duration.as_ref())
+    )
+}
+
+fn describe_participation(p: &proto::Participation) -> String {
+    format!(
+        "{} user={} session={} timezone={} {} .. {} talked={} microphone_used={:?} speaker_used={:?}",
+        p.id,
+        p.user_id,
+        p.session_id,
+        p.timezone_code,
+        time(p.connected_at.as_ref()),
+        time(p.disconnected_at.as_ref()),
+        seconds(p.talked_time.as_ref()),
+        p.microphone_used.unwrap_or_default(),
+        p.speaker_used.unwrap_or_default()
+    )
+}
+
+fn describe_sentiment(s: &proto::Sentiment) -> String {
+    format!(
+        "{} {:?} score={} {} .. {}",
+        s.id,
+        s.label(),
+        s.score.map_or_else(|| "-".to_owned(), |x| x.to_string()),
+        time(s.started_at.as_ref()),
+        time(s.ended_at.as_ref())
+    )
+}
+
+fn describe_event(e: &proto::Event) -> String {
+    let mut attributes: Vec<_> = e
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect();
+    attributes.sort();
+    format!(
+        "{} {:?} at {} {{{}}}",
+        e.id,
+        e.kind(),
+        time(e.occurred_at.as_ref()),
+        attributes.join(", ")
+    )
 }

@@ -24,6 +24,16 @@ pub struct Cli {
     )]
     pub listen: SocketAddr,
 
+    /// Seconds in-flight calls get to finish after SIGINT/SIGTERM before they are cancelled
+    /// (their transactions then roll back).
+    #[arg(
+        long,
+        env = "KRISP_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub shutdown_grace_seconds: u64,
+
     /// Log format on standard error.
     #[arg(long, env = "KRISP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,

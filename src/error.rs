@@ -199,3 +199,9 @@ impl From<Vec<FieldViolation>> for Error {
         Self::InvalidArgument(violations)
     }
 }
+
+impl From<FieldViolation> for Error {
+    fn from(violation: FieldViolation) -> Self {
+        Self::InvalidArgument(vec![violation])
+    }
+}

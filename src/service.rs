@@ -183,7 +183,7 @@ impl IngestService {
         item: &T,
     ) -> Result<Uuid, Error> {
         let participation = self.get_participation(participation_id).await?;
-        check_span(&participation, item, field)?;
+        check_span(&participation, item).map_err(|e| e.under(field))?;
         let id = Uuid::now_v7();
         self.storage
             .insert_feed_items(&participation, &[id], std::slice::from_ref(item))
@@ -256,7 +256,8 @@ impl IngestService {
             match frames.next().await.transpose()? {
                 Some(Frame::Batch(items)) => {
                     for item in items {
-                        check_span(&participation, &item, &format!("{}[{received}]", T::FIELD))?;
+                        check_span(&participation, &item)
+                            .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
                         received += 1;
                         ids.push(Uuid::now_v7());
                         pending.push(item);
@@ -318,12 +319,8 @@ impl IngestService {
     }
 }
 
-/// Fails unless `item` lies inside `participation`; `field` names the item in requests.
-fn check_span<T: FeedItem>(
-    participation: &Participation,
-    item: &T,
-    field: &str,
-) -> Result<(), Error> {
+/// Fails unless `item` lies inside `participation`, naming the item's offending field.
+fn check_span<T: FeedItem>(participation: &Participation, item: &T) -> Result<(), FieldViolation> {
     let (start, end) = item.span();
     match participation.refuses_span(start, end) {
         None => Ok(()),
@@ -333,7 +330,7 @@ fn check_span<T: FeedItem>(
             } else {
                 T::END_FIELD
             };
-            Err(Error::invalid(format!("{field}.{name}"), why))
+            Err(FieldViolation::new(name, why))
         }
     }
 }

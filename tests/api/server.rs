@@ -155,3 +155,35 @@ async fn reflection_lists_and_describes_the_services() {
         .unwrap();
     assert!(streaming.client_streaming());
 }
+
+#[tokio::test]
+async fn reflection_v1alpha_is_served_for_older_tools() {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let app = spawn_app().await;
+    let mut responses = ServerReflectionClient::new(app.channel.clone())
+        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap();
+    let MessageResponse::ListServicesResponse(list) = response else {
+        panic!("expected a service list, got {response:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "krisp.ingest.v1.IngestService")
+    );
+}

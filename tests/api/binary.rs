@@ -1,0 +1,144 @@
+//! The README's first command: the real binary, with no configuration but a fresh data
+//! directory, starts its own PostgreSQL, serves, shuts down on SIGTERM, and keeps the
+//! data for the next start.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use krisp_ingest::proto::{self, ingest_service_client::IngestServiceClient};
+use nix::{sys::signal, unistd::Pid};
+use tonic::Code;
+
+use crate::helpers::connect;
+
+/// Starts `krisp-ingest` with no DATABASE_URL and the given data directory; returns the
+/// child and the address it printed.
+fn start(data_dir: &Path) -> (Child, SocketAddr, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
+        .env_remove("DATABASE_URL")
+        .env("KRISP_SHUTDOWN_GRACE_SECONDS", "5")
+        .env_remove("RUST_LOG")
+        .env("KRISP_DATA_DIR", data_dir)
+        .env("KRISP_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start krisp-ingest");
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let address = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no 'listening on' line; the server said: {seen:#?}"));
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .trim()
+                .parse()
+                .expect("an address after 'listening on'");
+        }
+        seen.push(line);
+    };
+    (child, address, lines)
+}
+
+/// Sends SIGTERM and waits (without blocking the runtime, so that the test's own client
+/// connections can close) for the exit.
+async fn terminate(mut child: Child, lines: &mpsc::Receiver<String>) -> std::process::ExitStatus {
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    signal::kill(pid, signal::Signal::SIGTERM).unwrap();
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let said: Vec<String> = lines.try_iter().collect();
+    panic!("krisp-ingest did not exit within 15 s of SIGTERM; it said: {said:#?}");
+}
+
+#[tokio::test]
+async fn with_no_configuration_the_service_runs_on_its_own_postgres_and_keeps_data() {
+    let root = tempfile::tempdir().unwrap();
+    // When the tests run as root, the cluster runs as `postgres`, which must reach it.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data_dir = root.path().join("postgres");
+
+    let (child, address, lines) = start(&data_dir);
+    let mut client = IngestServiceClient::new(connect(address).await);
+    let user = client
+        .create_user(proto::CreateUserRequest {
+            external_id: "kept-across-restarts".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    drop(client);
+    assert!(terminate(child, &lines).await.success());
+    // It started the cluster, so it stopped it.
+    assert!(!data_dir.join("postmaster.pid").exists());
+
+    let (child, address, lines) = start(&data_dir);
+    let mut client = IngestServiceClient::new(connect(address).await);
+    let fetched = client
+        .get_user(proto::GetUserRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(fetched, user);
+    let status = client
+        .create_user(proto::CreateUserRequest {
+            external_id: "kept-across-restarts".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    drop(client);
+    assert!(terminate(child, &lines).await.success());
+}
+
+#[test]
+fn a_bad_database_url_fails_with_a_clear_message() {
+    let output = Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
+        .env(
+            "DATABASE_URL",
+            "postgres://krisp:secret-pw@127.0.0.1:1/nothing",
+        )
+        .env("KRISP_LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("run krisp-ingest");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot connect to DATABASE_URL"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("krisp:***@127.0.0.1:1"), "{stderr}");
+    assert!(
+        !stderr.contains("secret-pw"),
+        "the password leaked: {stderr}"
+    );
+}
