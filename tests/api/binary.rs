@@ -142,3 +142,108 @@ fn a_bad_database_url_fails_with_a_clear_message() {
         "the password leaked: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cancels_a_stream_that_never_finishes_and_stores_nothing() {
+    use krisp_ingest::local_postgres::{self, LocalPostgres};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use crate::helpers::{frames, sentiments};
+
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data_dir = root.path().join("postgres");
+    let (child, address, lines) = start(&data_dir);
+    let mut client = IngestServiceClient::new(connect(address).await);
+
+    // A participation, then a stream that sends rows but never its trailer.
+    client
+        .upsert_timezone(proto::UpsertTimezoneRequest {
+            timezone: Some(proto::Timezone {
+                code: "UTC".into(),
+                utc_offset: Some(prost_types::Duration::default()),
+            }),
+        })
+        .await
+        .unwrap();
+    let user = client
+        .create_user(proto::CreateUserRequest {
+            external_id: "drain".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let session = client
+        .create_session(proto::CreateSessionRequest {
+            session_type: proto::SessionType::Call as i32,
+            started_at: crate::helpers::at(crate::helpers::t0(), 0),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let participation = client
+        .join_session(proto::JoinSessionRequest {
+            user_id: user.id,
+            session_id: session.id,
+            timezone_code: "UTC".into(),
+            connected_at: crate::helpers::at(crate::helpers::t0(), 0),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .participation
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(frames::header(
+        &uuid::Uuid::new_v4().to_string(),
+        &participation.id,
+    ))
+    .await
+    .unwrap();
+    tx.send(frames::batch(sentiments(0, 2500))).await.unwrap();
+    let mut stream_client = client.clone();
+    let call = tokio::spawn(async move {
+        stream_client
+            .stream_sentiments(ReceiverStream::new(rx))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = std::time::Instant::now();
+    assert!(terminate(child, &lines).await.success());
+    // The grace period is 5 s; the process must not wait for the stream beyond it.
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "exit took {:?}",
+        started.elapsed()
+    );
+    let outcome = call.await.unwrap();
+    assert!(
+        outcome.is_err(),
+        "the unfinished stream must not succeed: {outcome:?}"
+    );
+    drop(tx);
+
+    // Nothing of the stream was stored.
+    let cluster = LocalPostgres::ensure(&data_dir).await.unwrap();
+    let pool = sqlx::PgPool::connect_with(cluster.connect_options(local_postgres::DATABASE))
+        .await
+        .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sentiments")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(users, 1);
+    pool.close().await;
+    cluster.stop().await.unwrap();
+}
