@@ -13,11 +13,7 @@ use crate::domain::{
     Usage, User,
 };
 use crate::error::{Error, FieldViolation};
-use crate::storage::{self, FeedTable, Storage, StreamClaim};
-
-/// Rows buffered before they are written inside a stream's transaction: bounds the
-/// memory a stream holds, however long it is.
-pub const FLUSH_ROWS: usize = 2_000;
+use crate::storage::{self, FeedCopy, FeedTable, Storage, StreamClaim};
 
 #[derive(Debug, Clone)]
 pub struct IngestService {
@@ -249,62 +245,19 @@ impl IngestService {
             }
         }
 
-        let mut received: u64 = 0;
-        let mut ids = Vec::with_capacity(FLUSH_ROWS);
-        let mut pending: Vec<T> = Vec::with_capacity(FLUSH_ROWS);
-        let item_count = loop {
-            match frames.next().await.transpose()? {
-                Some(Frame::Batch(items)) => {
-                    for item in items {
-                        check_span(&participation, &item)
-                            .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
-                        received += 1;
-                        ids.push(Uuid::now_v7());
-                        pending.push(item);
-                        if pending.len() >= FLUSH_ROWS {
-                            T::insert_batch(
-                                &mut tx,
-                                &participation,
-                                Some(stream_id),
-                                &ids,
-                                &pending,
-                            )
-                            .await?;
-                            ids.clear();
-                            pending.clear();
-                        }
-                    }
-                }
-                Some(Frame::Trailer { item_count }) => break item_count,
-                Some(Frame::Header(_)) => {
-                    return Err(Error::invalid(
-                        "header",
-                        "a stream has one header, as its first message",
-                    ));
-                }
-                None => {
-                    return Err(Error::invalid(
-                        "trailer",
-                        "the stream ended without a trailer, so nothing was stored: \
-                         finish a stream with a trailer carrying its item count",
-                    ));
-                }
+        let mut copy = FeedCopy::begin::<T>(&mut tx).await?;
+        let received = match pump_items(&mut frames, &mut copy, &participation, stream_id).await {
+            Ok(received) => received,
+            Err(error) => {
+                copy.abort("the stream failed").await;
+                return Err(error);
             }
         };
-        if item_count != received {
-            return Err(Error::InvalidArgument(vec![FieldViolation::new(
-                "trailer.item_count",
-                format!("the trailer counts {item_count} items but the stream carried {received}"),
-            )]));
-        }
-        if frames.next().await.transpose()?.is_some() {
-            return Err(Error::invalid(
-                "trailer",
-                "the trailer must be the last message of a stream",
-            ));
-        }
-        if !pending.is_empty() {
-            T::insert_batch(&mut tx, &participation, Some(stream_id), &ids, &pending).await?;
+        let stored = copy.finish().await?;
+        if stored != received {
+            return Err(Error::internal(anyhow::anyhow!(
+                "COPY stored {stored} rows of {received}"
+            )));
         }
         let committed_at =
             storage::finish_stream(&mut tx, &participation, stream_id, received).await?;
@@ -317,6 +270,61 @@ impl IngestService {
             replayed: false,
         })
     }
+}
+
+/// Moves a stream's items into `copy` until its trailer, and checks the trailer; returns
+/// the number of items. Memory stays bounded: items are encoded and sent as they come.
+async fn pump_items<T, S>(
+    frames: &mut S,
+    copy: &mut FeedCopy<'_>,
+    participation: &Participation,
+    stream_id: Uuid,
+) -> Result<u64, Error>
+where
+    T: FeedTable,
+    S: Stream<Item = Result<Frame<T>, Error>> + Unpin,
+{
+    let mut received: u64 = 0;
+    let item_count = loop {
+        match frames.next().await.transpose()? {
+            Some(Frame::Batch(items)) => {
+                for item in &items {
+                    check_span(participation, item)
+                        .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
+                    copy.push(Uuid::now_v7(), participation, stream_id, item)
+                        .await?;
+                    received += 1;
+                }
+            }
+            Some(Frame::Trailer { item_count }) => break item_count,
+            Some(Frame::Header(_)) => {
+                return Err(Error::invalid(
+                    "header",
+                    "a stream has one header, as its first message",
+                ));
+            }
+            None => {
+                return Err(Error::invalid(
+                    "trailer",
+                    "the stream ended without a trailer, so nothing was stored: \
+                     finish a stream with a trailer carrying its item count",
+                ));
+            }
+        }
+    };
+    if item_count != received {
+        return Err(Error::InvalidArgument(vec![FieldViolation::new(
+            "trailer.item_count",
+            format!("the trailer counts {item_count} items but the stream carried {received}"),
+        )]));
+    }
+    if frames.next().await.transpose()?.is_some() {
+        return Err(Error::invalid(
+            "trailer",
+            "the trailer must be the last message of a stream",
+        ));
+    }
+    Ok(received)
 }
 
 /// Fails unless `item` lies inside `participation`, naming the item's offending field.

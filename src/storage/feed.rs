@@ -6,11 +6,11 @@ use std::future::Future;
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, postgres::PgCopyIn};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{Storage, db_error};
+use super::{Storage, copy::CopyEncoder, db_error};
 use crate::domain::{
     Event, EventKind, FeedItem, NewEvent, NewSentiment, Participation, Receipt, Sentiment,
     SentimentLabel, TimelineEntry,
@@ -19,6 +19,18 @@ use crate::error::Error;
 
 /// A feed item type with a table to write it to.
 pub trait FeedTable: FeedItem + Sized {
+    /// The binary COPY statement that loads the table inside a stream.
+    const COPY_STATEMENT: &'static str;
+
+    /// Encodes one item as a row of [`Self::COPY_STATEMENT`].
+    fn encode_row(
+        encoder: &mut CopyEncoder,
+        id: Uuid,
+        participation: &Participation,
+        stream_id: Uuid,
+        item: &Self,
+    ) -> Result<(), Error>;
+
     /// Inserts `items` (with the matching `ids`) for `participation`, tagged with the
     /// stream that carried them, if any.
     fn insert_batch<'c>(
@@ -31,6 +43,30 @@ pub trait FeedTable: FeedItem + Sized {
 }
 
 impl FeedTable for NewSentiment {
+    const COPY_STATEMENT: &'static str = "COPY sentiments \
+         (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
+         FROM STDIN (FORMAT binary)";
+
+    fn encode_row(
+        encoder: &mut CopyEncoder,
+        id: Uuid,
+        participation: &Participation,
+        stream_id: Uuid,
+        item: &Self,
+    ) -> Result<(), Error> {
+        encoder
+            .row(8)
+            .uuid(id)
+            .uuid(participation.user_id)
+            .uuid(participation.id)
+            .uuid(stream_id)
+            .timestamptz(item.started_at)
+            .timestamptz(item.ended_at)
+            .text(item.label.as_str())
+            .optional_float8(item.score);
+        Ok(())
+    }
+
     async fn insert_batch(
         conn: &mut PgConnection,
         participation: &Participation,
@@ -65,6 +101,30 @@ impl FeedTable for NewSentiment {
 }
 
 impl FeedTable for NewEvent {
+    const COPY_STATEMENT: &'static str = "COPY events \
+         (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
+         FROM STDIN (FORMAT binary)";
+
+    fn encode_row(
+        encoder: &mut CopyEncoder,
+        id: Uuid,
+        participation: &Participation,
+        stream_id: Uuid,
+        item: &Self,
+    ) -> Result<(), Error> {
+        encoder
+            .row(7)
+            .uuid(id)
+            .uuid(participation.user_id)
+            .uuid(participation.id)
+            .uuid(stream_id)
+            .timestamptz(item.occurred_at)
+            .text(item.kind.as_str())
+            .jsonb_of(&item.attributes)
+            .map_err(Error::internal)?;
+        Ok(())
+    }
+
     async fn insert_batch(
         conn: &mut PgConnection,
         participation: &Participation,
@@ -97,6 +157,60 @@ impl FeedTable for NewEvent {
         .await
         .map_err(db_error)?;
         Ok(())
+    }
+}
+
+/// Bytes of COPY data buffered before they are sent: bounds a stream's memory.
+pub const COPY_SEND_BYTES: usize = 256 * 1024;
+
+/// A binary COPY in progress inside a stream's transaction.
+pub struct FeedCopy<'c> {
+    copy: PgCopyIn<&'c mut PgConnection>,
+    encoder: CopyEncoder,
+}
+
+impl<'c> FeedCopy<'c> {
+    pub async fn begin<T: FeedTable>(conn: &'c mut PgConnection) -> Result<Self, Error> {
+        let copy = conn
+            .copy_in_raw(T::COPY_STATEMENT)
+            .await
+            .map_err(db_error)?;
+        Ok(Self {
+            copy,
+            encoder: CopyEncoder::new(COPY_SEND_BYTES + 4096),
+        })
+    }
+
+    /// Encodes one item; sends the buffer to the server once it is full.
+    pub async fn push<T: FeedTable>(
+        &mut self,
+        id: Uuid,
+        participation: &Participation,
+        stream_id: Uuid,
+        item: &T,
+    ) -> Result<(), Error> {
+        T::encode_row(&mut self.encoder, id, participation, stream_id, item)?;
+        if self.encoder.len() >= COPY_SEND_BYTES {
+            self.copy
+                .send(self.encoder.take())
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the rest and ends the COPY; the database checks its constraints here.
+    pub async fn finish(mut self) -> Result<u64, Error> {
+        let rest = std::mem::replace(&mut self.encoder, CopyEncoder::new(0)).finish();
+        self.copy.send(rest).await.map_err(db_error)?;
+        self.copy.finish().await.map_err(db_error)
+    }
+
+    /// Abandons the COPY, leaving the connection usable (the transaction then rolls back).
+    pub async fn abort(self, reason: &str) {
+        if let Err(error) = self.copy.abort(reason).await {
+            tracing::debug!(%error, "aborting a COPY failed; the connection will be discarded");
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! PostgreSQL access: every query of the service, with errors translated in one place
 //! ([`errors::db_error`]). All statements bind their parameters.
 
+pub mod copy;
 mod errors;
 mod feed;
 
@@ -9,7 +10,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 pub use errors::db_error;
-pub use feed::{FeedTable, StreamClaim, claim_stream, finish_stream};
+pub use feed::{FeedCopy, FeedTable, StreamClaim, claim_stream, finish_stream};
 
 use crate::domain::{
     NewParticipation, NewUser, Participation, Session, SessionType, Timezone, Usage, User,
