@@ -6,8 +6,10 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use anyhow::Context;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{server::NamedService, transport::Server};
+use tonic::{
+    server::NamedService,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -19,10 +21,24 @@ use crate::{
     storage::{self, Storage},
 };
 
+/// HTTP/2 flow-control windows: per stream, and per connection.
+const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
+
 /// How often health re-checks the database.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one health probe may take before the database counts as unreachable.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The service's pool settings. Connections are not pinged before each use: that would
+/// add a round trip to every unary call (measured in docs/BENCHMARKS.md); a connection
+/// found broken fails its call with UNAVAILABLE and is replaced.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+}
 
 /// The database the service runs against, and the local cluster behind it, if any.
 pub struct Database {
@@ -34,9 +50,7 @@ impl Database {
     /// Connects to DATABASE_URL, or starts (or reuses) the local cluster when it is unset,
     /// and applies the migrations.
     pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Self> {
-        let pool_options = PgPoolOptions::new()
-            .max_connections(args.max_connections)
-            .acquire_timeout(Duration::from_secs(5));
+        let pool_options = pool_options(args.max_connections);
         let (pool, local) = match &args.database_url {
             Some(url) => {
                 tracing::info!(database = %url.redacted(), "using DATABASE_URL");
@@ -137,14 +151,20 @@ impl Application {
         ));
 
         tracing::info!(address = %self.local_addr, "krisp-ingest serving gRPC");
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (begin_drain, drain_requested) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
-            .tcp_nodelay(true)
+            // Larger HTTP/2 windows than the 64 KiB default let a client keep several
+            // batches of a stream in flight instead of waiting for window updates.
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(api)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async {
+            // A custom incoming bypasses the builder's tcp_nodelay: set it on the listener,
+            // or Nagle's algorithm delays small replies by up to 40 ms.
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = drain_requested.await;
             });
         let mut server = std::pin::pin!(server);

@@ -31,15 +31,15 @@ pub trait FeedTable: FeedItem + Sized {
         item: &Self,
     ) -> Result<(), Error>;
 
-    /// Inserts `items` (with the matching `ids`) for `participation`, tagged with the
-    /// stream that carried them, if any.
-    fn insert_batch<'c>(
-        conn: &'c mut PgConnection,
-        participation: &'c Participation,
-        stream_id: Option<Uuid>,
-        ids: &'c [Uuid],
-        items: &'c [Self],
-    ) -> impl Future<Output = Result<(), Error>> + Send + 'c;
+    /// Inserts one item for the participation `participation_id` in one statement, if
+    /// the participation exists and the item lies inside it; `false` otherwise (the
+    /// caller then finds out which). One round trip on the happy path.
+    fn insert_one<'c>(
+        pool: &'c PgPool,
+        participation_id: Uuid,
+        id: Uuid,
+        item: &'c Self,
+    ) -> impl Future<Output = Result<bool, Error>> + Send + 'c;
 }
 
 impl FeedTable for NewSentiment {
@@ -67,36 +67,30 @@ impl FeedTable for NewSentiment {
         Ok(())
     }
 
-    async fn insert_batch(
-        conn: &mut PgConnection,
-        participation: &Participation,
-        stream_id: Option<Uuid>,
-        ids: &[Uuid],
-        items: &[Self],
-    ) -> Result<(), Error> {
-        let started: Vec<DateTime<Utc>> = items.iter().map(|s| s.started_at).collect();
-        let ended: Vec<DateTime<Utc>> = items.iter().map(|s| s.ended_at).collect();
-        let labels: Vec<&str> = items.iter().map(|s| s.label.as_str()).collect();
-        let scores: Vec<Option<f64>> = items.iter().map(|s| s.score).collect();
-        sqlx::query(
+    async fn insert_one(
+        pool: &PgPool,
+        participation_id: Uuid,
+        id: Uuid,
+        item: &Self,
+    ) -> Result<bool, Error> {
+        let inserted = sqlx::query(
             "INSERT INTO sentiments \
-               (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
-             SELECT id, $1, $2, $3, started_at, ended_at, label, score \
-             FROM UNNEST($4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[], \
-                         $8::float8[]) AS t(id, started_at, ended_at, label, score)",
+               (id, user_id, participation_id, started_at, ended_at, label, score) \
+             SELECT $2, p.user_id, p.id, $3, $4, $5, $6 FROM participations p \
+             WHERE p.id = $1 AND p.connected_at <= $3 \
+               AND (p.disconnected_at IS NULL OR $4 <= p.disconnected_at)",
         )
-        .bind(participation.user_id)
-        .bind(participation.id)
-        .bind(stream_id)
-        .bind(ids)
-        .bind(started)
-        .bind(ended)
-        .bind(labels)
-        .bind(scores)
-        .execute(conn)
+        .bind(participation_id)
+        .bind(id)
+        .bind(item.started_at)
+        .bind(item.ended_at)
+        .bind(item.label.as_str())
+        .bind(item.score)
+        .execute(pool)
         .await
-        .map_err(db_error)?;
-        Ok(())
+        .map_err(db_error)?
+        .rows_affected();
+        Ok(inserted == 1)
     }
 }
 
@@ -125,38 +119,29 @@ impl FeedTable for NewEvent {
         Ok(())
     }
 
-    async fn insert_batch(
-        conn: &mut PgConnection,
-        participation: &Participation,
-        stream_id: Option<Uuid>,
-        ids: &[Uuid],
-        items: &[Self],
-    ) -> Result<(), Error> {
-        let occurred: Vec<DateTime<Utc>> = items.iter().map(|e| e.occurred_at).collect();
-        let kinds: Vec<&str> = items.iter().map(|e| e.kind.as_str()).collect();
-        let attributes = items
-            .iter()
-            .map(|e| serde_json::to_string(&e.attributes))
-            .collect::<Result<Vec<String>, _>>()
-            .map_err(Error::internal)?;
-        sqlx::query(
-            "INSERT INTO events \
-               (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
-             SELECT id, $1, $2, $3, occurred_at, kind, attributes::jsonb \
-             FROM UNNEST($4::uuid[], $5::timestamptz[], $6::text[], $7::text[]) \
-               AS t(id, occurred_at, kind, attributes)",
+    async fn insert_one(
+        pool: &PgPool,
+        participation_id: Uuid,
+        id: Uuid,
+        item: &Self,
+    ) -> Result<bool, Error> {
+        let attributes = serde_json::to_string(&item.attributes).map_err(Error::internal)?;
+        let inserted = sqlx::query(
+            "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
+             SELECT $2, p.user_id, p.id, $3, $4, $5::jsonb FROM participations p \
+             WHERE p.id = $1 AND p.connected_at <= $3 \
+               AND (p.disconnected_at IS NULL OR $3 <= p.disconnected_at)",
         )
-        .bind(participation.user_id)
-        .bind(participation.id)
-        .bind(stream_id)
-        .bind(ids)
-        .bind(occurred)
-        .bind(kinds)
+        .bind(participation_id)
+        .bind(id)
+        .bind(item.occurred_at)
+        .bind(item.kind.as_str())
         .bind(attributes)
-        .execute(conn)
+        .execute(pool)
         .await
-        .map_err(db_error)?;
-        Ok(())
+        .map_err(db_error)?
+        .rows_affected();
+        Ok(inserted == 1)
     }
 }
 

@@ -327,14 +327,14 @@ impl Storage {
         Ok(row.map(participation_from_row))
     }
 
-    /// Inserts feed items outside any stream (the unary record RPCs).
-    pub async fn insert_feed_items<T: FeedTable>(
+    /// Records one feed item outside any stream (the unary record RPCs); `false` when the
+    /// participation is missing or the item lies outside it.
+    pub async fn insert_feed_item<T: FeedTable>(
         &self,
-        participation: &Participation,
-        ids: &[Uuid],
-        items: &[T],
-    ) -> Result<(), Error> {
-        let mut conn = self.pool.acquire().await.map_err(db_error)?;
-        T::insert_batch(&mut conn, participation, None, ids, items).await
+        participation_id: Uuid,
+        id: Uuid,
+        item: &T,
+    ) -> Result<bool, Error> {
+        T::insert_one(&self.pool, participation_id, id, item).await
     }
 }

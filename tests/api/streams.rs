@@ -255,9 +255,12 @@ async fn a_stream_the_client_cancels_stores_nothing() {
     // The server's connection pool came through: the next stream commits.
     let participation = app.participation().await;
     let next = Uuid::new_v4().to_string();
-    let receipt = send(&app, frames::stream(&next, &participation.id, vec![sentiments(0, 10)]))
-        .await
-        .unwrap();
+    let receipt = send(
+        &app,
+        frames::stream(&next, &participation.id, vec![sentiments(0, 10)]),
+    )
+    .await
+    .unwrap();
     assert_eq!(receipt.items_stored, 10);
 }
 

@@ -1,0 +1,57 @@
+//! The benchmark binary keeps working (a smoke run on tiny sizes; its numbers are not
+//! looked at here: speed is measured by running it, never asserted in tests).
+
+use std::process::Command;
+
+#[test]
+fn the_benchmark_runs_every_method_and_reports_the_ratio() {
+    let chart = tempfile::NamedTempFile::new().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_krisp-bench"))
+        .args([
+            "--rows",
+            "4000",
+            "--row-by-row-rows",
+            "200",
+            "--unary-requests",
+            "200",
+        ])
+        .args([
+            "--unary-concurrency",
+            "1,4",
+            "--streams",
+            "1,2",
+            "--rss-rows",
+            "4000",
+        ])
+        .args(["--repeat", "1", "--chart"])
+        .arg(chart.path())
+        .output()
+        .expect("run krisp-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "krisp-bench failed:\n{stdout}\n{stderr}"
+    );
+    for method in [
+        "| copy | 1 |",
+        "| copy | 2 |",
+        "| row-by-row |",
+        "| grpc-stream | 2 |",
+        "| grpc-unary | 4 |",
+        "| sqlx-insert | 4 |",
+    ] {
+        assert!(stdout.contains(method), "{method} missing:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("server RSS while streaming 4000 rows"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("stream/copy ratio: "), "last line: {last}");
+    let svg = std::fs::read_to_string(chart.path()).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("grpc-stream x2"),
+        "{svg}"
+    );
+}
