@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool, postgres::PgCopyIn};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{Storage, copy::CopyEncoder, db_error};
+use super::{Storage, batch::Batcher, copy::CopyEncoder, db_error};
 use crate::domain::{
     Event, EventKind, FeedItem, NewEvent, NewSentiment, Participation, Receipt, Sentiment,
     SentimentLabel, TimelineEntry,
@@ -18,7 +18,10 @@ use crate::domain::{
 use crate::error::Error;
 
 /// A feed item type with a table to write it to.
-pub trait FeedTable: FeedItem + Sized {
+pub trait FeedTable: FeedItem + Clone + Sized {
+    /// The batcher of the unary writes of this table.
+    fn batcher(batchers: &Batchers) -> &Batcher<Self>;
+
     /// The binary COPY statement that loads the table inside a stream.
     const COPY_STATEMENT: &'static str;
 
@@ -31,18 +34,20 @@ pub trait FeedTable: FeedItem + Sized {
         item: &Self,
     ) -> Result<(), Error>;
 
-    /// Inserts one item for the participation `participation_id` in one statement, if
-    /// the participation exists and the item lies inside it; `false` otherwise (the
-    /// caller then finds out which). One round trip on the happy path.
-    fn insert_one<'c>(
+    /// Inserts items outside any stream, each for its own participation, in one
+    /// statement: an item is stored when its participation exists and the item lies
+    /// inside it. Returns the ids stored; the caller finds out why any other was not.
+    fn insert_checked<'c>(
         pool: &'c PgPool,
-        participation_id: Uuid,
-        id: Uuid,
-        item: &'c Self,
-    ) -> impl Future<Output = Result<bool, Error>> + Send + 'c;
+        rows: &'c [Unary<Self>],
+    ) -> impl Future<Output = Result<Vec<Uuid>, Error>> + Send + 'c;
 }
 
 impl FeedTable for NewSentiment {
+    fn batcher(batchers: &Batchers) -> &Batcher<Self> {
+        &batchers.sentiments
+    }
+
     const COPY_STATEMENT: &'static str = "COPY sentiments \
          (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
          FROM STDIN (FORMAT binary)";
@@ -67,34 +72,42 @@ impl FeedTable for NewSentiment {
         Ok(())
     }
 
-    async fn insert_one(
-        pool: &PgPool,
-        participation_id: Uuid,
-        id: Uuid,
-        item: &Self,
-    ) -> Result<bool, Error> {
-        let inserted = sqlx::query(
+    async fn insert_checked(pool: &PgPool, rows: &[Unary<Self>]) -> Result<Vec<Uuid>, Error> {
+        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.started_at).collect();
+        let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
+        let labels: Vec<&str> = rows.iter().map(|r| r.item.label.as_str()).collect();
+        let scores: Vec<Option<f64>> = rows.iter().map(|r| r.item.score).collect();
+        sqlx::query_scalar(
             "INSERT INTO sentiments \
                (id, user_id, participation_id, started_at, ended_at, label, score) \
-             SELECT $2, p.user_id, p.id, $3, $4, $5, $6 FROM participations p \
-             WHERE p.id = $1 AND p.connected_at <= $3 \
-               AND (p.disconnected_at IS NULL OR $4 <= p.disconnected_at)",
+             SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                         $5::text[], $6::float8[]) \
+                  AS t(participation_id, id, started_at, ended_at, label, score) \
+             JOIN participations p ON p.id = t.participation_id \
+             WHERE p.connected_at <= t.started_at \
+               AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
+             RETURNING id",
         )
-        .bind(participation_id)
-        .bind(id)
-        .bind(item.started_at)
-        .bind(item.ended_at)
-        .bind(item.label.as_str())
-        .bind(item.score)
-        .execute(pool)
+        .bind(participations)
+        .bind(ids)
+        .bind(started)
+        .bind(ended)
+        .bind(labels)
+        .bind(scores)
+        .fetch_all(pool)
         .await
-        .map_err(db_error)?
-        .rows_affected();
-        Ok(inserted == 1)
+        .map_err(db_error)
     }
 }
 
 impl FeedTable for NewEvent {
+    fn batcher(batchers: &Batchers) -> &Batcher<Self> {
+        &batchers.events
+    }
+
     const COPY_STATEMENT: &'static str = "COPY events \
          (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
          FROM STDIN (FORMAT binary)";
@@ -119,30 +132,59 @@ impl FeedTable for NewEvent {
         Ok(())
     }
 
-    async fn insert_one(
-        pool: &PgPool,
-        participation_id: Uuid,
-        id: Uuid,
-        item: &Self,
-    ) -> Result<bool, Error> {
-        let attributes = serde_json::to_string(&item.attributes).map_err(Error::internal)?;
-        let inserted = sqlx::query(
+    async fn insert_checked(pool: &PgPool, rows: &[Unary<Self>]) -> Result<Vec<Uuid>, Error> {
+        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.occurred_at).collect();
+        let kinds: Vec<&str> = rows.iter().map(|r| r.item.kind.as_str()).collect();
+        let attributes = rows
+            .iter()
+            .map(|r| serde_json::to_string(&r.item.attributes))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(Error::internal)?;
+        sqlx::query_scalar(
             "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
-             SELECT $2, p.user_id, p.id, $3, $4, $5::jsonb FROM participations p \
-             WHERE p.id = $1 AND p.connected_at <= $3 \
-               AND (p.disconnected_at IS NULL OR $3 <= p.disconnected_at)",
+             SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
+                  AS t(participation_id, id, occurred_at, kind, attributes) \
+             JOIN participations p ON p.id = t.participation_id \
+             WHERE p.connected_at <= t.occurred_at \
+               AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
+             RETURNING id",
         )
-        .bind(participation_id)
-        .bind(id)
-        .bind(item.occurred_at)
-        .bind(item.kind.as_str())
+        .bind(participations)
+        .bind(ids)
+        .bind(occurred)
+        .bind(kinds)
         .bind(attributes)
-        .execute(pool)
+        .fetch_all(pool)
         .await
-        .map_err(db_error)?
-        .rows_affected();
-        Ok(inserted == 1)
+        .map_err(db_error)
     }
+}
+
+/// The unary writers of each feed table.
+#[derive(Debug)]
+pub struct Batchers {
+    pub sentiments: Batcher<NewSentiment>,
+    pub events: Batcher<NewEvent>,
+}
+
+impl Batchers {
+    pub fn spawn(pool: &PgPool, writers: usize) -> Self {
+        Self {
+            sentiments: Batcher::spawn(pool.clone(), writers),
+            events: Batcher::spawn(pool.clone(), writers),
+        }
+    }
+}
+
+/// One item recorded by a unary RPC.
+#[derive(Debug)]
+pub struct Unary<T> {
+    pub participation_id: Uuid,
+    pub id: Uuid,
+    pub item: T,
 }
 
 /// Bytes of COPY data buffered before they are sent: bounds a stream's memory.

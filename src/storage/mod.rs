@@ -1,6 +1,7 @@
 //! PostgreSQL access: every query of the service, with errors translated in one place
 //! ([`errors::db_error`]). All statements bind their parameters.
 
+mod batch;
 pub mod copy;
 mod errors;
 mod feed;
@@ -10,7 +11,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 pub use errors::db_error;
-pub use feed::{FeedCopy, FeedTable, StreamClaim, claim_stream, finish_stream};
+pub use feed::{FeedCopy, FeedTable, StreamClaim, Unary, claim_stream, finish_stream};
 
 use crate::domain::{
     NewParticipation, NewUser, Participation, Session, SessionType, Timezone, Usage, User,
@@ -29,6 +30,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 #[derive(Debug, Clone)]
 pub struct Storage {
     pool: PgPool,
+    batchers: std::sync::Arc<feed::Batchers>,
 }
 
 type UserRow = (
@@ -104,8 +106,12 @@ fn participation_from_row(row: ParticipationRow) -> Participation {
 }
 
 impl Storage {
+    /// Wraps `pool` and starts the unary writers (half the pool's connections at most,
+    /// so that streams always find connections too). Needs a tokio runtime.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let writers = usize::try_from(pool.options().get_max_connections() / 2).unwrap_or(1);
+        let batchers = std::sync::Arc::new(feed::Batchers::spawn(&pool, writers.max(1)));
+        Self { pool, batchers }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -335,6 +341,11 @@ impl Storage {
         id: Uuid,
         item: &T,
     ) -> Result<bool, Error> {
-        T::insert_one(&self.pool, participation_id, id, item).await
+        let row = Unary {
+            participation_id,
+            id,
+            item: item.clone(),
+        };
+        T::batcher(&self.batchers).insert(row).await
     }
 }

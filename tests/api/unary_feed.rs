@@ -274,3 +274,68 @@ async fn the_timeline_interleaves_events_and_sentiments_in_time_order() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
+
+/// Concurrent unary records are written together (group commit); each call still gets
+/// its own outcome, and one item's failure is never another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_records_each_get_their_own_outcome() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    // The database refuses rows with this score (a real write failure, for one item).
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.score = 0.875 THEN RAISE EXCEPTION 'refused by test'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_row BEFORE INSERT ON sentiments FOR EACH ROW EXECUTE FUNCTION refuse_row();",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let calls: Vec<_> = (0..300)
+        .map(|i| {
+            let mut client = app.client.clone();
+            let (participation_id, s, expected) = match i % 10 {
+                // Before the participation connected.
+                3 => (
+                    participation.id.clone(),
+                    sentiment(-5, 1, None),
+                    Code::InvalidArgument,
+                ),
+                7 => (unknown.clone(), sentiment(1, 2, None), Code::NotFound),
+                9 if i == 99 => (
+                    participation.id.clone(),
+                    sentiment(1, 2, Some(0.875)),
+                    Code::Internal,
+                ),
+                _ => (
+                    participation.id.clone(),
+                    sentiment(i, i + 1, Some(0.5)),
+                    Code::Ok,
+                ),
+            };
+            tokio::spawn(async move {
+                let outcome = client
+                    .record_sentiment(proto::RecordSentimentRequest {
+                        participation_id,
+                        sentiment: Some(s),
+                    })
+                    .await;
+                let code = outcome
+                    .as_ref()
+                    .map_or_else(|status| status.code(), |_| Code::Ok);
+                (i, code, expected)
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for call in calls {
+        let (i, code, expected) = call.await.unwrap();
+        assert_eq!(code, expected, "call {i}");
+        stored += i64::from(code == Code::Ok);
+    }
+    assert_eq!(stored, 239);
+    assert_eq!(
+        count(&app.db, "SELECT count(*) FROM sentiments").await,
+        stored
+    );
+}
