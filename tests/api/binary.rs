@@ -18,6 +18,15 @@ use tonic::Code;
 
 use crate::helpers::connect;
 
+/// A data directory that does not exist yet, in a temporary directory removed on drop.
+fn fresh_data_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    // When the tests run as root, the cluster runs as `postgres`, which must reach it.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data_dir = root.path().join("postgres");
+    (root, data_dir)
+}
+
 /// Starts `krisp-ingest` with no DATABASE_URL and the given data directory; returns the
 /// child and the address it printed.
 fn start(data_dir: &Path) -> (Child, SocketAddr, mpsc::Receiver<String>) {
@@ -74,10 +83,7 @@ async fn terminate(mut child: Child, lines: &mpsc::Receiver<String>) -> std::pro
 
 #[tokio::test]
 async fn with_no_configuration_the_service_runs_on_its_own_postgres_and_keeps_data() {
-    let root = tempfile::tempdir().unwrap();
-    // When the tests run as root, the cluster runs as `postgres`, which must reach it.
-    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let data_dir = root.path().join("postgres");
+    let (_root, data_dir) = fresh_data_dir();
 
     let (child, address, lines) = start(&data_dir);
     let mut client = IngestServiceClient::new(connect(address).await);
@@ -150,9 +156,7 @@ async fn shutdown_cancels_a_stream_that_never_finishes_and_stores_nothing() {
 
     use crate::helpers::{frames, sentiments};
 
-    let root = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let data_dir = root.path().join("postgres");
+    let (_root, data_dir) = fresh_data_dir();
     let (child, address, lines) = start(&data_dir);
     let mut client = IngestServiceClient::new(connect(address).await);
 

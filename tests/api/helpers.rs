@@ -166,6 +166,21 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
         .collect()
 }
 
+/// Makes the database refuse (raise an error for) every sentiment row with `score`: a
+/// real write failure, for the rows a test chooses.
+pub async fn refuse_sentiments_scored(db: &PgPool, score: f64) {
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.score = {score} THEN RAISE EXCEPTION 'refused by test'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_row BEFORE INSERT ON sentiments \
+         FOR EACH ROW EXECUTE FUNCTION refuse_row();"
+    ))
+    .execute(db)
+    .await
+    .expect("install the refusing trigger");
+}
+
 pub async fn count(db: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(db).await.expect(sql)
 }

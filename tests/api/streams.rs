@@ -10,7 +10,8 @@ use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TestApp, at, connect, count, frames, sentiments, spawn_app, t0, violated_fields,
+    TestApp, at, connect, count, frames, refuse_sentiments_scored, sentiments, spawn_app, t0,
+    violated_fields,
 };
 
 async fn send(
@@ -293,14 +294,7 @@ async fn a_failing_database_write_stores_nothing() {
     let app = spawn_app().await;
     let participation = app.participation().await;
     // A real write failure in the second flush: the database refuses one row.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF NEW.score = 0.875 THEN RAISE EXCEPTION 'refused by test'; END IF; RETURN NEW; END $$; \
-         CREATE TRIGGER refuse_row BEFORE INSERT ON sentiments FOR EACH ROW EXECUTE FUNCTION refuse_row();",
-    )
-    .execute(&app.db)
-    .await
-    .unwrap();
+    refuse_sentiments_scored(&app.db, 0.875).await;
     let mut batch = sentiments(0, 3000);
     batch[2500].score = Some(0.875);
     let stream_id = Uuid::new_v4().to_string();

@@ -1,7 +1,9 @@
 use krisp_ingest::proto::{self, timeline_entry::Entry};
 use tonic::Code;
 
-use crate::helpers::{at, count, sentiments, spawn_app, t0, violated_fields};
+use crate::helpers::{
+    at, count, refuse_sentiments_scored, sentiments, spawn_app, t0, violated_fields,
+};
 
 fn sentiment(start: i64, end: i64, score: Option<f64>) -> proto::NewSentiment {
     proto::NewSentiment {
@@ -282,14 +284,7 @@ async fn concurrent_records_each_get_their_own_outcome() {
     let app = spawn_app().await;
     let participation = app.participation().await;
     // The database refuses rows with this score (a real write failure, for one item).
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_row() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF NEW.score = 0.875 THEN RAISE EXCEPTION 'refused by test'; END IF; RETURN NEW; END $$; \
-         CREATE TRIGGER refuse_row BEFORE INSERT ON sentiments FOR EACH ROW EXECUTE FUNCTION refuse_row();",
-    )
-    .execute(&app.db)
-    .await
-    .unwrap();
+    refuse_sentiments_scored(&app.db, 0.875).await;
     let unknown = uuid::Uuid::new_v4().to_string();
     let calls: Vec<_> = (0..300)
         .map(|i| {
