@@ -12,12 +12,15 @@ use tonic::{
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 
+use tokio_util::sync::CancellationToken;
+use tower::Layer;
+
 use crate::{
-    config::DatabaseArgs,
-    grpc::IngestApiHandler,
+    config::{DatabaseArgs, Limits},
+    grpc::{IngestApiHandler, admission::AdmissionLayer, transport_status},
     local_postgres::{self, LocalPostgres},
     proto::{self, ingest_service_server::IngestServiceServer},
-    service::IngestService,
+    service::{IngestService, StreamLimits},
     storage::{self, Storage},
 };
 
@@ -88,11 +91,11 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     storage: Storage,
-    shutdown_grace: Duration,
+    limits: Limits,
 }
 
-/// How long in-flight calls may take to finish after a shutdown signal, by default.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// After the grace period, how long cancelled calls get to send their status.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
 impl Application {
     /// Binds `listen` (port 0 picks a free port) over an already migrated pool.
@@ -105,13 +108,13 @@ impl Application {
             listener,
             local_addr,
             storage: Storage::new(pool),
-            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            limits: Limits::default(),
         })
     }
 
-    /// Sets how long in-flight calls may take to finish once shutdown begins.
-    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
-        self.shutdown_grace = grace;
+    /// Replaces the default limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -133,8 +136,20 @@ impl Application {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let service = IngestService::new(self.storage.clone());
-        let api = IngestServiceServer::new(IngestApiHandler::new(service));
+        let limits = self.limits;
+        // Cancelled when the shutdown grace period is over: open streams then roll back.
+        let cancel_calls = CancellationToken::new();
+        let service = IngestService::new(
+            self.storage.clone(),
+            StreamLimits {
+                max_items: limits.max_stream_items,
+                max_duration: limits.max_stream_duration,
+            },
+            cancel_calls.clone(),
+        );
+        let api = IngestServiceServer::new(IngestApiHandler::new(service))
+            .max_decoding_message_size(limits.max_message_bytes);
+        let api = AdmissionLayer::new(limits.max_concurrent_calls).layer(api);
 
         // Not serving until the first database probe says otherwise.
         let ingest_name = <IngestServiceServer<IngestApiHandler> as NamedService>::NAME;
@@ -154,6 +169,12 @@ impl Application {
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (begin_drain, drain_requested) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            // tonic's own statuses for undecodable or oversized requests, made exact.
+            .layer(tower::util::MapResponseLayer::new(
+                transport_status::rewrite,
+            ))
             // Larger HTTP/2 windows than the 64 KiB default let a client keep several
             // batches of a stream in flight instead of waiting for window updates.
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
@@ -171,15 +192,19 @@ impl Application {
         let served = tokio::select! {
             served = &mut server => served,
             () = shutdown => {
-                tracing::info!(grace = ?self.shutdown_grace, "shutting down: finishing in-flight calls");
+                tracing::info!(grace = ?limits.shutdown_grace, "shutting down: refusing new calls, finishing in-flight ones");
                 let _ = begin_drain.send(());
-                match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+                match tokio::time::timeout(limits.shutdown_grace, &mut server).await {
                     Ok(served) => served,
                     Err(_) => {
-                        // Dropping the server drops the remaining calls; their open
-                        // transactions roll back.
+                        // Open streams roll back and answer UNAVAILABLE (retryable).
                         tracing::warn!("shutdown grace period over: cancelling the calls still open");
-                        Ok(())
+                        cancel_calls.cancel();
+                        match tokio::time::timeout(CANCEL_GRACE, &mut server).await {
+                            Ok(served) => served,
+                            // A peer that does not take its answer: drop its connection.
+                            Err(_) => Ok(()),
+                        }
                     }
                 }
             }

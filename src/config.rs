@@ -1,7 +1,7 @@
 //! Command line and environment. Every flag has an environment variable; the defaults
 //! make `krisp-ingest` work with no configuration at all.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -24,15 +24,8 @@ pub struct Cli {
     )]
     pub listen: SocketAddr,
 
-    /// Seconds in-flight calls get to finish after SIGINT/SIGTERM before they are cancelled
-    /// (their transactions then roll back).
-    #[arg(
-        long,
-        env = "KRISP_SHUTDOWN_GRACE_SECONDS",
-        default_value_t = 10,
-        global = true
-    )]
-    pub shutdown_grace_seconds: u64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 
     /// Log format on standard error.
     #[arg(long, env = "KRISP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -54,6 +47,113 @@ pub enum Command {
     Demo(ClientArgs),
     /// Simulate a voice service: stream N sentiments for a participation in one stream.
     Feed(FeedArgs),
+}
+
+/// The server's limits (docs/GUARANTEES.md says what a client sees at each).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest request message accepted, in bytes (RESOURCE_EXHAUSTED above it).
+    #[arg(long, env = "KRISP_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
+    pub max_message_bytes: usize,
+
+    /// Most items one client stream may carry (RESOURCE_EXHAUSTED above it; nothing stored).
+    #[arg(
+        long,
+        env = "KRISP_MAX_STREAM_ITEMS",
+        default_value_t = 10_000_000,
+        global = true
+    )]
+    pub max_stream_items: u64,
+
+    /// Longest a client stream may stay open, in seconds: its transaction is open as long
+    /// (RESOURCE_EXHAUSTED past it; nothing stored).
+    #[arg(
+        long,
+        env = "KRISP_MAX_STREAM_SECONDS",
+        default_value_t = 600,
+        global = true
+    )]
+    pub max_stream_seconds: u64,
+
+    /// Calls served at once; more are refused with RESOURCE_EXHAUSTED and RetryInfo.
+    #[arg(
+        long,
+        env = "KRISP_MAX_CONCURRENT_CALLS",
+        default_value_t = 512,
+        global = true
+    )]
+    pub max_concurrent_calls: usize,
+
+    /// Seconds between HTTP/2 keepalive pings to each client.
+    #[arg(
+        long,
+        env = "KRISP_KEEPALIVE_INTERVAL_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub keepalive_interval_seconds: u64,
+
+    /// Seconds a client has to answer a keepalive ping before its connection (and any
+    /// stream on it) is dropped.
+    #[arg(
+        long,
+        env = "KRISP_KEEPALIVE_TIMEOUT_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub keepalive_timeout_seconds: u64,
+
+    /// Seconds in-flight calls get to finish after SIGINT/SIGTERM; streams still open then
+    /// are rolled back with UNAVAILABLE.
+    #[arg(
+        long,
+        env = "KRISP_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        let seconds = Duration::from_secs;
+        Limits {
+            max_message_bytes: self.max_message_bytes,
+            max_stream_items: self.max_stream_items,
+            max_stream_duration: seconds(self.max_stream_seconds),
+            max_concurrent_calls: self.max_concurrent_calls.max(1),
+            keepalive_interval: seconds(self.keepalive_interval_seconds.max(1)),
+            keepalive_timeout: seconds(self.keepalive_timeout_seconds.max(1)),
+            shutdown_grace: seconds(self.shutdown_grace_seconds),
+        }
+    }
+}
+
+/// The server's limits, as the application uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_stream_items: u64,
+    pub max_stream_duration: Duration,
+    pub max_concurrent_calls: usize,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        LimitArgs {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_stream_items: 10_000_000,
+            max_stream_seconds: 600,
+            max_concurrent_calls: 512,
+            keepalive_interval_seconds: 30,
+            keepalive_timeout_seconds: 10,
+            shutdown_grace_seconds: 10,
+        }
+        .limits()
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -176,5 +276,11 @@ mod tests {
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn default_limits_match_the_flags() {
+        let cli = Cli::parse_from(["krisp-ingest"]);
+        assert_eq!(cli.limits.limits(), Limits::default());
     }
 }

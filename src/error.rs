@@ -59,6 +59,16 @@ pub enum Error {
     /// `CANCELLED`: the client's request stream broke off.
     #[error("the request stream broke off ({0}); nothing was stored")]
     StreamBroken(String),
+    /// `RESOURCE_EXHAUSTED`: a limit was hit. With `retry_after` (load shedding) the
+    /// client may retry after that delay; without it, the request itself is too large.
+    #[error("{message}")]
+    ResourceExhausted {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
+    /// `UNAVAILABLE`: the server is shutting down; nothing of the call was stored.
+    #[error("the server is shutting down; nothing of this call was stored, retry")]
+    ShuttingDown,
     /// `UNAVAILABLE`: the database cannot be reached; retry later.
     #[error("the database is unavailable; nothing was stored, retry later")]
     Unavailable(#[source] sqlx::Error),
@@ -98,6 +108,8 @@ impl Error {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Aborted(_) => Code::Aborted,
             Self::StreamBroken(_) => Code::Cancelled,
+            Self::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Self::ShuttingDown => Code::Unavailable,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }

@@ -23,10 +23,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
-            let grace = std::time::Duration::from_secs(cli.shutdown_grace_seconds);
-            serve(cli.database, cli.listen, grace).await
-        }
+        Command::Serve => serve(cli.database, cli.listen, cli.limits.limits()).await,
         Command::Migrate => {
             let database = Database::connect(&cli.database).await?;
             tracing::info!("migrations are applied");
@@ -40,12 +37,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(
     database_args: krisp_ingest::config::DatabaseArgs,
     listen: std::net::SocketAddr,
-    grace: std::time::Duration,
+    limits: krisp_ingest::config::Limits,
 ) -> anyhow::Result<()> {
     let database = Database::connect(&database_args).await?;
     let application = Application::build(listen, database.pool.clone())
         .await?
-        .with_shutdown_grace(grace);
+        .with_limits(limits);
     tracing::info!("listening on {}", application.local_addr());
     let served = application.run_until_stopped(app::shutdown_signal()).await;
     database.pool.close().await;

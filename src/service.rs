@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::domain::{
@@ -15,14 +16,28 @@ use crate::domain::{
 use crate::error::{Error, FieldViolation};
 use crate::storage::{self, FeedCopy, FeedTable, Storage, StreamClaim};
 
+/// Bounds on one client stream: its transaction stays open as long as the stream does.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub max_items: u64,
+    pub max_duration: std::time::Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct IngestService {
     storage: Storage,
+    limits: StreamLimits,
+    /// Cancelled when the server stops waiting for open streams (end of the shutdown grace).
+    cancel_streams: CancellationToken,
 }
 
 impl IngestService {
-    pub fn new(storage: Storage) -> Self {
-        Self { storage }
+    pub fn new(storage: Storage, limits: StreamLimits, cancel_streams: CancellationToken) -> Self {
+        Self {
+            storage,
+            limits,
+            cancel_streams,
+        }
     }
 
     pub fn storage(&self) -> &Storage {
@@ -256,7 +271,18 @@ impl IngestService {
         }
 
         let mut copy = FeedCopy::begin::<T>(&mut tx).await?;
-        let received = match pump_items(&mut frames, &mut copy, &participation, stream_id).await {
+        let pumped = pump_items(
+            &mut frames,
+            &mut copy,
+            &participation,
+            stream_id,
+            self.limits,
+        );
+        let outcome = tokio::select! {
+            outcome = pumped => outcome,
+            () = self.cancel_streams.cancelled() => Err(Error::ShuttingDown),
+        };
+        let received = match outcome {
             Ok(received) => received,
             Err(error) => {
                 copy.abort("the stream failed").await;
@@ -289,15 +315,38 @@ async fn pump_items<T, S>(
     copy: &mut FeedCopy<'_>,
     participation: &Participation,
     stream_id: Uuid,
+    limits: StreamLimits,
 ) -> Result<u64, Error>
 where
     T: FeedTable,
     S: Stream<Item = Result<Frame<T>, Error>> + Unpin,
 {
+    let deadline = tokio::time::Instant::now() + limits.max_duration;
+    let too_long = || Error::ResourceExhausted {
+        message: format!(
+            "the stream was open longer than the server's limit of {} s, so nothing was \
+             stored: send shorter streams",
+            limits.max_duration.as_secs()
+        ),
+        retry_after: None,
+    };
     let mut received: u64 = 0;
     let item_count = loop {
-        match frames.next().await.transpose()? {
+        let frame = tokio::time::timeout_at(deadline, frames.next())
+            .await
+            .map_err(|_| too_long())?;
+        match frame.transpose()? {
             Some(Frame::Batch(items)) => {
+                if received + items.len() as u64 > limits.max_items {
+                    return Err(Error::ResourceExhausted {
+                        message: format!(
+                            "the stream carries more than the server's limit of {} items, so \
+                             nothing was stored: split it into several streams",
+                            limits.max_items
+                        ),
+                        retry_after: None,
+                    });
+                }
                 for item in &items {
                     check_span(participation, item)
                         .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
@@ -328,7 +377,10 @@ where
             format!("the trailer counts {item_count} items but the stream carried {received}"),
         )]));
     }
-    if frames.next().await.transpose()?.is_some() {
+    let end = tokio::time::timeout_at(deadline, frames.next())
+        .await
+        .map_err(|_| too_long())?;
+    if end.transpose()?.is_some() {
         return Err(Error::invalid(
             "trailer",
             "the trailer must be the last message of a stream",

@@ -1,7 +1,9 @@
 //! The tonic adapter: each handler converts the request, calls the service, and maps the
 //! result. No business rules live here.
 
+pub mod admission;
 pub mod convert;
+pub mod transport_status;
 
 use std::pin::Pin;
 
@@ -32,10 +34,22 @@ fn ok<T>(message: T) -> ApiResult<T> {
     Ok(Response::new(message))
 }
 
-/// Maps a broken request stream (client cancelled, connection lost, bad frame) to
-/// [`Error::StreamBroken`].
+/// Maps an error of the request stream: a message that does not decode or is too large
+/// is the client's to fix; anything else (cancelled, connection lost) broke the stream.
 fn stream_error(status: Status) -> Error {
-    Error::StreamBroken(format!("{:?}: {}", status.code(), status.message()))
+    match status.code() {
+        tonic::Code::Internal if status.message().starts_with("failed to decode") => {
+            Error::invalid(
+                "",
+                format!("a stream message does not decode: {}", status.message()),
+            )
+        }
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Error::ResourceExhausted {
+            message: format!("a stream message is too large: {}", status.message()),
+            retry_after: None,
+        },
+        code => Error::StreamBroken(format!("{code:?}: {}", status.message())),
+    }
 }
 
 #[tonic::async_trait]
