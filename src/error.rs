@@ -144,6 +144,14 @@ impl From<Error> for Status {
                     ErrorDetails::with_bad_request(violations),
                 )
             }
+            Error::ResourceExhausted {
+                retry_after: Some(delay),
+                ..
+            } => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_retry_info(Some(delay)),
+            ),
             _ => Status::new(code, message),
         }
     }
@@ -215,5 +223,42 @@ impl From<Vec<FieldViolation>> for Error {
 impl From<FieldViolation> for Error {
     fn from(violation: FieldViolation) -> Self {
         Self::InvalidArgument(vec![violation])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shed_calls_carry_retry_info() {
+        let status = Status::from(Error::ResourceExhausted {
+            message: "busy".into(),
+            retry_after: Some(std::time::Duration::from_millis(500)),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let retry = status.get_error_details().retry_info().cloned();
+        assert!(
+            retry.is_some_and(|r| r.retry_delay == Some(std::time::Duration::from_millis(500)))
+        );
+        let http = status.into_http::<()>();
+        assert!(http.headers().contains_key("grpc-status-details-bin"));
+    }
+
+    #[test]
+    fn field_violations_are_in_a_bad_request_detail() {
+        let status = Status::from(Error::invalid("sentiments[3].score", "must be finite"));
+        let details = status.get_error_details();
+        let violations = details
+            .bad_request()
+            .map(|b| b.field_violations.clone())
+            .unwrap_or_default();
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "sentiments[3].score");
+        assert!(
+            status
+                .message()
+                .contains("sentiments[3].score: must be finite")
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, str::FromStr, time::Duration};
 use chrono::{DateTime, TimeDelta, Utc};
 use krisp_ingest::{
     app::Application,
+    config::Limits,
     grpc::convert::to_timestamp,
     local_postgres::{self, LocalPostgres},
     proto::{self, ingest_service_client::IngestServiceClient},
@@ -110,9 +111,15 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the server over `db`, which the test may also use to look at what it stores.
 pub async fn spawn_app_on(db: PgPool) -> TestApp {
+    spawn_app_with(db, Limits::default()).await
+}
+
+/// Starts the server over `db` with `limits`.
+pub async fn spawn_app_with(db: PgPool, limits: Limits) -> TestApp {
     let application = Application::build("127.0.0.1:0".parse().unwrap(), db.clone())
         .await
-        .expect("build application");
+        .expect("build application")
+        .with_limits(limits);
     let address = application.local_addr();
     tokio::spawn(application.run_until_stopped(std::future::pending()));
     let channel = connect(address).await;
@@ -179,6 +186,32 @@ pub async fn refuse_sentiments_scored(db: &PgPool, score: f64) {
     .execute(db)
     .await
     .expect("install the refusing trigger");
+}
+
+/// Waits (bounded) until `condition` holds; panics with `what` when it never does.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Backends of the test database (other than ours) inside a transaction.
+pub async fn open_transactions(db: &PgPool) -> i64 {
+    count(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND xact_start IS NOT NULL",
+    )
+    .await
 }
 
 pub async fn count(db: &PgPool, sql: &str) -> i64 {

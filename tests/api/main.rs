@@ -7,6 +7,7 @@
 mod bench;
 mod binary;
 mod helpers;
+mod limits;
 mod participations;
 mod server;
 mod streams;

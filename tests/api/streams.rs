@@ -1,7 +1,5 @@
 //! Client streams: one transaction each, all or nothing.
 
-use std::time::{Duration, Instant};
-
 use krisp_ingest::proto::{self, ingest_service_client::IngestServiceClient};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -10,8 +8,8 @@ use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TestApp, at, connect, count, frames, refuse_sentiments_scored, sentiments, spawn_app, t0,
-    violated_fields,
+    TestApp, at, connect, count, eventually, frames, refuse_sentiments_scored, sentiments,
+    spawn_app, t0, violated_fields,
 };
 
 async fn send(
@@ -43,19 +41,6 @@ async fn writers(db: &PgPool) -> i64 {
            AND l.relation = 'sentiments'::regclass",
     )
     .await
-}
-
-/// Waits (bounded) until `condition` holds; panics with `what` when it never does.
-async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -1,0 +1,350 @@
+//! Every limit, provoked for real: what the client sees, and that nothing is stored.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use krisp_ingest::{
+    config::Limits,
+    proto::{self, ingest_service_client::IngestServiceClient},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic_types::StatusExt;
+use uuid::Uuid;
+
+use crate::helpers::{
+    TestApp, connect, count, eventually, frames, fresh_database, open_transactions, sentiments,
+    spawn_app_with,
+};
+
+async fn app_with(limits: Limits) -> TestApp {
+    spawn_app_with(fresh_database().await, limits).await
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_with_resource_exhausted() {
+    let app = app_with(Limits {
+        max_message_bytes: 64 * 1024,
+        ..Limits::default()
+    })
+    .await;
+    let participation = app.participation().await;
+    let stream_id = Uuid::new_v4().to_string();
+    // ~3,000 sentiments are well over 64 KiB in one message.
+    let messages = frames::stream(
+        &stream_id,
+        &participation.id,
+        vec![sentiments(0, 10), sentiments(10, 3000)],
+    );
+    let status = app
+        .client
+        .clone()
+        .stream_sentiments(tokio_stream::iter(messages))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
+
+    let status = app
+        .client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: "x".repeat(100_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 1);
+}
+
+#[tokio::test]
+async fn a_stream_over_the_item_limit_stores_nothing() {
+    let app = app_with(Limits {
+        max_stream_items: 100,
+        ..Limits::default()
+    })
+    .await;
+    let participation = app.participation().await;
+    let over = frames::stream(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+        vec![sentiments(0, 60), sentiments(60, 60)],
+    );
+    let status = app
+        .client
+        .clone()
+        .stream_sentiments(tokio_stream::iter(over))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("100 items"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
+    // Exactly at the limit is fine.
+    let at = frames::stream(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+        vec![sentiments(0, 100)],
+    );
+    app.client
+        .clone()
+        .stream_sentiments(tokio_stream::iter(at))
+        .await
+        .unwrap();
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 100);
+}
+
+#[tokio::test]
+async fn a_stream_open_too_long_is_cut_and_stores_nothing() {
+    let app = app_with(Limits {
+        max_stream_duration: Duration::from_secs(1),
+        ..Limits::default()
+    })
+    .await;
+    let participation = app.participation().await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(frames::header(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+    ))
+    .await
+    .unwrap();
+    tx.send(frames::batch(sentiments(0, 500))).await.unwrap();
+    // The client never finishes: the server cuts the stream at its limit.
+    let status = app
+        .client
+        .clone()
+        .stream_sentiments(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("longer than"),
+        "{}",
+        status.message()
+    );
+    drop(tx);
+    eventually("the stream's transaction ends", || async {
+        open_transactions(&app.db).await == 0
+    })
+    .await;
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
+}
+
+#[tokio::test]
+async fn calls_beyond_the_concurrency_limit_are_shed_with_retry_info() {
+    let app = app_with(Limits {
+        max_concurrent_calls: 1,
+        ..Limits::default()
+    })
+    .await;
+    let participation = app.participation().await;
+    // One stream holds the only slot.
+    let (tx, rx) = mpsc::channel(4);
+    let stream_id = Uuid::new_v4().to_string();
+    tx.send(frames::header(&stream_id, &participation.id))
+        .await
+        .unwrap();
+    let mut client = app.client.clone();
+    let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
+    eventually("the stream is admitted", || async {
+        open_transactions(&app.db).await > 0
+    })
+    .await;
+
+    let users_before = count(&app.db, "SELECT count(*) FROM users").await;
+    let status = app
+        .client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: "shed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let retry = status
+        .get_error_details()
+        .retry_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("no RetryInfo detail: {status:?}"));
+    assert!(
+        retry.retry_delay.is_some_and(|d| d > Duration::ZERO),
+        "{retry:?}"
+    );
+    assert_eq!(
+        count(&app.db, "SELECT count(*) FROM users").await,
+        users_before
+    );
+
+    // Once the slot is free again, calls go through.
+    tx.send(frames::batch(sentiments(0, 5))).await.unwrap();
+    tx.send(frames::trailer(5)).await.unwrap();
+    drop(tx);
+    assert_eq!(
+        call.await
+            .unwrap()
+            .unwrap()
+            .into_inner()
+            .receipt
+            .unwrap()
+            .items_stored,
+        5
+    );
+    app.client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: "admitted".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_client_deadline_rolls_the_stream_back() {
+    let app = app_with(Limits::default()).await;
+    let participation = app.participation().await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(frames::header(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+    ))
+    .await
+    .unwrap();
+    tx.send(frames::batch(sentiments(0, 2500))).await.unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.set_timeout(Duration::from_millis(500));
+    let status = app
+        .client
+        .clone()
+        .stream_sentiments(request)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    drop(tx);
+    eventually("the stream's transaction ends", || async {
+        open_transactions(&app.db).await == 0
+    })
+    .await;
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
+}
+
+/// A TCP proxy that can freeze: it stops moving bytes but keeps both sockets open, like
+/// a peer whose machine died without closing its connections.
+async fn freezable_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let freeze = Arc::clone(&frozen);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = TcpStream::connect(target).await.unwrap();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                let frozen = Arc::clone(&freeze);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        while frozen.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Keep the sockets open while frozen, as a dead peer would.
+                    while frozen.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+            }
+        }
+    });
+    (address, frozen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_drops_a_dead_peer_and_its_stream_stores_nothing() {
+    let app = app_with(Limits {
+        keepalive_interval: Duration::from_millis(300),
+        keepalive_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    })
+    .await;
+    let participation = app.participation().await;
+    let (proxy, frozen) = freezable_proxy(app.address).await;
+    let mut client = IngestServiceClient::new(connect(proxy).await);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(frames::header(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+    ))
+    .await
+    .unwrap();
+    tx.send(frames::batch(sentiments(0, 2500))).await.unwrap();
+    let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
+    eventually("the stream is open", || async {
+        open_transactions(&app.db).await > 0
+    })
+    .await;
+
+    // The peer goes silent. The stream's own limit (600 s) is far away: only keepalive
+    // can end this transaction within the wait below.
+    frozen.store(true, Ordering::Relaxed);
+    eventually("the server drops the dead peer's stream", || async {
+        open_transactions(&app.db).await == 0
+    })
+    .await;
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
+    call.abort();
+    drop(tx);
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_invalid_argument() {
+    // A message shaped like CreateUserRequest whose external_id is not UTF-8.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawCreateUser {
+        #[prost(bytes = "vec", tag = "1")]
+        external_id: Vec<u8>,
+    }
+    let app = app_with(Limits::default()).await;
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/krisp.ingest.v1.IngestService/CreateUser");
+    let codec = tonic_prost::ProstCodec::<RawCreateUser, proto::CreateUserResponse>::default();
+    let status = grpc
+        .unary(
+            tonic::Request::new(RawCreateUser {
+                external_id: vec![0xff, 0xfe, 0x00],
+            }),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 0);
+}
