@@ -5,7 +5,6 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
     path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -16,16 +15,7 @@ use krisp_ingest::proto::{self, ingest_service_client::IngestServiceClient};
 use nix::{sys::signal, unistd::Pid};
 use tonic::Code;
 
-use crate::helpers::connect;
-
-/// A data directory that does not exist yet, in a temporary directory removed on drop.
-fn fresh_data_dir() -> (tempfile::TempDir, std::path::PathBuf) {
-    let root = tempfile::tempdir().unwrap();
-    // When the tests run as root, the cluster runs as `postgres`, which must reach it.
-    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let data_dir = root.path().join("postgres");
-    (root, data_dir)
-}
+use crate::helpers::{connect, fresh_data_dir};
 
 /// Starts `krisp-ingest` with no DATABASE_URL and the given data directory; returns the
 /// child and the address it printed.

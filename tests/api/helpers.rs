@@ -214,6 +214,19 @@ pub async fn open_transactions(db: &PgPool) -> i64 {
     .await
 }
 
+/// A data directory that does not exist yet, in a temporary directory removed on drop.
+pub fn fresh_data_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    // When the tests run as root, the cluster runs as `postgres`, which must reach it.
+    std::fs::set_permissions(
+        root.path(),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
+    let data_dir = root.path().join("postgres");
+    (root, data_dir)
+}
+
 pub async fn count(db: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(db).await.expect(sql)
 }

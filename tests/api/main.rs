@@ -8,6 +8,7 @@ mod bench;
 mod binary;
 mod helpers;
 mod limits;
+mod outage;
 mod participations;
 mod server;
 mod streams;
