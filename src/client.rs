@@ -45,6 +45,7 @@ async fn new_participation(
 )> {
     let user = client
         .create_user(proto::CreateUserRequest {
+            request_id: Uuid::new_v4().to_string(),
             external_id: format!("demo-{}", Uuid::new_v4()),
             country: "AM".into(),
             native_language: "hy".into(),
@@ -72,6 +73,7 @@ async fn new_participation(
         .context("UpsertTimezone returned no timezone")?;
     let session = client
         .create_session(proto::CreateSessionRequest {
+            request_id: Uuid::new_v4().to_string(),
             session_type: proto::SessionType::Meeting as i32,
             started_at: Some(to_timestamp(started)),
         })
@@ -82,6 +84,7 @@ async fn new_participation(
         .context("CreateSession returned no session")?;
     let participation = client
         .join_session(proto::JoinSessionRequest {
+            request_id: Uuid::new_v4().to_string(),
             user_id: user.id.clone(),
             session_id: session.id.clone(),
             timezone_code: timezone.code.clone(),
@@ -102,6 +105,7 @@ pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
     let (user, timezone, session, participation) = new_participation(&mut client, started).await?;
     let sentiment = client
         .record_sentiment(proto::RecordSentimentRequest {
+            request_id: Uuid::new_v4().to_string(),
             participation_id: participation.id.clone(),
             sentiment: Some(proto::NewSentiment {
                 started_at: Some(to_timestamp(started + TimeDelta::seconds(30))),
@@ -116,6 +120,7 @@ pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
         .sentiment;
     let event = client
         .record_event(proto::RecordEventRequest {
+            request_id: Uuid::new_v4().to_string(),
             participation_id: participation.id.clone(),
             event: Some(proto::NewEvent {
                 occurred_at: Some(to_timestamp(started + TimeDelta::seconds(5))),

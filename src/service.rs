@@ -44,8 +44,22 @@ impl IngestService {
         &self.storage
     }
 
-    pub async fn create_user(&self, user: NewUser) -> Result<User, Error> {
-        self.storage.insert_user(Uuid::now_v7(), &user).await
+    /// Creates a user; with a request id, a retry returns the user it created.
+    pub async fn create_user(
+        &self,
+        user: NewUser,
+        request_id: Option<Uuid>,
+    ) -> Result<User, Error> {
+        let id = request_id.unwrap_or_else(Uuid::now_v7);
+        if let Some(created) = self.storage.insert_user(id, &user).await? {
+            return Ok(created);
+        }
+        let stored = self.get_user(id).await?;
+        let same = stored.external_id == user.external_id
+            && stored.country == user.country
+            && stored.native_language == user.native_language
+            && stored.region == user.region;
+        same.then_some(stored).ok_or_else(|| reused(id, "user"))
     }
 
     pub async fn get_user(&self, id: Uuid) -> Result<User, Error> {
@@ -75,14 +89,21 @@ impl IngestService {
         &self,
         session_type: SessionType,
         started_at: DateTime<Utc>,
+        request_id: Option<Uuid>,
     ) -> Result<Session, Error> {
         let session = Session {
-            id: Uuid::now_v7(),
+            id: request_id.unwrap_or_else(Uuid::now_v7),
             session_type,
             started_at,
             ended_at: None,
         };
-        self.storage.insert_session(&session).await
+        if let Some(created) = self.storage.insert_session(&session).await? {
+            return Ok(created);
+        }
+        let stored = self.get_session(session.id).await?;
+        let same = stored.session_type == session_type && stored.started_at == started_at;
+        same.then_some(stored)
+            .ok_or_else(|| reused(session.id, "session"))
     }
 
     pub async fn get_session(&self, id: Uuid) -> Result<Session, Error> {
@@ -117,14 +138,26 @@ impl IngestService {
         }
     }
 
-    pub async fn join_session(&self, join: NewParticipation) -> Result<Participation, Error> {
+    pub async fn join_session(
+        &self,
+        join: NewParticipation,
+        request_id: Option<Uuid>,
+    ) -> Result<Participation, Error> {
         let session = self.get_session(join.session_id).await?;
         if let Some(why) = session.refuses_connection_at(join.connected_at) {
             return Err(Error::FailedPrecondition(why));
         }
-        self.storage
-            .insert_participation(Uuid::now_v7(), &join)
-            .await
+        let id = request_id.unwrap_or_else(Uuid::now_v7);
+        if let Some(created) = self.storage.insert_participation(id, &join).await? {
+            return Ok(created);
+        }
+        let stored = self.get_participation(id).await?;
+        let same = stored.user_id == join.user_id
+            && stored.session_id == join.session_id
+            && stored.timezone_code == join.timezone_code
+            && stored.connected_at == join.connected_at;
+        same.then_some(stored)
+            .ok_or_else(|| reused(id, "participation"))
     }
 
     pub async fn get_participation(&self, id: Uuid) -> Result<Participation, Error> {
@@ -163,9 +196,10 @@ impl IngestService {
         &self,
         participation_id: Uuid,
         sentiment: NewSentiment,
+        request_id: Option<Uuid>,
     ) -> Result<Sentiment, Error> {
         let id = self
-            .record_one(participation_id, "sentiment", &sentiment)
+            .record_one(participation_id, "sentiment", &sentiment, request_id)
             .await?;
         Ok(Sentiment {
             id,
@@ -178,8 +212,11 @@ impl IngestService {
         &self,
         participation_id: Uuid,
         event: NewEvent,
+        request_id: Option<Uuid>,
     ) -> Result<Event, Error> {
-        let id = self.record_one(participation_id, "event", &event).await?;
+        let id = self
+            .record_one(participation_id, "event", &event, request_id)
+            .await?;
         Ok(Event {
             id,
             participation_id,
@@ -192,8 +229,9 @@ impl IngestService {
         participation_id: Uuid,
         field: &str,
         item: &T,
+        request_id: Option<Uuid>,
     ) -> Result<Uuid, Error> {
-        let id = Uuid::now_v7();
+        let id = request_id.unwrap_or_else(Uuid::now_v7);
         // The happy path is one statement; only a refusal costs a second look.
         for _ in 0..2 {
             if self
@@ -205,6 +243,18 @@ impl IngestService {
             }
             let participation = self.get_participation(participation_id).await?;
             check_span(&participation, item).map_err(|e| e.under(field))?;
+            if request_id.is_some() {
+                // A retry of a call that stored this id already?
+                if let Some((stored_for, stored)) =
+                    self.storage.get_feed_item::<T>(&participation, id).await?
+                {
+                    return if stored_for == participation_id && stored == *item {
+                        Ok(id)
+                    } else {
+                        Err(reused(id, field))
+                    };
+                }
+            }
             // Neither missing nor out of span now: it changed between the two statements.
         }
         Err(Error::FailedPrecondition(format!(
@@ -306,6 +356,12 @@ impl IngestService {
             replayed: false,
         })
     }
+}
+
+fn reused(request_id: Uuid, what: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "request_id {request_id} was used already for a different {what}"
+    ))
 }
 
 /// Moves a stream's items into `copy` until its trailer, and checks the trailer; returns

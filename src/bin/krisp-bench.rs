@@ -682,6 +682,8 @@ async fn bench_unary(
     let (elapsed, latencies) = run_concurrently(requests, concurrency, move |i| {
         let mut client = client.clone();
         let request = proto::RecordSentimentRequest {
+            // Retry-safe calls, as a careful client makes them.
+            request_id: Uuid::new_v4().to_string(),
             participation_id: participation_id.clone(),
             sentiment: Some(generator.proto_sentiment(i)),
         };

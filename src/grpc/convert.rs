@@ -195,8 +195,18 @@ fn event_kind_to_proto(value: EventKind) -> proto::EventKind {
     }
 }
 
-pub fn new_user(req: proto::CreateUserRequest) -> Violated<NewUser> {
+/// An optional request id: empty means none.
+fn request_id(value: &str) -> Result<Option<Uuid>, String> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        uuid(value).map(Some)
+    }
+}
+
+pub fn new_user(req: proto::CreateUserRequest) -> Violated<(NewUser, Option<Uuid>)> {
     let mut v = Violations::new();
+    let request = v.check("request_id", request_id(&req.request_id));
     let external_id = v.check("external_id", NewUser::parse_external_id(&req.external_id));
     let country = v.check("country", NewUser::parse_country(&req.country));
     let native_language = v.check(
@@ -213,7 +223,7 @@ pub fn new_user(req: proto::CreateUserRequest) -> Violated<NewUser> {
         }),
         _ => None,
     };
-    v.finish(user)
+    v.finish(user.zip(request))
 }
 
 pub fn user_to_proto(user: User) -> proto::User {
@@ -275,11 +285,18 @@ pub fn session_to_proto(session: Session) -> proto::Session {
     }
 }
 
-pub fn create_session(req: proto::CreateSessionRequest) -> Violated<(SessionType, DateTime<Utc>)> {
+pub fn create_session(
+    req: proto::CreateSessionRequest,
+) -> Violated<(SessionType, DateTime<Utc>, Option<Uuid>)> {
     let mut v = Violations::new();
     let session_type = v.check("session_type", session_type(req.session_type));
     let started_at = v.check("started_at", timestamp(req.started_at.as_ref()));
-    v.finish(session_type.zip(started_at))
+    let request = v.check("request_id", request_id(&req.request_id));
+    let session = match (session_type, started_at, request) {
+        (Some(t), Some(at), Some(request)) => Some((t, at, request)),
+        _ => None,
+    };
+    v.finish(session)
 }
 
 pub fn end_session(req: proto::EndSessionRequest) -> Violated<(Uuid, DateTime<Utc>)> {
@@ -289,9 +306,12 @@ pub fn end_session(req: proto::EndSessionRequest) -> Violated<(Uuid, DateTime<Ut
     v.finish(id.zip(ended_at))
 }
 
-pub fn record_sentiment(req: proto::RecordSentimentRequest) -> Violated<(Uuid, NewSentiment)> {
+pub fn record_sentiment(
+    req: proto::RecordSentimentRequest,
+) -> Violated<(Uuid, NewSentiment, Option<Uuid>)> {
     let mut v = Violations::new();
     let id = v.check("participation_id", uuid(&req.participation_id));
+    let request = v.check("request_id", request_id(&req.request_id));
     let sentiment = match &req.sentiment {
         Some(s) => v.take("sentiment", new_sentiment(s)),
         None => {
@@ -299,12 +319,17 @@ pub fn record_sentiment(req: proto::RecordSentimentRequest) -> Violated<(Uuid, N
             None
         }
     };
-    v.finish(id.zip(sentiment))
+    v.finish(
+        id.zip(sentiment)
+            .zip(request)
+            .map(|((id, s), r)| (id, s, r)),
+    )
 }
 
-pub fn record_event(req: proto::RecordEventRequest) -> Violated<(Uuid, NewEvent)> {
+pub fn record_event(req: proto::RecordEventRequest) -> Violated<(Uuid, NewEvent, Option<Uuid>)> {
     let mut v = Violations::new();
     let id = v.check("participation_id", uuid(&req.participation_id));
+    let request = v.check("request_id", request_id(&req.request_id));
     let event = match req.event {
         Some(e) => v.take("event", new_event(e)),
         None => {
@@ -312,11 +337,12 @@ pub fn record_event(req: proto::RecordEventRequest) -> Violated<(Uuid, NewEvent)
             None
         }
     };
-    v.finish(id.zip(event))
+    v.finish(id.zip(event).zip(request).map(|((id, e), r)| (id, e, r)))
 }
 
-pub fn join(req: proto::JoinSessionRequest) -> Violated<NewParticipation> {
+pub fn join(req: proto::JoinSessionRequest) -> Violated<(NewParticipation, Option<Uuid>)> {
     let mut v = Violations::new();
+    let request = v.check("request_id", request_id(&req.request_id));
     let user_id = v.check("user_id", uuid(&req.user_id));
     let session_id = v.check("session_id", uuid(&req.session_id));
     let timezone_code = v.check("timezone_code", Timezone::parse_code(&req.timezone_code));
@@ -332,7 +358,7 @@ pub fn join(req: proto::JoinSessionRequest) -> Violated<NewParticipation> {
         }
         _ => None,
     };
-    v.finish(join)
+    v.finish(join.zip(request))
 }
 
 pub fn leave(req: proto::LeaveSessionRequest) -> Violated<Leave> {

@@ -59,8 +59,8 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::CreateUserRequest>,
     ) -> ApiResult<proto::CreateUserResponse> {
-        let user = convert::new_user(request.into_inner()).map_err(Error::from)?;
-        let user = self.service.create_user(user).await?;
+        let (user, request_id) = convert::new_user(request.into_inner()).map_err(Error::from)?;
+        let user = self.service.create_user(user, request_id).await?;
         ok(proto::CreateUserResponse {
             user: Some(convert::user_to_proto(user)),
         })
@@ -122,11 +122,11 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::CreateSessionRequest>,
     ) -> ApiResult<proto::CreateSessionResponse> {
-        let (session_type, started_at) =
+        let (session_type, started_at, request_id) =
             convert::create_session(request.into_inner()).map_err(Error::from)?;
         let session = self
             .service
-            .create_session(session_type, started_at)
+            .create_session(session_type, started_at, request_id)
             .await?;
         ok(proto::CreateSessionResponse {
             session: Some(convert::session_to_proto(session)),
@@ -162,8 +162,8 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::JoinSessionRequest>,
     ) -> ApiResult<proto::JoinSessionResponse> {
-        let join = convert::join(request.into_inner()).map_err(Error::from)?;
-        let participation = self.service.join_session(join).await?;
+        let (join, request_id) = convert::join(request.into_inner()).map_err(Error::from)?;
+        let participation = self.service.join_session(join, request_id).await?;
         ok(proto::JoinSessionResponse {
             participation: Some(convert::participation_to_proto(participation)),
         })
@@ -198,9 +198,12 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::RecordSentimentRequest>,
     ) -> ApiResult<proto::RecordSentimentResponse> {
-        let (id, sentiment) =
+        let (id, sentiment, request_id) =
             convert::record_sentiment(request.into_inner()).map_err(Error::from)?;
-        let sentiment = self.service.record_sentiment(id, sentiment).await?;
+        let sentiment = self
+            .service
+            .record_sentiment(id, sentiment, request_id)
+            .await?;
         ok(proto::RecordSentimentResponse {
             sentiment: Some(convert::sentiment_to_proto(sentiment)),
         })
@@ -211,8 +214,9 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::RecordEventRequest>,
     ) -> ApiResult<proto::RecordEventResponse> {
-        let (id, event) = convert::record_event(request.into_inner()).map_err(Error::from)?;
-        let event = self.service.record_event(id, event).await?;
+        let (id, event, request_id) =
+            convert::record_event(request.into_inner()).map_err(Error::from)?;
+        let event = self.service.record_event(id, event, request_id).await?;
         ok(proto::RecordEventResponse {
             event: Some(convert::event_to_proto(event)),
         })

@@ -18,7 +18,7 @@ use crate::domain::{
 use crate::error::Error;
 
 /// A feed item type with a table to write it to.
-pub trait FeedTable: FeedItem + Clone + Sized {
+pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     /// The batcher of the unary writes of this table.
     fn batcher(batchers: &Batchers) -> &Batcher<Self>;
 
@@ -41,11 +41,47 @@ pub trait FeedTable: FeedItem + Clone + Sized {
         pool: &'c PgPool,
         rows: &'c [Unary<Self>],
     ) -> impl Future<Output = Result<Vec<Uuid>, Error>> + Send + 'c;
+
+    /// The item stored under `id` for `user_id`, with its participation.
+    fn stored(
+        pool: &PgPool,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<(Uuid, Self)>, Error>> + Send;
 }
+
+/// participation_id, started_at, ended_at, label, score.
+type SentimentRow = (Uuid, DateTime<Utc>, DateTime<Utc>, String, Option<f64>);
 
 impl FeedTable for NewSentiment {
     fn batcher(batchers: &Batchers) -> &Batcher<Self> {
         &batchers.sentiments
+    }
+
+    async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
+        let row: Option<SentimentRow> = sqlx::query_as(
+            "SELECT participation_id, started_at, ended_at, label, score FROM sentiments \
+                 WHERE user_id = $1 AND id = $2",
+        )
+        .bind(user_id)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(db_error)?;
+        row.map(|(participation_id, started_at, ended_at, label, score)| {
+            let label = SentimentLabel::from_stored(&label)
+                .ok_or_else(|| Error::internal(anyhow::anyhow!("stored label {label:?}")))?;
+            Ok((
+                participation_id,
+                NewSentiment {
+                    started_at,
+                    ended_at,
+                    label,
+                    score,
+                },
+            ))
+        })
+        .transpose()
     }
 
     const COPY_STATEMENT: &'static str = "COPY sentiments \
@@ -89,6 +125,7 @@ impl FeedTable for NewSentiment {
              JOIN participations p ON p.id = t.participation_id \
              WHERE p.connected_at <= t.started_at \
                AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
+             ON CONFLICT (user_id, id) DO NOTHING \
              RETURNING id",
         )
         .bind(participations)
@@ -106,6 +143,32 @@ impl FeedTable for NewSentiment {
 impl FeedTable for NewEvent {
     fn batcher(batchers: &Batchers) -> &Batcher<Self> {
         &batchers.events
+    }
+
+    async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
+        let row: Option<(Uuid, DateTime<Utc>, String, sqlx::types::JsonValue)> = sqlx::query_as(
+            "SELECT participation_id, occurred_at, kind, attributes FROM events \
+             WHERE user_id = $1 AND id = $2",
+        )
+        .bind(user_id)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(db_error)?;
+        row.map(|(participation_id, occurred_at, kind, attributes)| {
+            let kind = EventKind::from_stored(&kind)
+                .ok_or_else(|| Error::internal(anyhow::anyhow!("stored event kind {kind:?}")))?;
+            let attributes = serde_json::from_value(attributes).map_err(Error::internal)?;
+            Ok((
+                participation_id,
+                NewEvent {
+                    occurred_at,
+                    kind,
+                    attributes,
+                },
+            ))
+        })
+        .transpose()
     }
 
     const COPY_STATEMENT: &'static str = "COPY events \
@@ -150,6 +213,7 @@ impl FeedTable for NewEvent {
              JOIN participations p ON p.id = t.participation_id \
              WHERE p.connected_at <= t.occurred_at \
                AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
+             ON CONFLICT (user_id, id) DO NOTHING \
              RETURNING id",
         )
         .bind(participations)

@@ -131,11 +131,12 @@ impl Storage {
         self.pool.begin().await.map_err(db_error)
     }
 
+    /// Inserts a user; `None` when a user with this id exists already.
     #[tracing::instrument(skip_all)]
-    pub async fn insert_user(&self, id: Uuid, user: &NewUser) -> Result<User, Error> {
-        let row: UserRow = sqlx::query_as(
+    pub async fn insert_user(&self, id: Uuid, user: &NewUser) -> Result<Option<User>, Error> {
+        let row: Option<UserRow> = sqlx::query_as(
             "INSERT INTO users (id, external_id, country, native_language, region) \
-             VALUES ($1, $2, $3, $4, $5) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING \
              RETURNING id, external_id, country, native_language, region, created_at",
         )
         .bind(id)
@@ -143,10 +144,10 @@ impl Storage {
         .bind(&user.country)
         .bind(&user.native_language)
         .bind(&user.region)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
-        Ok(user_from_row(row))
+        Ok(row.map(user_from_row))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %id))]
@@ -221,20 +222,21 @@ impl Storage {
             .collect())
     }
 
+    /// Inserts a session; `None` when a session with this id exists already.
     #[tracing::instrument(skip_all)]
-    pub async fn insert_session(&self, session: &Session) -> Result<Session, Error> {
-        let row: SessionRow = sqlx::query_as(
+    pub async fn insert_session(&self, session: &Session) -> Result<Option<Session>, Error> {
+        let row: Option<SessionRow> = sqlx::query_as(
             "INSERT INTO sessions (id, session_type, started_at, ended_at) VALUES ($1, $2, $3, $4) \
-             RETURNING id, session_type, started_at, ended_at",
+             ON CONFLICT (id) DO NOTHING RETURNING id, session_type, started_at, ended_at",
         )
         .bind(session.id)
         .bind(session.session_type.as_str())
         .bind(session.started_at)
         .bind(session.ended_at)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
-        session_from_row(row)
+        row.map(session_from_row).transpose()
     }
 
     #[tracing::instrument(skip_all, fields(session_id = %id))]
@@ -268,25 +270,27 @@ impl Storage {
         row.map(session_from_row).transpose()
     }
 
+    /// Inserts a participation; `None` when this user has one with this id already.
     #[tracing::instrument(skip_all)]
     pub async fn insert_participation(
         &self,
         id: Uuid,
         participation: &NewParticipation,
-    ) -> Result<Participation, Error> {
-        let row: ParticipationRow = sqlx::query_as(&format!(
+    ) -> Result<Option<Participation>, Error> {
+        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
             "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING {PARTICIPATION_COLUMNS}"
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, id) DO NOTHING \
+             RETURNING {PARTICIPATION_COLUMNS}"
         ))
         .bind(id)
         .bind(participation.user_id)
         .bind(participation.session_id)
         .bind(&participation.timezone_code)
         .bind(participation.connected_at)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db_error)?;
-        Ok(participation_from_row(row))
+        Ok(row.map(participation_from_row))
     }
 
     #[tracing::instrument(skip_all, fields(participation_id = %id))]
@@ -347,5 +351,14 @@ impl Storage {
             item: item.clone(),
         };
         T::batcher(&self.batchers).insert(row).await
+    }
+
+    /// The item stored with `id` for a user of `participation`, and its participation.
+    pub async fn get_feed_item<T: FeedTable>(
+        &self,
+        participation: &Participation,
+        id: Uuid,
+    ) -> Result<Option<(Uuid, T)>, Error> {
+        T::stored(&self.pool, participation.user_id, id).await
     }
 }

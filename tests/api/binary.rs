@@ -172,6 +172,7 @@ async fn shutdown_cancels_a_stream_that_never_finishes_and_stores_nothing() {
         .unwrap();
     let session = client
         .create_session(proto::CreateSessionRequest {
+            request_id: String::new(),
             session_type: proto::SessionType::Call as i32,
             started_at: crate::helpers::at(crate::helpers::t0(), 0),
         })
@@ -182,6 +183,7 @@ async fn shutdown_cancels_a_stream_that_never_finishes_and_stores_nothing() {
         .unwrap();
     let participation = client
         .join_session(proto::JoinSessionRequest {
+            request_id: String::new(),
             user_id: user.id,
             session_id: session.id,
             timezone_code: "UTC".into(),

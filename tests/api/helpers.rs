@@ -236,6 +236,7 @@ impl TestApp {
         self.client
             .clone()
             .create_user(proto::CreateUserRequest {
+                request_id: String::new(),
                 external_id: external_id.into(),
                 country: "US".into(),
                 native_language: "en".into(),
@@ -271,6 +272,7 @@ impl TestApp {
         self.client
             .clone()
             .create_session(proto::CreateSessionRequest {
+                request_id: String::new(),
                 session_type: proto::SessionType::Call as i32,
                 started_at: Some(to_timestamp(started_at)),
             })
@@ -290,6 +292,7 @@ impl TestApp {
         self.client
             .clone()
             .join_session(proto::JoinSessionRequest {
+                request_id: String::new(),
                 user_id: user.id.clone(),
                 session_id: session.id.clone(),
                 timezone_code: "UTC".into(),

@@ -7,6 +7,7 @@
 mod bench;
 mod binary;
 mod helpers;
+mod idempotency;
 mod limits;
 mod outage;
 mod participations;

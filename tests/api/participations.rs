@@ -186,6 +186,7 @@ async fn join_refuses_unknown_references_and_times_outside_the_session() {
     let mut client = app.client.clone();
     let request =
         |user_id: &str, session_id: &str, tz: &str, offset: i64| proto::JoinSessionRequest {
+            request_id: String::new(),
             user_id: user_id.into(),
             session_id: session_id.into(),
             timezone_code: tz.into(),
@@ -234,6 +235,7 @@ async fn deleting_a_user_removes_everything_under_them() {
     let mut client = app.client.clone();
     client
         .record_sentiment(proto::RecordSentimentRequest {
+            request_id: String::new(),
             participation_id: participation.id.clone(),
             sentiment: crate::helpers::sentiments(0, 1).pop(),
         })
@@ -241,6 +243,7 @@ async fn deleting_a_user_removes_everything_under_them() {
         .unwrap();
     client
         .record_event(proto::RecordEventRequest {
+            request_id: String::new(),
             participation_id: participation.id.clone(),
             event: Some(proto::NewEvent {
                 occurred_at: at(t0(), 1),

@@ -25,6 +25,7 @@ async fn a_sentiment_is_recorded_and_returned_as_stored() {
         .client
         .clone()
         .record_sentiment(proto::RecordSentimentRequest {
+            request_id: String::new(),
             participation_id: participation.id.clone(),
             sentiment: Some(sent),
         })
@@ -83,6 +84,7 @@ async fn bad_sentiments_are_refused_with_their_field() {
     for (bad, field) in cases {
         let status = client
             .record_sentiment(proto::RecordSentimentRequest {
+                request_id: String::new(),
                 participation_id: participation.id.clone(),
                 sentiment: Some(bad),
             })
@@ -92,6 +94,7 @@ async fn bad_sentiments_are_refused_with_their_field() {
     }
     let status = client
         .record_sentiment(proto::RecordSentimentRequest {
+            request_id: String::new(),
             participation_id: uuid::Uuid::new_v4().to_string(),
             sentiment: Some(sentiment(1, 2, None)),
         })
@@ -121,6 +124,7 @@ async fn items_after_the_participation_ended_are_refused() {
         .unwrap();
     let status = client
         .record_sentiment(proto::RecordSentimentRequest {
+            request_id: String::new(),
             participation_id: participation.id.clone(),
             sentiment: Some(sentiment(50, 61, None)),
         })
@@ -129,6 +133,7 @@ async fn items_after_the_participation_ended_are_refused() {
     assert_eq!(violated_fields(&status), ["sentiment.ended_at"]);
     let status = client
         .record_event(proto::RecordEventRequest {
+            request_id: String::new(),
             participation_id: participation.id.clone(),
             event: Some(proto::NewEvent {
                 occurred_at: at(t0(), 61),
@@ -147,6 +152,7 @@ async fn events_keep_their_attributes_and_refuse_bad_ones() {
     let participation = app.participation().await;
     let mut client = app.client.clone();
     let event = |attributes: Vec<(&str, &str)>| proto::RecordEventRequest {
+        request_id: String::new(),
         participation_id: participation.id.clone(),
         event: Some(proto::NewEvent {
             occurred_at: at(t0(), 3),
@@ -186,6 +192,7 @@ async fn events_keep_their_attributes_and_refuse_bad_ones() {
     assert_eq!(violated_fields(&status), ["event.attributes[\"\"]"]);
     let status = client
         .record_event(proto::RecordEventRequest {
+            request_id: String::new(),
             participation_id: participation.id.clone(),
             event: Some(proto::NewEvent {
                 occurred_at: at(t0(), 1),
@@ -198,6 +205,7 @@ async fn events_keep_their_attributes_and_refuse_bad_ones() {
     assert_eq!(violated_fields(&status), ["event.kind"]);
     let status = client
         .record_event(proto::RecordEventRequest {
+            request_id: String::new(),
             participation_id: participation.id.clone(),
             event: None,
         })
@@ -218,6 +226,7 @@ async fn the_timeline_interleaves_events_and_sentiments_in_time_order() {
     ] {
         client
             .record_event(proto::RecordEventRequest {
+                request_id: String::new(),
                 participation_id: participation.id.clone(),
                 event: Some(proto::NewEvent {
                     occurred_at: at(t0(), offset),
@@ -231,6 +240,7 @@ async fn the_timeline_interleaves_events_and_sentiments_in_time_order() {
     for s in [sentiments(6, 1), sentiments(2, 1), sentiments(4, 1)] {
         client
             .record_sentiment(proto::RecordSentimentRequest {
+                request_id: String::new(),
                 participation_id: participation.id.clone(),
                 sentiment: s.into_iter().next(),
             })
@@ -311,6 +321,7 @@ async fn concurrent_records_each_get_their_own_outcome() {
             tokio::spawn(async move {
                 let outcome = client
                     .record_sentiment(proto::RecordSentimentRequest {
+                        request_id: String::new(),
                         participation_id,
                         sentiment: Some(s),
                     })

@@ -80,6 +80,7 @@ async fn bad_user_fields_are_all_reported() {
         .client
         .clone()
         .create_user(proto::CreateUserRequest {
+            request_id: String::new(),
             external_id: String::new(),
             country: "usa".into(),
             native_language: "english!".into(),
@@ -208,6 +209,7 @@ async fn sessions_refuse_bad_input() {
     let mut client = app.client.clone();
     let status = client
         .create_session(proto::CreateSessionRequest {
+            request_id: String::new(),
             session_type: 0,
             started_at: None,
         })
@@ -216,6 +218,7 @@ async fn sessions_refuse_bad_input() {
     assert_eq!(violated_fields(&status), ["session_type", "started_at"]);
     let status = client
         .create_session(proto::CreateSessionRequest {
+            request_id: String::new(),
             session_type: 42,
             started_at: Some(prost_types::Timestamp {
                 seconds: 0,

@@ -1,0 +1,198 @@
+//! Retries never store anything twice: unary creates with a request_id, and streams with
+//! their stream_id (see streams.rs), return what the first attempt stored.
+
+use krisp_ingest::proto;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::helpers::{at, count, sentiments, spawn_app, t0, violated_fields};
+
+#[tokio::test]
+async fn a_retried_create_user_returns_the_first_user() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let request_id = Uuid::new_v4().to_string();
+    let request = proto::CreateUserRequest {
+        external_id: "retry-me".into(),
+        country: "AM".into(),
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
+    let first = client
+        .create_user(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(first.id, request_id, "the request id names the user");
+    for _ in 0..3 {
+        let again = client
+            .create_user(request.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        assert_eq!(again, first);
+    }
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 1);
+
+    let different = proto::CreateUserRequest {
+        external_id: "someone-else".into(),
+        ..request.clone()
+    };
+    let status = client.create_user(different).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(
+        status.message().contains("request_id"),
+        "{}",
+        status.message()
+    );
+    let bad = proto::CreateUserRequest {
+        request_id: "nope".into(),
+        ..request
+    };
+    assert_eq!(
+        violated_fields(&client.create_user(bad).await.unwrap_err()),
+        ["request_id"]
+    );
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 1);
+}
+
+#[tokio::test]
+async fn retried_sessions_and_joins_create_nothing_twice() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    app.upsert_timezone("UTC", 0).await;
+    let user = app.create_user("joiner").await;
+    let create = proto::CreateSessionRequest {
+        session_type: proto::SessionType::Webinar as i32,
+        started_at: at(t0(), 0),
+        request_id: Uuid::new_v4().to_string(),
+    };
+    let session = client
+        .create_session(create.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let again = client
+        .create_session(create.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(again, session);
+    let other = proto::CreateSessionRequest {
+        started_at: at(t0(), 5),
+        ..create
+    };
+    assert_eq!(
+        client.create_session(other).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sessions").await, 1);
+
+    let join = proto::JoinSessionRequest {
+        user_id: user.id.clone(),
+        session_id: session.id.clone(),
+        timezone_code: "UTC".into(),
+        connected_at: at(t0(), 1),
+        request_id: Uuid::new_v4().to_string(),
+    };
+    let participation = client
+        .join_session(join.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .participation
+        .unwrap();
+    let again = client
+        .join_session(join.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .participation
+        .unwrap();
+    assert_eq!(again, participation);
+    // Without the request id, joining again is the usual conflict.
+    let fresh = proto::JoinSessionRequest {
+        request_id: String::new(),
+        ..join
+    };
+    assert_eq!(
+        client.join_session(fresh).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        count(&app.db, "SELECT count(*) FROM participations").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_records_store_one_row_even_when_sent_at_once() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let request = proto::RecordSentimentRequest {
+        participation_id: participation.id.clone(),
+        sentiment: sentiments(3, 1).pop(),
+        request_id: Uuid::new_v4().to_string(),
+    };
+    // Ten copies of the same call at the same moment (say, an eager retry policy).
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let (mut client, request) = (app.client.clone(), request.clone());
+            tokio::spawn(async move { client.record_sentiment(request).await })
+        })
+        .collect();
+    for call in calls {
+        let stored = call.await.unwrap().unwrap().into_inner().sentiment.unwrap();
+        assert_eq!(stored.id, request.request_id);
+    }
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 1);
+    let mut changed = request.clone();
+    changed.sentiment.as_mut().unwrap().score = Some(-0.25);
+    assert_eq!(
+        app.client
+            .clone()
+            .record_sentiment(changed)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+
+    let event = proto::RecordEventRequest {
+        participation_id: participation.id.clone(),
+        event: Some(proto::NewEvent {
+            occurred_at: at(t0(), 2),
+            kind: proto::EventKind::SpeakerOff as i32,
+            attributes: [("device".to_owned(), "headset".to_owned())].into(),
+        }),
+        request_id: Uuid::new_v4().to_string(),
+    };
+    let first = app
+        .client
+        .clone()
+        .record_event(event.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    let again = app
+        .client
+        .clone()
+        .record_event(event)
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    assert_eq!(again, first);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 1);
+}
