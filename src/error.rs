@@ -77,11 +77,26 @@ pub enum Error {
     Internal(#[source] anyhow::Error),
 }
 
+/// At most this many field violations go into a status.
+const MAX_REPORTED_VIOLATIONS: usize = 20;
+/// At most this many characters of a field path or description go into a status.
+const MAX_REPORTED_CHARS: usize = 200;
+
+fn bounded(text: String) -> String {
+    if text.chars().count() <= MAX_REPORTED_CHARS {
+        text
+    } else {
+        let mut cut: String = text.chars().take(MAX_REPORTED_CHARS).collect();
+        cut.push_str("...");
+        cut
+    }
+}
+
 fn summarize(violations: &[FieldViolation]) -> String {
     match violations {
         [] => "no details".to_owned(),
-        [only] => only.to_string(),
-        [first, rest @ ..] => format!("{first} (and {} more)", rest.len()),
+        [only] => bounded(only.to_string()),
+        [first, rest @ ..] => format!("{} (and {} more)", bounded(first.to_string()), rest.len()),
     }
 }
 
@@ -134,9 +149,14 @@ impl From<Error> for Status {
         let message = error.to_string();
         match error {
             Error::InvalidArgument(violations) => {
+                // Details travel in HTTP/2 headers, which peers cap (16 KiB by default):
+                // report a bounded number of bounded violations.
                 let violations: Vec<_> = violations
                     .into_iter()
-                    .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                    .take(MAX_REPORTED_VIOLATIONS)
+                    .map(|v| {
+                        tonic_types::FieldViolation::new(bounded(v.field), bounded(v.description))
+                    })
                     .collect();
                 Status::with_error_details(
                     code,

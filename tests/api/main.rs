@@ -7,6 +7,7 @@
 mod bench;
 mod binary;
 mod helpers;
+mod hostile;
 mod idempotency;
 mod limits;
 mod outage;
