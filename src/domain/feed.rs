@@ -288,7 +288,11 @@ mod tests {
             panic!("a 3,000-character key must be refused");
         };
         assert!(violations[0].field.len() < 60, "{}", violations[0].field);
-        assert!(violations[0].field.ends_with("...]"), "{}", violations[0].field);
+        assert!(
+            violations[0].field.ends_with("...]"),
+            "{}",
+            violations[0].field
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use nix::{sys::signal, unistd::Pid};
 use tonic::Code;
 
 use crate::helpers::{connect, fresh_data_dir};
+use tonic::transport::Channel;
 
 /// Starts `krisp-ingest` with no DATABASE_URL and the given data directory; returns the
 /// child and the address it printed.
@@ -140,7 +141,7 @@ fn a_bad_database_url_fails_with_a_clear_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_cancels_a_stream_that_never_finishes_and_stores_nothing() {
+async fn shutdown_commits_streams_that_finish_in_the_grace_and_cancels_the_rest() {
     use krisp_ingest::local_postgres::{self, LocalPostgres};
     use tokio_stream::wrappers::ReceiverStream;
 
@@ -194,47 +195,83 @@ async fn shutdown_cancels_a_stream_that_never_finishes_and_stores_nothing() {
         .into_inner()
         .participation
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(frames::header(
-        &uuid::Uuid::new_v4().to_string(),
-        &participation.id,
-    ))
-    .await
-    .unwrap();
-    tx.send(frames::batch(sentiments(0, 2500))).await.unwrap();
-    let mut stream_client = client.clone();
-    let call = tokio::spawn(async move {
-        stream_client
-            .stream_sentiments(ReceiverStream::new(rx))
+    // Stream A never finishes; stream B sends its trailer during the grace period.
+    let open_stream = |client: &IngestServiceClient<tonic::transport::Channel>, id: String| {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut client = client.clone();
+        let call =
+            tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
+        (tx, call, id)
+    };
+    let client_b = IngestServiceClient::new(connect(address).await);
+    let (tx_a, call_a, id_a) = open_stream(&client, uuid::Uuid::new_v4().to_string());
+    let (tx_b, call_b, id_b) = open_stream(&client_b, uuid::Uuid::new_v4().to_string());
+    for (tx, id, offset) in [(&tx_a, &id_a, 0), (&tx_b, &id_b, 5000)] {
+        tx.send(frames::header(id, &participation.id))
             .await
-    });
+            .unwrap();
+        tx.send(frames::batch(sentiments(offset, 2500)))
+            .await
+            .unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let started = std::time::Instant::now();
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    signal::kill(pid, signal::Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // New calls are refused once draining began.
+    let refused = match Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+    {
+        Err(_) => Code::Unavailable,
+        Ok(channel) => IngestServiceClient::new(channel)
+            .list_timezones(proto::ListTimezonesRequest {})
+            .await
+            .map_or_else(|s| s.code(), |_| Code::Ok),
+    };
+    assert_eq!(refused, Code::Unavailable);
+    // B finishes inside the grace period and commits.
+    tx_b.send(frames::trailer(2500)).await.unwrap();
+    drop(tx_b);
+    let receipt = call_b.await.unwrap().unwrap().into_inner().receipt.unwrap();
+    assert_eq!(receipt.items_stored, 2500);
+
     assert!(terminate(child, &lines).await.success());
-    // The grace period is 5 s; the process must not wait for the stream beyond it.
+    // The grace period is 5 s; the process exits within grace + 1 s.
     assert!(
-        started.elapsed() < Duration::from_secs(7),
+        started.elapsed() < Duration::from_secs(6),
         "exit took {:?}",
         started.elapsed()
     );
-    let outcome = call.await.unwrap();
-    assert!(
-        outcome.is_err(),
-        "the unfinished stream must not succeed: {outcome:?}"
-    );
-    drop(tx);
+    // A was rolled back with a status that says: retry.
+    let outcome = call_a.await.unwrap();
+    assert_eq!(outcome.map(|_| ()).unwrap_err().code(), Code::Unavailable);
+    drop(tx_a);
 
     // Nothing of the stream was stored.
     let cluster = LocalPostgres::ensure(&data_dir).await.unwrap();
     let pool = sqlx::PgPool::connect_with(cluster.connect_options(local_postgres::DATABASE))
         .await
         .unwrap();
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sentiments")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(rows, 0);
+    let stored = |id: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sentiments WHERE stream_id = $1")
+                .bind(uuid::Uuid::parse_str(&id).unwrap())
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(stored(id_a).await, 0, "the unfinished stream left rows");
+    assert_eq!(
+        stored(id_b).await,
+        2500,
+        "the stream finished in the grace period is whole"
+    );
     let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
         .fetch_one(&pool)
         .await
