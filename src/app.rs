@@ -79,9 +79,14 @@ impl Database {
                 (pool, Some(local))
             }
         };
-        storage::migrate(&pool)
-            .await
-            .context("cannot apply the database migrations")?;
+        if args.skip_migrations {
+            // Running as a role that may not change the schema: only check it.
+            storage::check_migrated(&pool).await?;
+        } else {
+            storage::migrate(&pool)
+                .await
+                .context("cannot apply the database migrations")?;
+        }
         Ok(Self { pool, local })
     }
 }

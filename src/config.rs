@@ -42,6 +42,13 @@ pub enum Command {
     Serve,
     /// Apply the pending database migrations and exit.
     Migrate,
+    /// Apply the migrations, then grant ROLE exactly what the service needs at run time:
+    /// reading and writing its tables, and nothing else (no DDL, TRUNCATE or DROP). Run it
+    /// as the database owner; then run the service as ROLE with --skip-migrations.
+    GrantRuntimeRole {
+        /// An existing PostgreSQL role (lower case letters, digits and _).
+        role: String,
+    },
     /// Run the demo client: create a user, timezone, session and participation, record a
     /// sentiment and an event, and print them back.
     Demo(ClientArgs),
@@ -168,6 +175,11 @@ pub struct DatabaseArgs {
     /// /var/lib/krisp-ingest/postgres when running as root.
     #[arg(long, env = "KRISP_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+
+    /// Do not apply migrations at startup; only check that the database has them all.
+    /// For running as a role without DDL rights (see `grant-runtime-role`).
+    #[arg(long, env = "KRISP_SKIP_MIGRATIONS", global = true)]
+    pub skip_migrations: bool,
 
     /// Maximum number of database connections in the pool.
     #[arg(

@@ -29,6 +29,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("migrations are applied");
             stop_local(database).await
         }
+        Command::GrantRuntimeRole { role } => {
+            let database = Database::connect(&cli.database).await?;
+            krisp_ingest::storage::grant_runtime_role(&database.pool, &role).await?;
+            tracing::info!(%role, "granted the runtime privileges; run the service as this role with --skip-migrations");
+            stop_local(database).await
+        }
         Command::Demo(args) => client::demo(&args).await,
         Command::Feed(args) => client::feed(&args).await,
     }

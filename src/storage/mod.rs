@@ -26,6 +26,91 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// The tables the service reads and writes at run time.
+const RUNTIME_TABLES: &[&str] = &[
+    "users",
+    "timezones",
+    "sessions",
+    "participations",
+    "ingest_streams",
+    "sentiments",
+    "events",
+];
+
+/// Fails unless every embedded migration has been applied, unchanged.
+pub async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
+    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT version, checksum FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot read the applied migrations: {e}"))?;
+    for migration in MIGRATOR.iter() {
+        match applied
+            .iter()
+            .find(|(version, _)| *version == migration.version)
+        {
+            Some((_, checksum)) if checksum[..] == migration.checksum[..] => {}
+            Some(_) => anyhow::bail!(
+                "migration {} was changed after it was applied",
+                migration.version
+            ),
+            None => anyhow::bail!(
+                "the database lacks migration {} ({}); run `krisp-ingest migrate` as its owner",
+                migration.version,
+                migration.description
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Grants `role` the run-time privileges: connect, use the schema, and SELECT, INSERT,
+/// UPDATE, DELETE on the service's tables (SELECT on the migration record). No DDL, no
+/// TRUNCATE, no DROP.
+pub async fn grant_runtime_role(pool: &PgPool, role: &str) -> anyhow::Result<()> {
+    // Identifiers cannot be bound as parameters: accept only plain ones, then quote.
+    let plain = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 63
+            && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    anyhow::ensure!(
+        plain(role),
+        "role must be lower case letters, digits and _: {role:?}"
+    );
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(
+        plain(&database),
+        "database name {database:?} is not a plain identifier"
+    );
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "GRANT CONNECT ON DATABASE \"{database}\" TO \"{role}\""
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!("GRANT USAGE ON SCHEMA public TO \"{role}\""))
+        .execute(&mut *tx)
+        .await?;
+    let tables = RUNTIME_TABLES.join(", ");
+    sqlx::query(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO \"{role}\""
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!("GRANT SELECT ON _sqlx_migrations TO \"{role}\""))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// The service's handle on the database.
 #[derive(Debug, Clone)]
 pub struct Storage {

@@ -96,6 +96,15 @@ pub async fn fresh_database() -> PgPool {
     pool
 }
 
+/// A pool on database `database` of the test server, logged in as `role`.
+pub async fn connect_as(database: &str, role: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(server().await.database(database).username(role))
+        .await
+        .expect("connect as the role")
+}
+
 pub struct TestApp {
     pub address: SocketAddr,
     pub client: IngestServiceClient<Channel>,

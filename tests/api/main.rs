@@ -9,6 +9,7 @@ mod binary;
 mod helpers;
 mod hostile;
 mod idempotency;
+mod least_privilege;
 mod limits;
 mod outage;
 mod participations;
