@@ -17,7 +17,9 @@ use tower::Layer;
 
 use crate::{
     config::{DatabaseArgs, Limits},
-    grpc::{IngestApiHandler, admission::AdmissionLayer, transport_status},
+    grpc::{
+        IngestApiHandler, admission::AdmissionLayer, request_id::RequestIdLayer, transport_status,
+    },
     local_postgres::{self, LocalPostgres},
     proto::{self, ingest_service_server::IngestServiceServer},
     service::{IngestService, StreamLimits},
@@ -180,6 +182,8 @@ impl Application {
             .layer(tower::util::MapResponseLayer::new(
                 transport_status::rewrite,
             ))
+            // A request id and a span around every call, echoed to the client.
+            .layer(RequestIdLayer)
             // Larger HTTP/2 windows than the 64 KiB default let a client keep several
             // batches of a stream in flight instead of waiting for window updates.
             .initial_stream_window_size(STREAM_WINDOW_BYTES)

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod convert;
+pub mod request_id;
 pub mod transport_status;
 
 use std::pin::Pin;

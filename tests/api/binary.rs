@@ -21,7 +21,15 @@ use tonic::transport::Channel;
 /// Starts `krisp-ingest` with no DATABASE_URL and the given data directory; returns the
 /// child and the address it printed.
 fn start(data_dir: &Path) -> (Child, SocketAddr, mpsc::Receiver<String>) {
+    start_with(data_dir, &[])
+}
+
+fn start_with(
+    data_dir: &Path,
+    env: &[(&str, &str)],
+) -> (Child, SocketAddr, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
+        .envs(env.iter().copied())
         .env_remove("DATABASE_URL")
         .env("KRISP_SHUTDOWN_GRACE_SECONDS", "5")
         .env_remove("RUST_LOG")
@@ -46,10 +54,9 @@ fn start(data_dir: &Path) -> (Child, SocketAddr, mpsc::Receiver<String>) {
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("no 'listening on' line; the server said: {seen:#?}"));
         if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .trim()
-                .parse()
-                .expect("an address after 'listening on'");
+            // Plain text ends the line with the address; JSON closes a string after it.
+            let address = rest.split(['"', ' ']).next().unwrap_or_default();
+            break address.parse().expect("an address after 'listening on'");
         }
         seen.push(line);
     };
@@ -279,4 +286,35 @@ async fn shutdown_commits_streams_that_finish_in_the_grace_and_cancels_the_rest(
     assert_eq!(users, 1);
     pool.close().await;
     cluster.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_of_each_call() {
+    let (_root, data_dir) = fresh_data_dir();
+    let (child, address, lines) = start_with(&data_dir, &[("KRISP_LOG_FORMAT", "json")]);
+    let mut client = IngestServiceClient::new(connect(address).await);
+    let mut request = tonic::Request::new(proto::CreateUserRequest {
+        external_id: String::new(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "log-me-7".parse().unwrap());
+    let status = client.create_user(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    drop(client);
+    assert!(terminate(child, &lines).await.success());
+    let logged: Vec<serde_json::Value> = lines
+        .try_iter()
+        .map(|line| serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let rejection = logged
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("request rejected"))
+        })
+        .unwrap_or_else(|| panic!("no rejection logged: {logged:#?}"));
+    assert!(rejection.to_string().contains("log-me-7"), "{rejection}");
 }

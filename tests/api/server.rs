@@ -187,3 +187,40 @@ async fn reflection_v1alpha_is_served_for_older_tools() {
             .any(|s| s.name == "krisp.ingest.v1.IngestService")
     );
 }
+
+#[tokio::test]
+async fn every_call_gets_a_request_id_echoed_in_its_metadata() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let mut request = tonic::Request::new(proto::ListTimezonesRequest {});
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-42".parse().unwrap());
+    let response = client.list_timezones(request).await.unwrap();
+    assert_eq!(response.metadata().get("x-request-id").unwrap(), "trace-42");
+
+    // Errors carry it too; without one, the server makes one up.
+    let status = client
+        .get_user(proto::GetUserRequest {
+            user_id: "bad".into(),
+        })
+        .await
+        .unwrap_err();
+    let generated = status
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated}");
+    // An unusable id (spaces) is replaced, not echoed.
+    let mut request = tonic::Request::new(proto::ListTimezonesRequest {});
+    request
+        .metadata_mut()
+        .insert("x-request-id", "not usable".parse().unwrap());
+    let response = client.list_timezones(request).await.unwrap();
+    assert_ne!(
+        response.metadata().get("x-request-id").unwrap(),
+        "not usable"
+    );
+}
