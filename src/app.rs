@@ -21,6 +21,7 @@ use crate::{
         IngestApiHandler, admission::AdmissionLayer, request_id::RequestIdLayer, transport_status,
     },
     local_postgres::{self, LocalPostgres},
+    metrics::RpcMetricsLayer,
     proto::{self, ingest_service_server::IngestServiceServer},
     service::{IngestService, StreamLimits},
     storage::{self, Storage},
@@ -99,6 +100,7 @@ pub struct Application {
     local_addr: SocketAddr,
     storage: Storage,
     limits: Limits,
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// After the grace period, how long cancelled calls get to send their status.
@@ -116,7 +118,20 @@ impl Application {
             local_addr,
             storage: Storage::new(pool),
             limits: Limits::default(),
+            metrics_addr: None,
         })
+    }
+
+    /// Serves Prometheus metrics on `address` (port 0 picks one; see [`Self::metrics_addr`]).
+    pub async fn with_metrics(mut self, address: SocketAddr) -> anyhow::Result<Self> {
+        let bound = crate::metrics::serve(address, self.storage.pool().clone()).await?;
+        tracing::info!(address = %bound, "serving Prometheus metrics on /metrics");
+        self.metrics_addr = Some(bound);
+        Ok(self)
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Replaces the default limits.
@@ -184,6 +199,7 @@ impl Application {
             ))
             // A request id and a span around every call, echoed to the client.
             .layer(RequestIdLayer)
+            .layer(RpcMetricsLayer)
             // Larger HTTP/2 windows than the 64 KiB default let a client keep several
             // batches of a stream in flight instead of waiting for window updates.
             .initial_stream_window_size(STREAM_WINDOW_BYTES)

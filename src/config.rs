@@ -27,6 +27,15 @@ pub struct Cli {
     #[command(flatten)]
     pub limits: LimitArgs,
 
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`), or `off`.
+    #[arg(
+        long,
+        env = "KRISP_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464",
+        global = true
+    )]
+    pub metrics_listen: MetricsListen,
+
     /// Log format on standard error.
     #[arg(long, env = "KRISP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -219,6 +228,23 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Where to serve metrics, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|address| Self(Some(address)))
+            .map_err(|_| format!("must be an address such as 127.0.0.1:9464, or off; got {s:?}"))
+    }
 }
 
 /// A database URL whose password never shows in `Debug` output or logs.

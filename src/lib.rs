@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod local_postgres;
+pub mod metrics;
 pub mod proto;
 pub mod service;
 pub mod storage;

@@ -23,7 +23,10 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.database, cli.listen, cli.limits.limits()).await,
+        Command::Serve => {
+            let limits = cli.limits.limits();
+            serve(cli.database, cli.listen, limits, cli.metrics_listen.0).await
+        }
         Command::Migrate => {
             let database = Database::connect(&cli.database).await?;
             tracing::info!("migrations are applied");
@@ -44,11 +47,16 @@ async fn serve(
     database_args: krisp_ingest::config::DatabaseArgs,
     listen: std::net::SocketAddr,
     limits: krisp_ingest::config::Limits,
+    metrics: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let database = Database::connect(&database_args).await?;
     let application = Application::build(listen, database.pool.clone())
         .await?
         .with_limits(limits);
+    let application = match metrics {
+        Some(address) => application.with_metrics(address).await?,
+        None => application,
+    };
     tracing::info!("listening on {}", application.local_addr());
     let served = application.run_until_stopped(app::shutdown_signal()).await;
     database.pool.close().await;

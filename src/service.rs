@@ -239,6 +239,7 @@ impl IngestService {
                 .insert_feed_item(participation_id, id, item)
                 .await?
             {
+                metrics::counter!(crate::metrics::ITEMS_INGESTED, "kind" => T::KIND).increment(1);
                 return Ok(id);
             }
             let participation = self.get_participation(participation_id).await?;
@@ -301,6 +302,8 @@ impl IngestService {
         } = header;
         let participation = self.get_participation(participation_id).await?;
 
+        metrics::gauge!(crate::metrics::ACTIVE_STREAMS).increment(1.0);
+        let _active = ActiveStream;
         let mut tx = self.storage.begin().await?;
         match storage::claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
             StreamClaim::New => {}
@@ -345,9 +348,14 @@ impl IngestService {
                 "COPY stored {stored} rows of {received}"
             )));
         }
+        let committing = std::time::Instant::now();
         let committed_at =
             storage::finish_stream(&mut tx, &participation, stream_id, received).await?;
         tx.commit().await.map_err(storage::db_error)?;
+        metrics::histogram!(crate::metrics::STREAM_COMMIT_SECONDS)
+            .record(committing.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::STREAM_ROWS).record(received as f64);
+        metrics::counter!(crate::metrics::ITEMS_INGESTED, "kind" => T::KIND).increment(received);
         tracing::info!(%stream_id, items = received, kind = T::KIND, "stream committed");
         Ok(Receipt {
             stream_id,
@@ -355,6 +363,15 @@ impl IngestService {
             committed_at,
             replayed: false,
         })
+    }
+}
+
+/// Counts a stream as active until dropped, however its call ends.
+struct ActiveStream;
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::ACTIVE_STREAMS).decrement(1.0);
     }
 }
 

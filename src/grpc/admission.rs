@@ -76,6 +76,7 @@ where
                 })
             }
             Err(_) => {
+                metrics::counter!(crate::metrics::LOAD_SHED).increment(1);
                 let status = Status::from(Error::ResourceExhausted {
                     message: "the server is at its limit of concurrent calls; retry after the \
                               delay in RetryInfo"

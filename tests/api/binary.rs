@@ -35,6 +35,7 @@ fn start_with(
         .env_remove("RUST_LOG")
         .env("KRISP_DATA_DIR", data_dir)
         .env("KRISP_LISTEN", "127.0.0.1:0")
+        .env("KRISP_METRICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -132,6 +133,7 @@ fn a_bad_database_url_fails_with_a_clear_message() {
             "postgres://krisp:secret-pw@127.0.0.1:1/nothing",
         )
         .env("KRISP_LISTEN", "127.0.0.1:0")
+        .env("KRISP_METRICS_LISTEN", "127.0.0.1:0")
         .output()
         .expect("run krisp-ingest");
     assert!(!output.status.success());

@@ -11,6 +11,7 @@ mod hostile;
 mod idempotency;
 mod least_privilege;
 mod limits;
+mod metrics;
 mod outage;
 mod participations;
 mod server;

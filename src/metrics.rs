@@ -1,0 +1,207 @@
+//! Prometheus metrics, served as text on a separate HTTP port (`GET /metrics`).
+//!
+//! - `krisp_rpc_requests_total{method, code}`: finished calls by method and gRPC status;
+//! - `krisp_items_ingested_total{kind}`: sentiments and events stored;
+//! - `krisp_stream_commit_seconds`: time to finish and commit a stream's transaction;
+//! - `krisp_stream_rows`: rows per committed stream;
+//! - `krisp_active_streams`: client streams in progress;
+//! - `krisp_db_pool_connections{state}`: pooled connections in use and idle;
+//! - `krisp_load_shed_total`: calls refused by the concurrency limit.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::OnceLock,
+    task::{Context, Poll},
+};
+
+use anyhow::Context as _;
+use futures_util::future::BoxFuture;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tower::{Layer, Service};
+
+pub const RPC_REQUESTS: &str = "krisp_rpc_requests_total";
+pub const ITEMS_INGESTED: &str = "krisp_items_ingested_total";
+pub const STREAM_COMMIT_SECONDS: &str = "krisp_stream_commit_seconds";
+pub const STREAM_ROWS: &str = "krisp_stream_rows";
+pub const ACTIVE_STREAMS: &str = "krisp_active_streams";
+pub const POOL_CONNECTIONS: &str = "krisp_db_pool_connections";
+pub const LOAD_SHED: &str = "krisp_load_shed_total";
+
+/// The process-wide recorder, installed on first use.
+fn handle() -> anyhow::Result<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle);
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(STREAM_COMMIT_SECONDS.into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(STREAM_ROWS.into()),
+            &[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7],
+        )?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    Ok(HANDLE.get_or_init(|| handle))
+}
+
+/// Binds `address` and serves `/metrics` until the process ends. Returns the bound address.
+pub async fn serve(address: SocketAddr, pool: PgPool) -> anyhow::Result<SocketAddr> {
+    let handle = handle()?;
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {address}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let pool = pool.clone();
+                    async move { Ok::<_, Infallible>(scrape(&request, handle, &pool)) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "metrics connection failed");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+fn scrape<B>(
+    request: &Request<B>,
+    handle: &PrometheusHandle,
+    pool: &PgPool,
+) -> Response<Full<Bytes>> {
+    if request.uri().path() != "/metrics" {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"try /metrics\n")));
+        *response.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return response;
+    }
+    let idle = pool.num_idle() as f64;
+    let size = f64::from(pool.size());
+    metrics::gauge!(POOL_CONNECTIONS, "state" => "idle").set(idle);
+    metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use").set((size - idle).max(0.0));
+    let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// Counts every finished call by method and gRPC status code.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcMetricsLayer;
+
+impl<S> Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, R> Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+    R: Body,
+{
+    type Response = http::Response<CountedBody<R>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await?;
+            // A trailers-only answer (most errors) has its status in the headers.
+            let status = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok());
+            let early = status.map(str::to_owned);
+            if let Some(code) = &early {
+                count(&method, code);
+            }
+            Ok(response.map(|body| CountedBody {
+                body,
+                method: (early.is_none()).then_some(method),
+            }))
+        })
+    }
+}
+
+fn count(method: &str, code: &str) {
+    let name = code
+        .parse::<i32>()
+        .map(|c| format!("{:?}", tonic::Code::from(c)))
+        .unwrap_or_else(|_| code.to_owned());
+    metrics::counter!(RPC_REQUESTS, "method" => method.to_owned(), "code" => name).increment(1);
+}
+
+/// A response body that counts its call when the trailers (with the status) go out.
+pub struct CountedBody<B> {
+    body: B,
+    method: Option<String>,
+}
+
+impl<B: Body + Unpin> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(trailers) = frame.trailers_ref()
+            && let Some(method) = self.method.take()
+        {
+            let code = trailers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("0");
+            count(&method, code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

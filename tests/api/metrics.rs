@@ -1,0 +1,104 @@
+//! A scrape of the Prometheus endpoint shows the counters move.
+
+use std::net::SocketAddr;
+
+use krisp_ingest::{app::Application, config::Limits, proto};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, connect, frames, fresh_database, sentiments};
+
+async fn scrape(address: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the series whose line starts with `series` (0 when absent).
+fn value(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_scrape_shows_the_counters_move() {
+    let db = fresh_database().await;
+    let application = Application::build("127.0.0.1:0".parse().unwrap(), db.clone())
+        .await
+        .unwrap()
+        .with_limits(Limits::default())
+        .with_metrics("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let metrics = application.metrics_addr().unwrap();
+    let address = application.local_addr();
+    tokio::spawn(application.run_until_stopped(std::future::pending()));
+    let channel = connect(address).await;
+    let app = TestApp {
+        address,
+        client: proto::ingest_service_client::IngestServiceClient::new(channel.clone()),
+        channel,
+        db,
+    };
+
+    let stream_ok = "krisp_rpc_requests_total{method=\"/krisp.ingest.v1.IngestService/StreamSentiments\",code=\"Ok\"}";
+    let get_not_found = "krisp_rpc_requests_total{method=\"/krisp.ingest.v1.IngestService/GetUser\",code=\"NotFound\"}";
+    let items = "krisp_items_ingested_total{kind=\"sentiments\"}";
+    let before = scrape(metrics).await;
+
+    let participation = app.participation().await;
+    let messages = frames::stream(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+        vec![sentiments(0, 120)],
+    );
+    app.client
+        .clone()
+        .stream_sentiments(tokio_stream::iter(messages))
+        .await
+        .unwrap();
+    let status = app
+        .client
+        .clone()
+        .get_user(proto::GetUserRequest {
+            user_id: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    let after = scrape(metrics).await;
+    assert_eq!(
+        value(&after, stream_ok) - value(&before, stream_ok),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, get_not_found) - value(&before, get_not_found),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        value(&after, items) - value(&before, items) >= 120.0,
+        "{after}"
+    );
+    for series in [
+        "krisp_stream_commit_seconds_bucket",
+        "krisp_stream_rows_bucket",
+        "krisp_active_streams",
+        "krisp_db_pool_connections{state=\"idle\"}",
+        "krisp_db_pool_connections{state=\"in_use\"}",
+    ] {
+        assert!(after.contains(series), "{series} missing:\n{after}");
+    }
+}
