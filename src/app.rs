@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Layer;
 
 use crate::{
+    auth::{AuthLayer, KeyStore},
     config::{DatabaseArgs, Limits},
     grpc::{
         IngestApiHandler, admission::AdmissionLayer, request_id::RequestIdLayer, transport_status,
@@ -101,6 +102,32 @@ pub struct Application {
     storage: Storage,
     limits: Limits,
     metrics_addr: Option<SocketAddr>,
+    keys: Option<KeyStore>,
+    key_refresh: Duration,
+}
+
+/// Refuses to serve beyond loopback without authentication unless told to (`--insecure`).
+pub fn check_exposure(
+    listen: SocketAddr,
+    authenticated: bool,
+    insecure: bool,
+) -> anyhow::Result<()> {
+    if authenticated || listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!(
+            address = %listen,
+            "serving a non-loopback address WITHOUT authentication (--insecure): anyone who \
+             can reach it can read and write; create API keys with `krisp-ingest keys create`"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve {listen} without authentication: no API keys exist. Create one with \
+         `krisp-ingest keys create --name NAME --scope ingest --scope read`, listen on loopback \
+         (127.0.0.1), or pass --insecure to accept the risk"
+    )
 }
 
 /// After the grace period, how long cancelled calls get to send their status.
@@ -119,6 +146,8 @@ impl Application {
             storage: Storage::new(pool),
             limits: Limits::default(),
             metrics_addr: None,
+            keys: None,
+            key_refresh: Duration::from_secs(5),
         })
     }
 
@@ -132,6 +161,14 @@ impl Application {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Requires API keys from `keys` on every call but health, re-reading them every
+    /// `refresh` so that revocations take effect.
+    pub fn with_api_keys(mut self, keys: KeyStore, refresh: Duration) -> Self {
+        self.keys = Some(keys);
+        self.key_refresh = refresh;
+        self
     }
 
     /// Replaces the default limits.
@@ -188,6 +225,9 @@ impl Application {
         ));
 
         tracing::info!(address = %self.local_addr, "krisp-ingest serving gRPC");
+        if let Some(keys) = &self.keys {
+            keys.keep_fresh(self.storage.pool().clone(), self.key_refresh);
+        }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (begin_drain, drain_requested) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
@@ -200,6 +240,9 @@ impl Application {
             // A request id and a span around every call, echoed to the client.
             .layer(RequestIdLayer)
             .layer(RpcMetricsLayer)
+            .layer(tower::util::option_layer(
+                self.keys.clone().map(AuthLayer::new),
+            ))
             // Larger HTTP/2 windows than the 64 KiB default let a client keep several
             // batches of a stream in flight instead of waiting for window updates.
             .initial_stream_window_size(STREAM_WINDOW_BYTES)

@@ -27,6 +27,11 @@ pub struct Cli {
     #[command(flatten)]
     pub limits: LimitArgs,
 
+    /// Serve a non-loopback address even though no API keys exist (anyone who can reach
+    /// it can then read and write). Logged as a warning at startup.
+    #[arg(long, env = "KRISP_INSECURE", global = true)]
+    pub insecure: bool,
+
     /// Address of the Prometheus metrics endpoint (`GET /metrics`), or `off`.
     #[arg(
         long,
@@ -58,6 +63,9 @@ pub enum Command {
         /// An existing PostgreSQL role (lower case letters, digits and _).
         role: String,
     },
+    /// Create, revoke or list API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run the demo client: create a user, timezone, session and participation, record a
     /// sentiment and an event, and print them back.
     Demo(ClientArgs),
@@ -198,6 +206,26 @@ pub struct DatabaseArgs {
         global = true
     )]
     pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it, once: it is stored only as a hash.
+    Create {
+        /// A name for the key (1 to 64 letters, digits, '.', '_', '-').
+        #[arg(long)]
+        name: String,
+        /// What the key may do: ingest (write RPCs), read (get/list/timeline); repeatable.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<crate::auth::Scope>,
+    },
+    /// Revoke a key by name (running servers stop accepting it within seconds).
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
+    /// List the keys' names, scopes and state (never the keys).
+    List,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,6 +8,7 @@
 //! - [`error`]: the one place where an error becomes a `tonic::Status`.
 
 pub mod app;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod domain;

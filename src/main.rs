@@ -3,8 +3,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use krisp_ingest::{
     app::{self, Application, Database},
-    client,
-    config::{Cli, Command},
+    auth, client,
+    config::{Cli, Command, KeysCommand},
     telemetry,
 };
 
@@ -25,7 +25,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let limits = cli.limits.limits();
-            serve(cli.database, cli.listen, limits, cli.metrics_listen.0).await
+            let options = ServeOptions {
+                listen: cli.listen,
+                limits,
+                metrics: cli.metrics_listen.0,
+                insecure: cli.insecure,
+            };
+            serve(cli.database, options).await
+        }
+        Command::Keys(command) => {
+            let database = Database::connect(&cli.database).await?;
+            let outcome = keys(&database, command).await;
+            stop_local(database).await?;
+            outcome
         }
         Command::Migrate => {
             let database = Database::connect(&cli.database).await?;
@@ -43,25 +55,77 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(
-    database_args: krisp_ingest::config::DatabaseArgs,
+struct ServeOptions {
     listen: std::net::SocketAddr,
     limits: krisp_ingest::config::Limits,
     metrics: Option<std::net::SocketAddr>,
+    insecure: bool,
+}
+
+async fn keys(database: &Database, command: KeysCommand) -> anyhow::Result<()> {
+    let pool = &database.pool;
+    match command {
+        KeysCommand::Create { name, scopes } => {
+            let key = auth::create_key(pool, &name, &scopes).await?;
+            println!("{key}");
+            eprintln!("key {name:?} created; it is shown only now, keep it secret");
+        }
+        KeysCommand::Revoke { name } => {
+            anyhow::ensure!(
+                auth::revoke_key(pool, &name).await?,
+                "no live key named {name:?}"
+            );
+            eprintln!("key {name:?} revoked");
+        }
+        KeysCommand::List => {
+            for (name, scopes, revoked) in auth::list_keys(pool).await? {
+                let state = if revoked { "revoked" } else { "live" };
+                println!("{name}\t{}\t{state}", scopes.join(","));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve(
+    database_args: krisp_ingest::config::DatabaseArgs,
+    options: ServeOptions,
 ) -> anyhow::Result<()> {
     let database = Database::connect(&database_args).await?;
+    // Whatever happens next, a local cluster this process started is stopped again.
+    let served = serve_on(&database, options).await;
+    let stopped = stop_local(database).await;
+    served.and(stopped)
+}
+
+async fn serve_on(database: &Database, options: ServeOptions) -> anyhow::Result<()> {
+    let ServeOptions {
+        listen,
+        limits,
+        metrics,
+        insecure,
+    } = options;
+    let keys = auth::KeyStore::load(&database.pool).await?;
+    app::check_exposure(listen, keys.is_some(), insecure)?;
     let application = Application::build(listen, database.pool.clone())
         .await?
         .with_limits(limits);
+    let application = match keys {
+        Some(keys) => {
+            tracing::info!("API keys are required on every call but health");
+            application.with_api_keys(keys, std::time::Duration::from_secs(5))
+        }
+        None => {
+            tracing::info!("no API keys exist: calls are not authenticated (loopback only)");
+            application
+        }
+    };
     let application = match metrics {
         Some(address) => application.with_metrics(address).await?,
         None => application,
     };
     tracing::info!("listening on {}", application.local_addr());
-    let served = application.run_until_stopped(app::shutdown_signal()).await;
-    database.pool.close().await;
-    let stopped = stop_local(database).await;
-    served.and(stopped)
+    application.run_until_stopped(app::shutdown_signal()).await
 }
 
 /// Stops the local cluster if this process started it; one found running is left running.

@@ -320,3 +320,42 @@ async fn json_logs_carry_the_request_id_of_each_call() {
         .unwrap_or_else(|| panic!("no rejection logged: {logged:#?}"));
     assert!(rejection.to_string().contains("log-me-7"), "{rejection}");
 }
+
+#[test]
+fn without_keys_it_refuses_a_public_address_and_keys_are_shown_once() {
+    let (_root, data_dir) = fresh_data_dir();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env("KRISP_DATA_DIR", &data_dir)
+            .env("KRISP_METRICS_LISTEN", "off")
+            .output()
+            .expect("run krisp-ingest")
+    };
+    let refused = run(&["--listen", "0.0.0.0:0"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing to serve") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    // The cluster it started for nothing is stopped again.
+    assert!(!data_dir.join("postmaster.pid").exists());
+
+    let created = run(&["keys", "create", "--name", "ci", "--scope", "read"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let key = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    assert!(key.starts_with("krisp_") && key.len() > 60, "{key}");
+    let listed = run(&["keys", "list"]);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(listing.contains("ci\tread\tlive"), "{listing}");
+    assert!(!listing.contains(&key), "the key must be shown only once");
+    let revoked = run(&["keys", "revoke", "--name", "ci"]);
+    assert!(revoked.status.success());
+    assert!(String::from_utf8_lossy(&run(&["keys", "list"]).stdout).contains("ci\tread\trevoked"));
+}

@@ -125,10 +125,18 @@ pub async fn spawn_app_on(db: PgPool) -> TestApp {
 
 /// Starts the server over `db` with `limits`.
 pub async fn spawn_app_with(db: PgPool, limits: Limits) -> TestApp {
+    spawn_app_configured(db, |app| app.with_limits(limits)).await
+}
+
+/// Starts the server over `db`, configured by `configure` as `main` would.
+pub async fn spawn_app_configured(
+    db: PgPool,
+    configure: impl FnOnce(Application) -> Application,
+) -> TestApp {
     let application = Application::build("127.0.0.1:0".parse().unwrap(), db.clone())
         .await
-        .expect("build application")
-        .with_limits(limits);
+        .expect("build application");
+    let application = configure(application);
     let address = application.local_addr();
     tokio::spawn(application.run_until_stopped(std::future::pending()));
     let channel = connect(address).await;
