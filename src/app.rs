@@ -8,7 +8,7 @@ use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
 use tonic::{
     server::NamedService,
-    transport::{Server, server::TcpIncoming},
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -104,6 +104,36 @@ pub struct Application {
     metrics_addr: Option<SocketAddr>,
     keys: Option<KeyStore>,
     key_refresh: Duration,
+    tls: Option<Tls>,
+}
+
+/// TLS for the gRPC listener: the server's certificate chain and key (PEM), and
+/// optionally the CA whose client certificates it requires (mutual TLS).
+#[derive(Clone)]
+pub struct Tls {
+    pub certificate_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Tls")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    fn config(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.certificate_pem, &self.key_pem));
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
 }
 
 /// Refuses to serve beyond loopback without authentication unless told to (`--insecure`).
@@ -148,6 +178,7 @@ impl Application {
             metrics_addr: None,
             keys: None,
             key_refresh: Duration::from_secs(5),
+            tls: None,
         })
     }
 
@@ -168,6 +199,12 @@ impl Application {
     pub fn with_api_keys(mut self, keys: KeyStore, refresh: Duration) -> Self {
         self.keys = Some(keys);
         self.key_refresh = refresh;
+        self
+    }
+
+    /// Serves gRPC over TLS (and requires client certificates when a client CA is given).
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -230,7 +267,17 @@ impl Application {
         }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (begin_drain, drain_requested) = tokio::sync::oneshot::channel::<()>();
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_config(tls.config())
+                .context("invalid TLS configuration")?;
+            tracing::info!(
+                mutual = tls.client_ca_pem.is_some(),
+                "serving gRPC over TLS"
+            );
+        }
+        let server = builder
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             // tonic's own statuses for undecodable or oversized requests, made exact.

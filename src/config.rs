@@ -32,6 +32,23 @@ pub struct Cli {
     #[arg(long, env = "KRISP_INSECURE", global = true)]
     pub insecure: bool,
 
+    /// PEM certificate chain for serving gRPC over TLS (with --tls-key).
+    #[arg(long, env = "KRISP_TLS_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "KRISP_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate: with it, clients must present a certificate it signed (mTLS).
+    #[arg(
+        long,
+        env = "KRISP_TLS_CLIENT_CA",
+        global = true,
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Address of the Prometheus metrics endpoint (`GET /metrics`), or `off`.
     #[arg(
         long,

@@ -21,8 +21,9 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Serve) {
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
+    let command = cli.command.take().unwrap_or(Command::Serve);
+    match command {
         Command::Serve => {
             let limits = cli.limits.limits();
             let options = ServeOptions {
@@ -30,6 +31,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 limits,
                 metrics: cli.metrics_listen.0,
                 insecure: cli.insecure,
+                tls: tls(&cli)?,
             };
             serve(cli.database, options).await
         }
@@ -60,6 +62,22 @@ struct ServeOptions {
     limits: krisp_ingest::config::Limits,
     metrics: Option<std::net::SocketAddr>,
     insecure: bool,
+    tls: Option<app::Tls>,
+}
+
+fn tls(cli: &Cli) -> anyhow::Result<Option<app::Tls>> {
+    use anyhow::Context;
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
+        return Ok(None);
+    };
+    Ok(Some(app::Tls {
+        certificate_pem: read(cert)?,
+        key_pem: read(key)?,
+        client_ca_pem: cli.tls_client_ca.as_deref().map(read).transpose()?,
+    }))
 }
 
 async fn keys(database: &Database, command: KeysCommand) -> anyhow::Result<()> {
@@ -104,6 +122,7 @@ async fn serve_on(database: &Database, options: ServeOptions) -> anyhow::Result<
         limits,
         metrics,
         insecure,
+        tls,
     } = options;
     let keys = auth::KeyStore::load(&database.pool).await?;
     app::check_exposure(listen, keys.is_some(), insecure)?;
@@ -122,6 +141,10 @@ async fn serve_on(database: &Database, options: ServeOptions) -> anyhow::Result<
     };
     let application = match metrics {
         Some(address) => application.with_metrics(address).await?,
+        None => application,
+    };
+    let application = match tls {
+        Some(tls) => application.with_tls(tls),
         None => application,
     };
     tracing::info!("listening on {}", application.local_addr());

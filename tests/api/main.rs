@@ -17,5 +17,6 @@ mod outage;
 mod participations;
 mod server;
 mod streams;
+mod tls;
 mod unary_feed;
 mod users_timezones_sessions;
