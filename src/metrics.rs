@@ -60,6 +60,9 @@ fn handle() -> anyhow::Result<&'static PrometheusHandle> {
 /// Binds `address` and serves `/metrics` until the process ends. Returns the bound address.
 pub async fn serve(address: SocketAddr, pool: PgPool) -> anyhow::Result<SocketAddr> {
     let handle = handle()?;
+    // Series that exist from the start, so that dashboards and alerts see zeros.
+    metrics::counter!(LOAD_SHED).increment(0);
+    metrics::gauge!(ACTIVE_STREAMS).increment(0.0);
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen for metrics on {address}"))?;

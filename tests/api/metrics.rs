@@ -96,6 +96,7 @@ async fn a_scrape_shows_the_counters_move() {
         "krisp_stream_commit_seconds_bucket",
         "krisp_stream_rows_bucket",
         "krisp_active_streams",
+        "krisp_load_shed_total",
         "krisp_db_pool_connections{state=\"idle\"}",
         "krisp_db_pool_connections{state=\"in_use\"}",
     ] {
