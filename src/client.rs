@@ -18,15 +18,44 @@ use crate::proto::{
     self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame,
 };
 
-async fn connect(args: &ClientArgs) -> anyhow::Result<IngestServiceClient<Channel>> {
-    IngestServiceClient::connect(args.server.clone())
+/// Adds the API key, when there is one, to every call.
+#[derive(Clone)]
+struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = IngestServiceClient<tonic::service::interceptor::InterceptedService<Channel, ApiKey>>;
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let key = args
+        .api_key
+        .as_ref()
+        .map(|key| format!("Bearer {}", key.expose()).parse())
+        .transpose()
+        .context("the API key has characters that cannot go in metadata")?;
+    let channel = Channel::from_shared(args.server.clone())
+        .with_context(|| format!("{:?} is not a server URL", args.server))?
+        .connect()
         .await
         .with_context(|| {
             format!(
                 "cannot reach krisp-ingest at {}; is it running?",
                 args.server
             )
-        })
+        })?;
+    Ok(IngestServiceClient::with_interceptor(channel, ApiKey(key)))
 }
 
 fn status_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
@@ -35,7 +64,7 @@ fn status_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ 
 
 /// A participation to demonstrate with: a new user, timezone, session and join.
 async fn new_participation(
-    client: &mut IngestServiceClient<Channel>,
+    client: &mut Client,
     started: chrono::DateTime<Utc>,
 ) -> anyhow::Result<(
     proto::User,

@@ -250,6 +250,9 @@ pub struct ClientArgs {
     /// The krisp-ingest server to call.
     #[arg(long, env = "KRISP_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
+    /// API key to send (needed once the server has keys).
+    #[arg(long, env = "KRISP_API_KEY")]
+    pub api_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -289,6 +292,30 @@ impl FromStr for MetricsListen {
         s.parse()
             .map(|address| Self(Some(address)))
             .map_err(|_| format!("must be an address such as 127.0.0.1:9464, or off; got {s:?}"))
+    }
+}
+
+/// A secret (an API key) that never shows in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
     }
 }
 

@@ -152,8 +152,8 @@ impl LocalPostgres {
         };
         cluster.init_if_needed().await?;
         cluster.start_if_stopped().await?;
-        drop(lock);
         cluster.create_database().await?;
+        drop(lock);
         Ok(cluster)
     }
 
@@ -339,8 +339,10 @@ impl LocalPostgres {
                 .await
             {
                 Ok(_) => {}
-                // Another process created it in the meantime.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                // Another process created it in the meantime (42P04, or 23505 when both
+                // inserted into pg_database at once).
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
                 Err(e) => return Err(e).context("cannot create the service database"),
             }
         }
