@@ -7,6 +7,7 @@
 mod auth;
 mod bench;
 mod binary;
+mod contract;
 mod helpers;
 mod hostile;
 mod idempotency;
