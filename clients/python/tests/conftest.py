@@ -1,0 +1,45 @@
+"""Starts a real krisp-ingest (the binary cargo built) on a fresh local PostgreSQL for the
+test session, and generates the stubs first."""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+subprocess.run([os.path.join(HERE, "generate.sh")], check=True)
+sys.path.insert(0, os.path.join(HERE, "gen"))
+sys.path.insert(0, HERE)
+
+
+@pytest.fixture(scope="session")
+def server():
+    binary = os.environ.get("KRISP_BIN", os.path.join(REPO, "target", "debug", "krisp-ingest"))
+    if not os.path.exists(binary):
+        subprocess.run(["cargo", "build", "--bin", "krisp-ingest"], cwd=REPO, check=True)
+    root = tempfile.mkdtemp(prefix="krisp-py-")
+    os.chmod(root, 0o755)  # as root, the cluster runs as `postgres`, which must reach it
+    env = dict(os.environ, KRISP_DATA_DIR=os.path.join(root, "pg"), KRISP_LISTEN="127.0.0.1:0",
+               KRISP_METRICS_LISTEN="off", RUST_LOG="info")
+    env.pop("DATABASE_URL", None)
+    process = subprocess.Popen([binary], env=env, stderr=subprocess.PIPE, text=True)
+    address = None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        match = re.search(r"listening on (\S+)", line)
+        if match:
+            address = match.group(1)
+            break
+    assert address, "krisp-ingest did not start:\n" + "".join(seen)
+    # Keep draining its log so it never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+    yield address
+    process.terminate()
+    process.wait(timeout=30)
