@@ -28,11 +28,11 @@ use clap::{Parser, Subcommand};
 use futures_util::stream;
 use krisp_ingest::{
     app::Application,
-    domain::{NewSentiment, Participation, SentimentLabel},
+    domain::{FeedItem, NewSentiment, Participation, SentimentLabel},
     grpc::convert::to_timestamp,
     local_postgres::{self, LocalPostgres},
     proto::{self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame},
-    storage::{self, FeedTable, copy::CopyEncoder},
+    storage::{self, FeedCopy},
 };
 use sqlx::{
     Connection, Executor, PgPool,
@@ -447,43 +447,16 @@ async fn copy_rows(
     rows: u64,
 ) -> anyhow::Result<()> {
     let stream_id = Uuid::new_v4();
-    let mut conn = fx.pool.acquire().await?;
-    let mut tx = conn.begin().await?;
-    sqlx::query(
-        "INSERT INTO ingest_streams (user_id, stream_id, participation_id, kind) \
-         VALUES ($1, $2, $3, 'sentiments')",
-    )
-    .bind(participation.user_id)
-    .bind(stream_id)
-    .bind(participation.id)
-    .execute(&mut *tx)
-    .await?;
-    let mut copy = tx.copy_in_raw(NewSentiment::COPY_STATEMENT).await?;
-    let mut encoder = CopyEncoder::new(300 * 1024);
+    let mut tx = fx.pool.begin().await?;
+    // The service's own write path, minus gRPC: claim the stream id, COPY, finish, commit.
+    storage::claim_stream(&mut tx, &participation, stream_id, NewSentiment::KIND).await?;
+    let mut copy = FeedCopy::begin::<NewSentiment>(&mut tx).await?;
     for i in 0..rows {
-        NewSentiment::encode_row(
-            &mut encoder,
-            Uuid::now_v7(),
-            &participation,
-            stream_id,
-            &fx.sentiment(i),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if encoder.len() >= 256 * 1024 {
-            copy.send(encoder.take()).await?;
-        }
+        copy.push(Uuid::now_v7(), &participation, stream_id, &fx.sentiment(i))
+            .await?;
     }
-    copy.send(encoder.finish()).await?;
     copy.finish().await?;
-    sqlx::query(
-        "UPDATE ingest_streams SET items_stored = $3, committed_at = now() \
-         WHERE user_id = $1 AND stream_id = $2",
-    )
-    .bind(participation.user_id)
-    .bind(stream_id)
-    .bind(i64::try_from(rows)?)
-    .execute(&mut *tx)
-    .await?;
+    storage::finish_stream(&mut tx, &participation, stream_id, rows).await?;
     tx.commit().await?;
     Ok(())
 }
