@@ -86,10 +86,17 @@ impl Database {
         if args.skip_migrations {
             // Running as a role that may not change the schema: only check it.
             storage::check_migrated(&pool).await?;
+            tracing::info!(
+                "time partitions are left to the schema owner (--skip-migrations):                  `krisp-ingest migrate` registers them with pg_partman"
+            );
         } else {
             storage::migrate(&pool)
                 .await
                 .context("cannot apply the database migrations")?;
+            crate::partitions::configure(&pool, &args.partitions)
+                .await
+                .context("cannot set up the time partitions")?
+                .log();
         }
         Ok(Self { pool, local })
     }

@@ -223,6 +223,9 @@ pub struct DatabaseArgs {
         global = true
     )]
     pub max_connections: u32,
+
+    #[command(flatten)]
+    pub partitions: crate::partitions::PartitionArgs,
 }
 
 #[derive(Debug, Clone, Subcommand)]

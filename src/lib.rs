@@ -16,6 +16,7 @@ pub mod error;
 pub mod grpc;
 pub mod local_postgres;
 pub mod metrics;
+pub mod partitions;
 pub mod proto;
 pub mod service;
 pub mod storage;

@@ -31,6 +31,7 @@ use krisp_ingest::{
     domain::{FeedItem, NewSentiment, Participation, SentimentLabel},
     grpc::convert::to_timestamp,
     local_postgres::{self, LocalPostgres},
+    partitions::{self, PartitionArgs, Partitioning, PartmanMode},
     proto::{self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame},
     storage::{self, FeedCopy},
 };
@@ -78,6 +79,11 @@ struct Args {
     /// Rounds of every measurement; the report shows the median round.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// How sentiments and events are partitioned: `auto` has pg_partman make daily
+    /// partitions (rows land in the partition of their day), `off` keeps only the
+    /// default partition, as a server without pg_partman does.
+    #[arg(long, value_enum, default_value_t = PartmanMode::Auto)]
+    partitions: PartmanMode,
     /// Where to write the chart (SVG) of rows/s by method.
     #[arg(long, default_value = "docs/benchmarks.svg")]
     chart: PathBuf,
@@ -319,7 +325,9 @@ struct Fixtures {
 
 impl Fixtures {
     async fn new(pool: PgPool) -> anyhow::Result<Self> {
-        let base = DateTime::from_timestamp(1_600_000_000, 0).context("base time")?;
+        // The start of the current hour: rows fall in today's (or tomorrow's) partition.
+        let now = Utc::now().timestamp();
+        let base = DateTime::from_timestamp(now - now % 3600, 0).context("base time")?;
         sqlx::query("INSERT INTO timezones (code, utc_offset_seconds) VALUES ('UTC', 0)")
             .execute(&pool)
             .await?;
@@ -339,11 +347,15 @@ impl Fixtures {
     /// A new user with an open participation in the benchmark session.
     async fn participation(&self) -> anyhow::Result<Participation> {
         let user_id = Uuid::now_v7();
-        sqlx::query("INSERT INTO users (id, external_id) VALUES ($1, $2)")
-            .bind(user_id)
-            .bind(user_id.to_string())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "WITH claimed AS (INSERT INTO user_external_ids (external_id, user_id) \
+                              VALUES ($2, $1) RETURNING user_id) \
+             INSERT INTO users (id, external_id) SELECT user_id, $2 FROM claimed",
+        )
+        .bind(user_id)
+        .bind(user_id.to_string())
+        .execute(&self.pool)
+        .await?;
         let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
@@ -873,7 +885,27 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     storage::migrate(&pool).await?;
     // The benchmark's own database only: autovacuum waking up inside one measurement and
     // not another would be noise. Tables, indexes and constraints stay as migrated.
-    for table in ["sentiments", "events", "ingest_streams"] {
+    let partitioning = partitions::configure(
+        &pool,
+        &PartitionArgs {
+            partman: args.partitions,
+            ..PartitionArgs::default()
+        },
+    )
+    .await?;
+    eprintln!("krisp-bench: partitions: {partitioning:?}");
+    if args.partitions == PartmanMode::Auto && !matches!(partitioning, Partitioning::Partman { .. })
+    {
+        bail!("--partitions auto needs pg_partman on the server (or pass --partitions off)");
+    }
+    // Every table that holds rows (the partitions, not their parents).
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.oid::regclass::text FROM pg_class c \
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for table in tables {
         sqlx::query(&format!(
             "ALTER TABLE {table} SET (autovacuum_enabled = off)"
         ))

@@ -5,7 +5,7 @@ use crate::error::{Error, FieldViolation};
 /// Constraints a client can run into, and what the client is told.
 fn constraint_error(constraint: &str) -> Option<Error> {
     let error = match constraint {
-        "users_external_id_key" => {
+        "user_external_ids_pkey" => {
             Error::AlreadyExists("a user with this external_id exists already".into())
         }
         "participations_user_session_key" => {
@@ -100,7 +100,7 @@ mod tests {
     #[test]
     fn every_named_constraint_is_a_client_error() {
         for name in [
-            "users_external_id_key",
+            "user_external_ids_pkey",
             "participations_user_session_key",
             "participations_no_overlap",
             "sentiments_participation_fkey",

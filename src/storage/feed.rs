@@ -125,7 +125,9 @@ impl FeedTable for NewSentiment {
              JOIN participations p ON p.id = t.participation_id \
              WHERE p.connected_at <= t.started_at \
                AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-             ON CONFLICT (user_id, id) DO NOTHING \
+               AND NOT EXISTS (SELECT 1 FROM sentiments s \
+                               WHERE s.user_id = p.user_id AND s.id = t.id) \
+             ON CONFLICT (user_id, id, started_at) DO NOTHING \
              RETURNING id",
         )
         .bind(participations)
@@ -213,7 +215,9 @@ impl FeedTable for NewEvent {
              JOIN participations p ON p.id = t.participation_id \
              WHERE p.connected_at <= t.occurred_at \
                AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-             ON CONFLICT (user_id, id) DO NOTHING \
+               AND NOT EXISTS (SELECT 1 FROM events e \
+                               WHERE e.user_id = p.user_id AND e.id = t.id) \
+             ON CONFLICT (user_id, id, occurred_at) DO NOTHING \
              RETURNING id",
         )
         .bind(participations)

@@ -28,6 +28,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// The tables the service reads and writes at run time.
 const RUNTIME_TABLES: &[&str] = &[
+    "user_external_ids",
     "users",
     "timezones",
     "sessions",
@@ -216,9 +217,21 @@ impl Storage {
         self.pool.begin().await.map_err(db_error)
     }
 
-    /// Inserts a user; `None` when a user with this id exists already.
+    /// Inserts a user; `None` when a user with this id exists already. The external id
+    /// is claimed in `user_external_ids` first, in the same transaction: its primary key
+    /// is what keeps external ids unique (migrations/0003_scale_out.sql).
     #[tracing::instrument(skip_all)]
     pub async fn insert_user(&self, id: Uuid, user: &NewUser) -> Result<Option<User>, Error> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO user_external_ids (external_id, user_id) VALUES ($1, $2) \
+             ON CONFLICT (user_id, external_id) DO NOTHING",
+        )
+        .bind(&user.external_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
         let row: Option<UserRow> = sqlx::query_as(
             "INSERT INTO users (id, external_id, country, native_language, region) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING \
@@ -229,10 +242,17 @@ impl Storage {
         .bind(&user.country)
         .bind(&user.native_language)
         .bind(&user.region)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
-        Ok(row.map(user_from_row))
+        match row {
+            Some(row) => {
+                tx.commit().await.map_err(db_error)?;
+                Ok(Some(user_from_row(row)))
+            }
+            // The id is taken: leave no claim of the external id behind.
+            None => Ok(None),
+        }
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %id))]
@@ -259,7 +279,8 @@ impl Storage {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db_error)?;
-        let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
+        // The user's external id row cascades to the user and everything below.
+        let deleted = sqlx::query("DELETE FROM user_external_ids WHERE user_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await

@@ -42,7 +42,7 @@ async fn the_runtime_role_serves_but_cannot_drop_truncate_or_alter() {
         "TRUNCATE sentiments",
         "TRUNCATE users CASCADE",
         "CREATE TABLE intruder (id int)",
-        "ALTER TABLE users DROP CONSTRAINT users_external_id_key",
+        "ALTER TABLE users DROP CONSTRAINT users_external_id_fkey",
         "ALTER TABLE participations DROP CONSTRAINT participations_no_overlap",
         "DROP INDEX sentiments_timeline_idx",
         "DELETE FROM _sqlx_migrations",

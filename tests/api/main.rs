@@ -16,6 +16,7 @@ mod limits;
 mod metrics;
 mod outage;
 mod participations;
+mod partitions;
 mod server;
 mod streams;
 mod tls;

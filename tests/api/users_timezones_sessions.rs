@@ -66,7 +66,7 @@ async fn external_ids_are_unique() {
         status.message()
     );
     assert!(
-        !status.message().contains("users_external_id_key"),
+        !status.message().contains("user_external_ids_pkey"),
         "no internals: {}",
         status.message()
     );

@@ -1,0 +1,296 @@
+//! Time partitioning of sentiments and events: pg_partman takes the tables over (moving
+//! the rows the default partition took), new rows land in partitions by time, retention
+//! drops old partitions; and without pg_partman the service ingests into the default
+//! partitions and says why.
+//!
+//! These tests need pg_partman 4.x on the test server (Debian: postgresql-15-partman;
+//! `.ci/run` installs it).
+
+use chrono::{DateTime, TimeDelta, Utc};
+use krisp_ingest::{
+    grpc::convert::to_timestamp,
+    partitions::{self, PartitionArgs, Partitioning, PartmanMode},
+    proto,
+    storage::{self},
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, connect_as, count, fresh_database, spawn_app_on};
+
+fn args(interval: &str, retention: Option<&str>) -> PartitionArgs {
+    PartitionArgs {
+        partman: PartmanMode::Auto,
+        partition_interval: interval.into(),
+        partition_premake: 4,
+        retention: retention.map(Into::into),
+    }
+}
+
+async fn require_partman(db: &PgPool) {
+    let available: Option<String> = sqlx::query_scalar(
+        "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_partman'",
+    )
+    .fetch_optional(db)
+    .await
+    .unwrap();
+    assert!(
+        available.as_deref().is_some_and(|v| v.starts_with("4.")),
+        "these tests need pg_partman 4.x on the test server (Debian: apt-get install \
+         postgresql-15-partman); found {available:?}"
+    );
+}
+
+/// The partitions of `table` with their bounds, and the rows in each.
+async fn partitions_of(db: &PgPool, table: &str) -> Vec<(String, String, i64)> {
+    let children: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i \
+         JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = $1::regclass \
+         ORDER BY 2",
+    )
+    .bind(table)
+    .fetch_all(db)
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    for (name, bound) in children {
+        let rows = count(db, &format!("SELECT count(*) FROM {name}")).await;
+        out.push((name, bound, rows));
+    }
+    out
+}
+
+/// A participation of a new user that started `days_ago` days ago and is still open.
+async fn participation_since(app: &TestApp, start: DateTime<Utc>) -> proto::Participation {
+    app.upsert_timezone("UTC", 0).await;
+    let user = app.create_user(&format!("user-{}", Uuid::new_v4())).await;
+    let session = app.create_session(start).await;
+    app.join(&user, &session, start).await.unwrap()
+}
+
+async fn record(app: &TestApp, participation: &proto::Participation, at: DateTime<Utc>) {
+    app.client
+        .clone()
+        .record_sentiment(proto::RecordSentimentRequest {
+            participation_id: participation.id.clone(),
+            sentiment: Some(proto::NewSentiment {
+                started_at: Some(to_timestamp(at)),
+                ended_at: Some(to_timestamp(at + TimeDelta::seconds(1))),
+                label: proto::SentimentLabel::Positive as i32,
+                score: Some(0.5),
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    app.client
+        .clone()
+        .record_event(proto::RecordEventRequest {
+            participation_id: participation.id.clone(),
+            event: Some(proto::NewEvent {
+                occurred_at: Some(to_timestamp(at)),
+                kind: proto::EventKind::TalkStarted as i32,
+                attributes: Default::default(),
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pg_partman_takes_over_partitions_by_time_and_drops_them_after_the_retention() {
+    let db = fresh_database().await;
+    require_partman(&db).await;
+    let app = spawn_app_on(db.clone()).await;
+    let now = Utc::now();
+    let participation = participation_since(&app, now - TimeDelta::days(30)).await;
+    // Before pg_partman: everything goes to the default partitions.
+    record(&app, &participation, now - TimeDelta::days(3)).await;
+    record(&app, &participation, now - TimeDelta::days(20)).await;
+    assert_eq!(
+        partitions_of(&db, "sentiments").await,
+        vec![("sentiments_default".to_owned(), "DEFAULT".to_owned(), 2)]
+    );
+
+    // What startup does as the schema owner.
+    let state = partitions::configure(&db, &args("1 day", None))
+        .await
+        .unwrap();
+    let Partitioning::Partman {
+        intervals,
+        retention,
+        ..
+    } = &state
+    else {
+        panic!("pg_partman was not used: {state:?}");
+    };
+    assert_eq!(
+        intervals,
+        &vec![
+            ("sentiments".to_owned(), "1 day".to_owned()),
+            ("events".to_owned(), "1 day".to_owned())
+        ]
+    );
+    assert_eq!(retention, &None);
+    for table in ["sentiments", "events"] {
+        let parts = partitions_of(&db, table).await;
+        // premake 4 behind and ahead of today, and the default.
+        assert_eq!(parts.len(), 10, "{table}: {parts:#?}");
+        // The row of 3 days ago moved to its day's partition; the one of 20 days ago is
+        // older than any partition and stays in the default.
+        let default = parts.iter().find(|p| p.1 == "DEFAULT").unwrap();
+        assert_eq!(default.2, 1, "{table}: {parts:#?}");
+        assert_eq!(parts.iter().map(|p| p.2).sum::<i64>(), 2);
+    }
+
+    // New rows land in the partition of their day.
+    record(&app, &participation, now).await;
+    let today: String =
+        sqlx::query_scalar("SELECT tableoid::regclass::text FROM sentiments WHERE started_at = $1")
+            .bind(now)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(today.starts_with("sentiments_p"), "{today}");
+
+    // Retention of 2 days: the partition of 3 days ago is dropped, with its rows.
+    let state = partitions::configure(&db, &args("1 day", Some("2 days")))
+        .await
+        .unwrap();
+    assert!(matches!(&state, Partitioning::Partman { retention: Some(r), .. } if r == "2 days"));
+    for table in ["sentiments", "events"] {
+        let parts = partitions_of(&db, table).await;
+        // 2 days behind are kept (plus today, 4 ahead, the default).
+        assert_eq!(parts.len(), 8, "{table}: {parts:#?}");
+        assert_eq!(
+            parts.iter().map(|p| p.2).sum::<i64>(),
+            2,
+            "{table}: {parts:#?}"
+        );
+    }
+    let kept: Vec<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT started_at FROM sentiments ORDER BY started_at")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(kept.len(), 2);
+    assert!(
+        kept[0] < now - TimeDelta::days(19),
+        "the default partition is kept"
+    );
+
+    // A replica starting with another interval keeps the partition set as it is.
+    let state = partitions::configure(&db, &args("1 hour", Some("2 days")))
+        .await
+        .unwrap();
+    assert!(matches!(&state, Partitioning::Partman { intervals, .. } if intervals[0].1 == "1 day"));
+}
+
+#[tokio::test]
+async fn the_partition_interval_is_configurable() {
+    let db = fresh_database().await;
+    require_partman(&db).await;
+    partitions::configure(&db, &args("1 hour", None))
+        .await
+        .unwrap();
+    let bounds: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT partition_range_start, partition_range_end FROM ( \
+             SELECT (regexp_match(pg_get_expr(c.relpartbound, c.oid), \
+                     'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)'))[1]::timestamptz \
+                        AS partition_range_start, \
+                    (regexp_match(pg_get_expr(c.relpartbound, c.oid), \
+                     'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)'))[2]::timestamptz \
+                        AS partition_range_end \
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'events'::regclass) b \
+         WHERE partition_range_start IS NOT NULL ORDER BY 1",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(bounds.len(), 9, "{bounds:?}");
+    for (start, end) in &bounds {
+        assert_eq!(*end - *start, TimeDelta::hours(1));
+    }
+
+    for bad in ["soon", "-1 day", "0 seconds"] {
+        let error = partitions::configure(&db, &args(bad, None))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--partition-interval"), "{bad}: {error}");
+    }
+    let error = partitions::configure(&db, &args("1 day", Some("forever")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("--retention"), "{error}");
+}
+
+#[tokio::test]
+async fn without_pg_partman_the_service_ingests_into_the_default_partitions() {
+    let owner = fresh_database().await;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    // A role that may use the tables but not create extensions or schemas: pg_partman
+    // is not in this database and cannot be put there.
+    let role = format!("krisp_nopartman_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(&owner)
+        .await
+        .unwrap();
+    storage::grant_runtime_role(&owner, &role).await.unwrap();
+    let runtime = connect_as(&database, &role).await;
+
+    let state = partitions::configure(&runtime, &args("1 day", Some("30 days")))
+        .await
+        .unwrap();
+    let Partitioning::DefaultOnly { reason } = &state else {
+        panic!("{state:?}");
+    };
+    assert!(
+        reason.contains("not in database") || reason.contains("not installed"),
+        "{reason}"
+    );
+    let off = PartitionArgs {
+        partman: PartmanMode::Off,
+        ..PartitionArgs::default()
+    };
+    assert!(matches!(
+        partitions::configure(&owner, &off).await.unwrap(),
+        Partitioning::DefaultOnly { .. }
+    ));
+    let installed: i64 = count(
+        &owner,
+        "SELECT count(*) FROM pg_extension WHERE extname = 'pg_partman'",
+    )
+    .await;
+    assert_eq!(installed, 0);
+
+    let app = spawn_app_on(runtime.clone()).await;
+    let now = Utc::now();
+    let participation = participation_since(&app, now - TimeDelta::days(1)).await;
+    record(&app, &participation, now).await;
+    assert_eq!(
+        partitions_of(&owner, "sentiments").await,
+        vec![("sentiments_default".to_owned(), "DEFAULT".to_owned(), 1)]
+    );
+    assert_eq!(
+        count(&owner, "SELECT count(*) FROM events_default").await,
+        1
+    );
+
+    drop(app);
+    runtime.close().await;
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&owner)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&owner)
+        .await
+        .unwrap();
+}
