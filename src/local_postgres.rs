@@ -255,6 +255,24 @@ impl LocalPostgres {
         Ok(())
     }
 
+    /// When pg_partman's background worker is installed next to these binaries: the
+    /// settings that have it run the partition maintenance of the service's database
+    /// every hour (src/partitions.rs registers the tables).
+    fn partman_worker_options(&self) -> String {
+        let worker = fs::canonicalize(self.bin_dir.join("postgres"))
+            .ok()
+            .and_then(|postgres| Some(postgres.parent()?.parent()?.join("lib")))
+            .map(|lib| lib.join("pg_partman_bgw.so"));
+        if !worker.is_some_and(|worker| worker.exists()) {
+            return String::new();
+        }
+        format!(
+            " -c shared_preload_libraries=pg_partman_bgw -c pg_partman_bgw.dbname={DATABASE} \
+             -c pg_partman_bgw.role={SUPERUSER} -c pg_partman_bgw.interval=3600 \
+             -c pg_partman_bgw.analyze=off"
+        )
+    }
+
     async fn is_running(&self) -> anyhow::Result<bool> {
         let output = self
             .run("pg_ctl", &["status", "-D", self.data_dir_arg()?])
@@ -274,7 +292,9 @@ impl LocalPostgres {
             .to_str()
             .ok_or_else(|| anyhow!("log path is not UTF-8"))?;
         // No TCP listener: only a socket in the data directory, reachable by its owner.
-        let options = format!("-c listen_addresses='' -k '{dir}' -c unix_socket_permissions=0700");
+        let mut options =
+            format!("-c listen_addresses='' -k '{dir}' -c unix_socket_permissions=0700");
+        options.push_str(&self.partman_worker_options());
         let output = self
             .run(
                 "pg_ctl",

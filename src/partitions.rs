@@ -78,6 +78,8 @@ pub enum Partitioning {
         /// Per table: its partition interval as pg_partman keeps it.
         intervals: Vec<(String, String)>,
         retention: Option<String>,
+        /// Whether pg_partman's background worker runs the maintenance of this database.
+        worker: bool,
     },
     /// Only the default partitions exist; `reason` says why.
     DefaultOnly { reason: String },
@@ -91,13 +93,24 @@ impl Partitioning {
                 schema,
                 intervals,
                 retention,
-            } => tracing::info!(
-                partman_schema = %schema,
-                intervals = ?intervals,
-                retention = retention.as_deref().unwrap_or("none (keep everything)"),
-                "sentiments and events are partitioned by time, managed by pg_partman; its \
-                 maintenance must be scheduled by pg_partman_bgw or cron (docs/SCALING.md)"
-            ),
+                worker,
+            } => {
+                tracing::info!(
+                    partman_schema = %schema,
+                    intervals = ?intervals,
+                    retention = retention.as_deref().unwrap_or("none (keep everything)"),
+                    "sentiments and events are partitioned by time, managed by pg_partman"
+                );
+                if !worker {
+                    tracing::warn!(
+                        "pg_partman_bgw does not maintain this database: schedule \
+                         `SELECT {schema}.run_maintenance()` (cron, pg_cron) or set \
+                         shared_preload_libraries = 'pg_partman_bgw' and pg_partman_bgw.dbname; \
+                         otherwise no partitions are made after the premade ones and new rows \
+                         go to the default partitions (docs/SCALING.md)"
+                    );
+                }
+            }
             Self::DefaultOnly { reason } => tracing::warn!(
                 "{reason}: sentiments and events are stored in their default partitions, no \
                  partitions by time are created and no retention is applied. Everything else \
@@ -186,10 +199,17 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
     }
     tx.commit().await?;
     run_maintenance(pool, &schema).await?;
+    let worker: bool = sqlx::query_scalar(
+        "SELECT current_database() = ANY (string_to_array(replace( \
+             coalesce(current_setting('pg_partman_bgw.dbname', true), ''), ' ', ''), ','))",
+    )
+    .fetch_one(pool)
+    .await?;
     Ok(Partitioning::Partman {
         schema,
         intervals,
         retention,
+        worker,
     })
 }
 
