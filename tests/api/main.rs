@@ -8,6 +8,7 @@ mod auth;
 mod bench;
 mod binary;
 mod contract;
+mod distribution;
 mod helpers;
 mod hostile;
 mod idempotency;

@@ -1,0 +1,26 @@
+-- Distributes the krisp-ingest schema on Citus (docs/SCALING.md). Run it on the
+-- coordinator, as the schema owner, once `krisp-ingest migrate` has created the tables
+-- and before any data is loaded (or accept that Citus copies the existing rows).
+--
+-- tests/api/distribution.rs reads this file: every table of the schema must appear here,
+-- and the catalog must satisfy Citus' rules for the choice made for each table.
+
+CREATE EXTENSION IF NOT EXISTS citus;
+
+-- Small, shared by all users, read on every join: copied to every node.
+SELECT create_reference_table('timezones');
+SELECT create_reference_table('api_keys');
+-- Sessions are shared by the users who take part in them; a reference table keeps the
+-- participations -> sessions foreign key in the schema.
+SELECT create_reference_table('sessions');
+-- One row per user, keyed by external id: keeps external ids unique across shards.
+SELECT create_reference_table('user_external_ids');
+
+-- Everything of one user on one shard: distributed by the user id, co-located.
+SELECT create_distributed_table('users', 'id');
+SELECT create_distributed_table('participations', 'user_id', colocate_with => 'users');
+SELECT create_distributed_table('ingest_streams', 'user_id', colocate_with => 'users');
+SELECT create_distributed_table('sentiments', 'user_id', colocate_with => 'users');
+SELECT create_distributed_table('events', 'user_id', colocate_with => 'users');
+
+-- _sqlx_migrations stays a local table of the coordinator.
