@@ -275,6 +275,20 @@ impl Application {
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (begin_drain, drain_requested) = tokio::sync::oneshot::channel::<()>();
         let mut builder = Server::builder();
+        if let Some(age) = limits.max_connection_age {
+            // This replica's own age, so that replicas do not recycle connections in step.
+            let random = f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX);
+            let age =
+                crate::config::jittered(age, limits.max_connection_age_jitter_percent, random);
+            tracing::info!(
+                age = ?age,
+                grace = ?limits.max_connection_age_grace,
+                "client connections are recycled (GOAWAY) after their age"
+            );
+            builder = builder
+                .max_connection_age(age)
+                .max_connection_age_grace(limits.max_connection_age_grace);
+        }
         if let Some(tls) = &self.tls {
             builder = builder
                 .tls_config(tls.config())

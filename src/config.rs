@@ -153,12 +153,50 @@ pub struct LimitArgs {
         global = true
     )]
     pub shutdown_grace_seconds: u64,
+
+    /// Seconds after which a client connection is asked to go away (HTTP/2 GOAWAY), so
+    /// that long-lived connections spread again over the replicas; 0: never. Calls in
+    /// flight then get --max-connection-age-grace-seconds to finish.
+    #[arg(
+        long,
+        env = "KRISP_MAX_CONNECTION_AGE_SECONDS",
+        default_value_t = 1800,
+        global = true
+    )]
+    pub max_connection_age_seconds: u64,
+
+    /// Each replica picks its connection age at random within this many percent of
+    /// --max-connection-age-seconds, so that replicas started together do not recycle
+    /// their connections together.
+    #[arg(
+        long,
+        env = "KRISP_MAX_CONNECTION_AGE_JITTER_PERCENT",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u8).range(0..=50),
+        global = true
+    )]
+    pub max_connection_age_jitter_percent: u8,
+
+    /// Seconds the calls of a connection past its age get before it is closed; streams
+    /// still open then roll back. At least --max-stream-seconds (default: equal to it), so
+    /// that no stream within its limit is cut.
+    #[arg(long, env = "KRISP_MAX_CONNECTION_AGE_GRACE_SECONDS", global = true)]
+    pub max_connection_age_grace_seconds: Option<u64>,
 }
 
 impl LimitArgs {
-    pub fn limits(&self) -> Limits {
+    pub fn limits(&self) -> anyhow::Result<Limits> {
         let seconds = Duration::from_secs;
-        Limits {
+        let grace = self
+            .max_connection_age_grace_seconds
+            .unwrap_or(self.max_stream_seconds);
+        anyhow::ensure!(
+            grace >= self.max_stream_seconds,
+            "--max-connection-age-grace-seconds ({grace}) must be at least \
+             --max-stream-seconds ({}): a stream within its limit must not be cut",
+            self.max_stream_seconds
+        );
+        Ok(Limits {
             max_message_bytes: self.max_message_bytes,
             max_stream_items: self.max_stream_items,
             max_stream_duration: seconds(self.max_stream_seconds),
@@ -166,8 +204,18 @@ impl LimitArgs {
             keepalive_interval: seconds(self.keepalive_interval_seconds.max(1)),
             keepalive_timeout: seconds(self.keepalive_timeout_seconds.max(1)),
             shutdown_grace: seconds(self.shutdown_grace_seconds),
-        }
+            max_connection_age: (self.max_connection_age_seconds > 0)
+                .then(|| seconds(self.max_connection_age_seconds)),
+            max_connection_age_jitter_percent: self.max_connection_age_jitter_percent,
+            max_connection_age_grace: seconds(grace),
+        })
     }
+}
+
+/// `age` moved by up to `percent` percent either way, `random` (0.0..1.0) saying where.
+pub fn jittered(age: Duration, percent: u8, random: f64) -> Duration {
+    let spread = f64::from(percent.min(100)) / 100.0;
+    age.mul_f64(1.0 - spread + 2.0 * spread * random.clamp(0.0, 1.0))
 }
 
 /// The server's limits, as the application uses them.
@@ -180,20 +228,27 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Before jitter; `None`: connections never age out.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_jitter_percent: u8,
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        LimitArgs {
+        let seconds = Duration::from_secs;
+        Self {
             max_message_bytes: 4 * 1024 * 1024,
             max_stream_items: 10_000_000,
-            max_stream_seconds: 600,
+            max_stream_duration: seconds(600),
             max_concurrent_calls: 512,
-            keepalive_interval_seconds: 30,
-            keepalive_timeout_seconds: 10,
-            shutdown_grace_seconds: 10,
+            keepalive_interval: seconds(30),
+            keepalive_timeout: seconds(10),
+            shutdown_grace: seconds(10),
+            max_connection_age: Some(seconds(1800)),
+            max_connection_age_jitter_percent: 10,
+            max_connection_age_grace: seconds(600),
         }
-        .limits()
     }
 }
 
@@ -394,6 +449,33 @@ mod tests {
     #[test]
     fn default_limits_match_the_flags() {
         let cli = Cli::parse_from(["krisp-ingest"]);
-        assert_eq!(cli.limits.limits(), Limits::default());
+        assert_eq!(cli.limits.limits().unwrap(), Limits::default());
+    }
+
+    #[test]
+    fn the_connection_age_grace_covers_the_longest_stream() {
+        let cli = Cli::parse_from(["krisp-ingest", "--max-stream-seconds", "900"]);
+        let limits = cli.limits.limits().unwrap();
+        assert_eq!(limits.max_connection_age_grace, Duration::from_secs(900));
+        let cli = Cli::parse_from([
+            "krisp-ingest",
+            "--max-stream-seconds",
+            "900",
+            "--max-connection-age-grace-seconds",
+            "60",
+        ]);
+        let error = cli.limits.limits().unwrap_err().to_string();
+        assert!(error.contains("at least --max-stream-seconds"), "{error}");
+        let cli = Cli::parse_from(["krisp-ingest", "--max-connection-age-seconds", "0"]);
+        assert_eq!(cli.limits.limits().unwrap().max_connection_age, None);
+    }
+
+    #[test]
+    fn connection_ages_are_jittered_within_the_percentage() {
+        let age = Duration::from_secs(1000);
+        assert_eq!(jittered(age, 10, 0.0), Duration::from_secs(900));
+        assert_eq!(jittered(age, 10, 0.5), Duration::from_secs(1000));
+        assert_eq!(jittered(age, 10, 1.0), Duration::from_secs(1100));
+        assert_eq!(jittered(age, 0, 0.9), age);
     }
 }

@@ -25,7 +25,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.take().unwrap_or(Command::Serve);
     match command {
         Command::Serve => {
-            let limits = cli.limits.limits();
+            let limits = cli.limits.limits()?;
             let options = ServeOptions {
                 listen: cli.listen,
                 limits,

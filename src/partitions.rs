@@ -320,6 +320,20 @@ async fn create_partman(pool: &PgPool) -> anyhow::Result<Result<String, String>>
         )));
     }
     let mut tx = pool.begin().await?;
+    // Replicas starting together: one creates the extension, the others then find it.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(REGISTRATION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let created_meanwhile: Option<String> = sqlx::query_scalar(
+        "SELECT n.nspname::text FROM pg_extension e \
+         JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_partman'",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(schema) = created_meanwhile {
+        return Ok(Ok(schema));
+    }
     let created = async {
         sqlx::query("CREATE SCHEMA IF NOT EXISTS partman")
             .execute(&mut *tx)
@@ -337,7 +351,7 @@ async fn create_partman(pool: &PgPool) -> anyhow::Result<Result<String, String>>
         }
         Err(error) => Ok(Err(format!(
             "pg_partman {version} is installed on the server but not in database {database}, \
-             and this role cannot create it ({error})"
+             and could not be created there ({error})"
         ))),
     }
 }

@@ -70,16 +70,19 @@ struct Constraint {
     references: Option<(String, Vec<String>)>,
 }
 
+/// table, name, kind, columns, exclusion operators, referenced table and columns.
+type ConstraintRow = (
+    String,
+    String,
+    String,
+    Vec<String>,
+    Vec<String>,
+    Option<String>,
+    Vec<String>,
+);
+
 async fn constraints(db: &PgPool) -> Vec<Constraint> {
-    let rows: Vec<(
-        String,
-        String,
-        String,
-        Vec<String>,
-        Vec<String>,
-        Option<String>,
-        Vec<String>,
-    )> = sqlx::query_as(
+    let rows: Vec<ConstraintRow> = sqlx::query_as(
         "SELECT t.relname::text, c.conname::text, c.contype::text, \
                     ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, i) \
                           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n \

@@ -18,6 +18,7 @@ mod metrics;
 mod outage;
 mod participations;
 mod partitions;
+mod replicas;
 mod server;
 mod streams;
 mod tls;

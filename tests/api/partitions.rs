@@ -294,3 +294,24 @@ async fn without_pg_partman_the_service_ingests_into_the_default_partitions() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn replicas_starting_together_register_the_tables_once() {
+    let db = fresh_database().await;
+    require_partman(&db).await;
+    let starts: Vec<_> = (0..3)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { partitions::configure(&db, &args("1 day", None)).await })
+        })
+        .collect();
+    for start in starts {
+        let state = start.await.unwrap().unwrap();
+        assert!(matches!(state, Partitioning::Partman { .. }), "{state:?}");
+    }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM partman.part_config").await,
+        2
+    );
+    assert_eq!(partitions_of(&db, "sentiments").await.len(), 10);
+}
