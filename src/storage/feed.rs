@@ -127,7 +127,7 @@ impl FeedTable for NewSentiment {
                AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
                AND NOT EXISTS (SELECT 1 FROM sentiments s \
                                WHERE s.user_id = p.user_id AND s.id = t.id) \
-             ON CONFLICT (user_id, id, started_at) DO NOTHING \
+             ON CONFLICT (id, user_id, started_at) DO NOTHING \
              RETURNING id",
         )
         .bind(participations)
@@ -217,7 +217,7 @@ impl FeedTable for NewEvent {
                AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
                AND NOT EXISTS (SELECT 1 FROM events e \
                                WHERE e.user_id = p.user_id AND e.id = t.id) \
-             ON CONFLICT (user_id, id, occurred_at) DO NOTHING \
+             ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
              RETURNING id",
         )
         .bind(participations)

@@ -77,6 +77,15 @@ async fn drop_stale_databases(options: &PgConnectOptions) {
 
 /// Creates a fresh, migrated database and returns a pool on it.
 pub async fn fresh_database() -> PgPool {
+    let pool = empty_database().await;
+    storage::migrate(&pool)
+        .await
+        .expect("migrate test database");
+    pool
+}
+
+/// Creates a fresh database without any schema and returns a pool on it.
+pub async fn empty_database() -> PgPool {
     let server = server().await;
     let name = format!("{PREFIX}{}_{}", std::process::id(), Uuid::new_v4().simple());
     let mut conn = PgConnection::connect_with(&server)
@@ -85,15 +94,11 @@ pub async fn fresh_database() -> PgPool {
     conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
         .await
         .expect("create test database");
-    let pool = PgPoolOptions::new()
+    PgPoolOptions::new()
         .max_connections(8)
         .connect_with(server.database(&name))
         .await
-        .expect("connect to test database");
-    storage::migrate(&pool)
-        .await
-        .expect("migrate test database");
-    pool
+        .expect("connect to test database")
 }
 
 /// A pool on database `database` of the test server, logged in as `role`.

@@ -15,6 +15,7 @@ mod idempotency;
 mod least_privilege;
 mod limits;
 mod metrics;
+mod migrations;
 mod outage;
 mod participations;
 mod partitions;

@@ -60,6 +60,36 @@ async fn partitions_of(db: &PgPool, table: &str) -> Vec<(String, String, i64)> {
     out
 }
 
+/// The time ranges of the partitions of `table` (not the default), in order.
+async fn ranges(db: &PgPool, table: &str) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    sqlx::query_as(
+        "SELECT b[1]::timestamptz, b[2]::timestamptz FROM ( \
+             SELECT regexp_match(pg_get_expr(c.relpartbound, c.oid), \
+                     'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)') AS b \
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = $1::regclass) p \
+         WHERE b IS NOT NULL ORDER BY 1",
+    )
+    .bind(table)
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+/// Checks that `ranges` are contiguous, each `step` long.
+fn assert_contiguous(ranges: &[(DateTime<Utc>, DateTime<Utc>)], step: TimeDelta) {
+    for (start, end) in ranges {
+        assert_eq!(*end - *start, step, "{ranges:?}");
+    }
+    for pair in ranges.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "{ranges:?}");
+    }
+}
+
+fn covers(ranges: &[(DateTime<Utc>, DateTime<Utc>)], at: DateTime<Utc>) -> bool {
+    ranges.iter().any(|(start, end)| *start <= at && at < *end)
+}
+
 /// A participation of a new user that started `days_ago` days ago and is still open.
 async fn participation_since(app: &TestApp, start: DateTime<Utc>) -> proto::Participation {
     app.upsert_timezone("UTC", 0).await;
@@ -135,8 +165,16 @@ async fn pg_partman_takes_over_partitions_by_time_and_drops_them_after_the_reten
     assert_eq!(retention, &None);
     for table in ["sentiments", "events"] {
         let parts = partitions_of(&db, table).await;
-        // premake 4 behind and ahead of today, and the default.
-        assert_eq!(parts.len(), 10, "{table}: {parts:#?}");
+        // Days from 4 behind to 4 ahead (premake), and the default.
+        let days = ranges(&db, table).await;
+        assert_contiguous(&days, TimeDelta::days(1));
+        for offset in -4..=4 {
+            assert!(
+                covers(&days, now + TimeDelta::days(offset)),
+                "{offset}: {days:?}"
+            );
+        }
+        assert!(!covers(&days, now - TimeDelta::days(20)));
         // The row of 3 days ago moved to its day's partition; the one of 20 days ago is
         // older than any partition and stays in the default.
         let default = parts.iter().find(|p| p.1 == "DEFAULT").unwrap();
@@ -161,8 +199,11 @@ async fn pg_partman_takes_over_partitions_by_time_and_drops_them_after_the_reten
     assert!(matches!(&state, Partitioning::Partman { retention: Some(r), .. } if r == "2 days"));
     for table in ["sentiments", "events"] {
         let parts = partitions_of(&db, table).await;
-        // 2 days behind are kept (plus today, 4 ahead, the default).
-        assert_eq!(parts.len(), 8, "{table}: {parts:#?}");
+        // The day of 2 days ago is kept, the one of 3 days ago is gone.
+        let days = ranges(&db, table).await;
+        assert_contiguous(&days, TimeDelta::days(1));
+        assert!(covers(&days, now - TimeDelta::days(2)), "{days:?}");
+        assert!(!covers(&days, now - TimeDelta::days(3)), "{days:?}");
         assert_eq!(
             parts.iter().map(|p| p.2).sum::<i64>(),
             2,
@@ -194,24 +235,14 @@ async fn the_partition_interval_is_configurable() {
     partitions::configure(&db, &args("1 hour", None))
         .await
         .unwrap();
-    let bounds: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT partition_range_start, partition_range_end FROM ( \
-             SELECT (regexp_match(pg_get_expr(c.relpartbound, c.oid), \
-                     'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)'))[1]::timestamptz \
-                        AS partition_range_start, \
-                    (regexp_match(pg_get_expr(c.relpartbound, c.oid), \
-                     'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)'))[2]::timestamptz \
-                        AS partition_range_end \
-             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = 'events'::regclass) b \
-         WHERE partition_range_start IS NOT NULL ORDER BY 1",
-    )
-    .fetch_all(&db)
-    .await
-    .unwrap();
-    assert_eq!(bounds.len(), 9, "{bounds:?}");
-    for (start, end) in &bounds {
-        assert_eq!(*end - *start, TimeDelta::hours(1));
+    let hours = ranges(&db, "events").await;
+    assert_contiguous(&hours, TimeDelta::hours(1));
+    let now = Utc::now();
+    for offset in -4..=4 {
+        assert!(
+            covers(&hours, now + TimeDelta::hours(offset)),
+            "{offset}: {hours:?}"
+        );
     }
 
     for bad in ["soon", "-1 day", "0 seconds"] {
@@ -313,5 +344,15 @@ async fn replicas_starting_together_register_the_tables_once() {
         count(&db, "SELECT count(*) FROM partman.part_config").await,
         2
     );
-    assert_eq!(partitions_of(&db, "sentiments").await.len(), 10);
+    assert_contiguous(&ranges(&db, "sentiments").await, TimeDelta::days(1));
+    // One set of partitions: a second registration would have failed or doubled them.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_partitioned_table pt JOIN pg_class d ON d.oid = pt.partdefid \
+             WHERE d.relname IN ('sentiments_default', 'events_default')"
+        )
+        .await,
+        2
+    );
 }

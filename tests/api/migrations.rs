@@ -1,0 +1,108 @@
+//! Migrations keep the data of a database that has been in use: 0003 (scale-out) moves
+//! external ids into user_external_ids and sentiments/events into partitioned tables.
+
+use sqlx::PgPool;
+
+use crate::helpers::{count, empty_database};
+
+async fn run(db: &PgPool, sql: &str) {
+    sqlx::raw_sql(sql).execute(db).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_scale_out_migration_keeps_existing_users_sentiments_and_events() {
+    let db = empty_database().await;
+    run(&db, include_str!("../../migrations/0001_schema.sql")).await;
+    run(&db, include_str!("../../migrations/0002_api_keys.sql")).await;
+    // A database as issues 2-6 left it, with data.
+    run(
+        &db,
+        "INSERT INTO timezones VALUES ('UTC', 0);
+         INSERT INTO users (id, external_id) VALUES
+             ('00000000-0000-7000-8000-000000000001', 'alice'),
+             ('00000000-0000-7000-8000-000000000002', 'bob');
+         INSERT INTO sessions (id, session_type, started_at)
+             VALUES ('00000000-0000-7000-8000-0000000000aa', 'call', '2026-01-01T10:00:00Z');
+         INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at)
+             VALUES ('00000000-0000-7000-8000-0000000000b1',
+                     '00000000-0000-7000-8000-000000000001',
+                     '00000000-0000-7000-8000-0000000000aa', 'UTC', '2026-01-01T10:00:00Z');
+         INSERT INTO sentiments (id, user_id, participation_id, started_at, ended_at, label, score)
+             SELECT gen_random_uuid(), '00000000-0000-7000-8000-000000000001',
+                    '00000000-0000-7000-8000-0000000000b1',
+                    '2026-01-01T10:00:00Z'::timestamptz + g * interval '1 s',
+                    '2026-01-01T10:00:01Z'::timestamptz + g * interval '1 s', 'neutral', 0.5
+             FROM generate_series(0, 99) g;
+         INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes)
+             VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000001',
+                     '00000000-0000-7000-8000-0000000000b1', '2026-01-01T10:00:05Z',
+                     'talk_started', '{\"device\": \"headset\"}');",
+    )
+    .await;
+
+    run(&db, include_str!("../../migrations/0003_scale_out.sql")).await;
+
+    assert_eq!(count(&db, "SELECT count(*) FROM sentiments").await, 100);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sentiments_default").await,
+        100
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM events WHERE attributes ->> 'device' = 'headset'"
+        )
+        .await,
+        1
+    );
+    let external: Vec<(String, String)> = sqlx::query_as(
+        "SELECT external_id, user_id::text FROM user_external_ids ORDER BY external_id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        external,
+        vec![
+            (
+                "alice".into(),
+                "00000000-0000-7000-8000-000000000001".into()
+            ),
+            ("bob".into(), "00000000-0000-7000-8000-000000000002".into()),
+        ]
+    );
+    // The rules still hold after the move: a second "alice", a sentiment without its
+    // participation.
+    let taken = sqlx::raw_sql(
+        "INSERT INTO user_external_ids VALUES ('alice', '00000000-0000-7000-8000-000000000003')",
+    )
+    .execute(&db)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        taken.as_database_error().and_then(|e| e.constraint()),
+        Some("user_external_ids_pkey")
+    );
+    let orphan = sqlx::raw_sql(
+        "INSERT INTO sentiments (id, user_id, participation_id, started_at, ended_at, label)
+         VALUES (gen_random_uuid(), '00000000-0000-7000-8000-000000000002',
+                 '00000000-0000-7000-8000-0000000000b1', now(), now() + interval '1 s',
+                 'neutral')",
+    )
+    .execute(&db)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        orphan.as_database_error().and_then(|e| e.constraint()),
+        Some("sentiments_participation_fkey")
+    );
+    // Deleting alice's external id removes alice and everything of hers.
+    run(
+        &db,
+        "DELETE FROM user_external_ids WHERE external_id = 'alice'",
+    )
+    .await;
+    assert_eq!(count(&db, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM sentiments").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM events").await, 0);
+}
