@@ -35,8 +35,11 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     ) -> Result<(), Error>;
 
     /// Inserts items outside any stream, each for its own participation, in one
-    /// statement: an item is stored when its participation exists and the item lies
-    /// inside it. Returns the ids stored; the caller finds out why any other was not.
+    /// statement: an item is stored when its participation exists, the item lies inside
+    /// it, and its id is not taken (at any time: the key includes the timestamp, so the
+    /// id is looked up across partitions, LATERAL with LIMIT 1 so that the look-up always
+    /// probes the key by both id and user). Returns the ids stored; the caller finds out
+    /// why any other was not.
     fn insert_checked<'c>(
         pool: &'c PgPool,
         rows: &'c [Unary<Self>],
@@ -123,10 +126,11 @@ impl FeedTable for NewSentiment {
                          $5::text[], $6::float8[]) \
                   AS t(participation_id, id, started_at, ended_at, label, score) \
              JOIN participations p ON p.id = t.participation_id \
+             LEFT JOIN LATERAL (SELECT true AS taken FROM sentiments s \
+                                WHERE s.user_id = p.user_id AND s.id = t.id LIMIT 1) x ON true \
              WHERE p.connected_at <= t.started_at \
                AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-               AND NOT EXISTS (SELECT 1 FROM sentiments s \
-                               WHERE s.user_id = p.user_id AND s.id = t.id) \
+               AND x.taken IS NULL \
              ON CONFLICT (id, user_id, started_at) DO NOTHING \
              RETURNING id",
         )
@@ -213,10 +217,11 @@ impl FeedTable for NewEvent {
              FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
                   AS t(participation_id, id, occurred_at, kind, attributes) \
              JOIN participations p ON p.id = t.participation_id \
+             LEFT JOIN LATERAL (SELECT true AS taken FROM events e \
+                                WHERE e.user_id = p.user_id AND e.id = t.id LIMIT 1) x ON true \
              WHERE p.connected_at <= t.occurred_at \
                AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-               AND NOT EXISTS (SELECT 1 FROM events e \
-                               WHERE e.user_id = p.user_id AND e.id = t.id) \
+               AND x.taken IS NULL \
              ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
              RETURNING id",
         )
