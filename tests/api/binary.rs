@@ -28,9 +28,18 @@ fn start_with(
     data_dir: &Path,
     env: &[(&str, &str)],
 ) -> (Child, SocketAddr, mpsc::Receiver<String>) {
+    let (child, address, lines, _) = start_logged(data_dir, env);
+    (child, address, lines)
+}
+
+/// Like [`start_with`], and also returns what the server logged before it listened.
+fn start_logged(
+    data_dir: &Path,
+    env: &[(&str, &str)],
+) -> (Child, SocketAddr, mpsc::Receiver<String>, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
-        .envs(env.iter().copied())
         .env_remove("DATABASE_URL")
+        .envs(env.iter().copied())
         .env("KRISP_SHUTDOWN_GRACE_SECONDS", "5")
         .env_remove("RUST_LOG")
         .env("KRISP_DATA_DIR", data_dir)
@@ -61,7 +70,7 @@ fn start_with(
         }
         seen.push(line);
     };
-    (child, address, lines)
+    (child, address, lines, seen)
 }
 
 /// Sends SIGTERM and waits (without blocking the runtime, so that the test's own client
@@ -123,6 +132,76 @@ async fn with_no_configuration_the_service_runs_on_its_own_postgres_and_keeps_da
     assert_eq!(status.code(), Code::AlreadyExists);
     drop(client);
     assert!(terminate(child, &lines).await.success());
+}
+
+/// A database whose owner may create schemas but not extensions (a managed PostgreSQL's
+/// usual role): pg_partman cannot be put there. The real binary says so and what it
+/// means, and ingests into the default partitions.
+#[tokio::test]
+async fn without_pg_partman_the_binary_says_what_that_means_and_ingests() {
+    let admin = crate::helpers::empty_database().await;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    let role = format!("krisp_owner_{}", uuid::Uuid::new_v4().simple());
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("ALTER DATABASE \"{database}\" OWNER TO {role}"),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
+    let url = crate::helpers::database_url(&database, &role).await;
+    let (_root, data_dir) = fresh_data_dir();
+    let (child, address, lines, logged) = start_logged(&data_dir, &[("DATABASE_URL", &url)]);
+    let warning = logged
+        .iter()
+        .find(|line| line.contains("stored in their default partitions"))
+        .unwrap_or_else(|| panic!("no line about the partitions: {logged:#?}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("could not be created there") && warning.contains("no retention"),
+        "{warning}"
+    );
+
+    let app = crate::helpers::TestApp {
+        address,
+        client: IngestServiceClient::new(connect(address).await),
+        channel: connect(address).await,
+        db: admin.clone(),
+    };
+    let participation = app.participation().await;
+    app.client
+        .clone()
+        .record_sentiment(proto::RecordSentimentRequest {
+            participation_id: participation.id.clone(),
+            sentiment: crate::helpers::sentiments(0, 1).pop(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    drop(app);
+    assert!(terminate(child, &lines).await.success());
+    assert_eq!(
+        crate::helpers::count(&admin, "SELECT count(*) FROM sentiments_default").await,
+        1
+    );
+    assert_eq!(
+        crate::helpers::count(
+            &admin,
+            "SELECT count(*) FROM pg_extension WHERE extname = 'pg_partman'"
+        )
+        .await,
+        0
+    );
+    // Roles outlive databases: hand everything back, then drop the role.
+    for statement in [
+        format!("REASSIGN OWNED BY {role} TO CURRENT_USER"),
+        format!("DROP OWNED BY {role}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::query(&statement).execute(&admin).await.unwrap();
+    }
 }
 
 #[test]

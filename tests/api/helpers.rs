@@ -84,6 +84,20 @@ pub async fn fresh_database() -> PgPool {
     pool
 }
 
+/// A DATABASE_URL for `database` of the test server, logged in as `role` (no password:
+/// the test server trusts local connections).
+pub async fn database_url(database: &str, role: &str) -> String {
+    let server = server().await;
+    let port = server.get_port();
+    match server.get_socket() {
+        Some(socket) => format!(
+            "postgres://{role}@localhost:{port}/{database}?host={}",
+            socket.display()
+        ),
+        None => format!("postgres://{role}@{}:{port}/{database}", server.get_host()),
+    }
+}
+
 /// Creates a fresh database without any schema and returns a pool on it.
 pub async fn empty_database() -> PgPool {
     let server = server().await;
