@@ -151,30 +151,29 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
         .await?;
     for (table, column) in PARTITIONED {
         let parent = format!("public.{table}");
-        let registered: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT partition_interval FROM {schema_ident}.part_config WHERE parent_table = $1"
+        let registered: bool = sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {schema_ident}.part_config WHERE parent_table = $1)"
         ))
         .bind(&parent)
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        let kept = match registered {
-            Some(kept) => kept,
-            None => {
-                register(&mut tx, &schema_ident, table, column, &interval, args).await?;
-                sqlx::query_scalar(&format!(
-                    "SELECT partition_interval FROM {schema_ident}.part_config \
-                     WHERE parent_table = $1"
-                ))
-                .bind(&parent)
-                .fetch_one(&mut *tx)
-                .await?
-            }
-        };
-        let same: bool = sqlx::query_scalar("SELECT $1::interval = $2::interval")
-            .bind(&kept)
-            .bind(&interval)
-            .fetch_one(&mut *tx)
-            .await?;
+        if !registered {
+            register(&mut tx, &schema_ident, table, column, &interval, args).await?;
+        }
+        // Bring the settings up to date; the interval stays what the set was created with.
+        let (kept, same): (String, bool) = sqlx::query_as(&format!(
+            "UPDATE {schema_ident}.part_config SET premake = $2, retention = $3, \
+                 retention_keep_table = false, retention_keep_index = false, \
+                 infinite_time_partitions = true \
+             WHERE parent_table = $1 \
+             RETURNING partition_interval, partition_interval::interval = $4::interval"
+        ))
+        .bind(&parent)
+        .bind(i32::from(args.partition_premake))
+        .bind(&retention)
+        .bind(&interval)
+        .fetch_one(&mut *tx)
+        .await?;
         if !same {
             tracing::warn!(
                 table,
@@ -184,17 +183,6 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
                  keeping the one it was created with"
             );
         }
-        sqlx::query(&format!(
-            "UPDATE {schema_ident}.part_config SET premake = $2, retention = $3, \
-                 retention_keep_table = false, retention_keep_index = false, \
-                 infinite_time_partitions = true \
-             WHERE parent_table = $1"
-        ))
-        .bind(&parent)
-        .bind(i32::from(args.partition_premake))
-        .bind(&retention)
-        .execute(&mut *tx)
-        .await?;
         intervals.push(((*table).to_owned(), kept));
     }
     tx.commit().await?;
@@ -288,12 +276,12 @@ async fn register(
 }
 
 /// The schema pg_partman is installed in, in this database.
-async fn partman_schema(pool: &PgPool) -> anyhow::Result<Option<String>> {
+async fn partman_schema(db: impl sqlx::PgExecutor<'_>) -> anyhow::Result<Option<String>> {
     Ok(sqlx::query_scalar(
         "SELECT n.nspname::text FROM pg_extension e \
          JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_partman'",
     )
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?)
 }
 
@@ -325,13 +313,7 @@ async fn create_partman(pool: &PgPool) -> anyhow::Result<Result<String, String>>
         .bind(REGISTRATION_LOCK)
         .execute(&mut *tx)
         .await?;
-    let created_meanwhile: Option<String> = sqlx::query_scalar(
-        "SELECT n.nspname::text FROM pg_extension e \
-         JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_partman'",
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(schema) = created_meanwhile {
+    if let Some(schema) = partman_schema(&mut *tx).await? {
         return Ok(Ok(schema));
     }
     let created = async {
