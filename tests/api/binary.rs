@@ -140,10 +140,7 @@ async fn with_no_configuration_the_service_runs_on_its_own_postgres_and_keeps_da
 #[tokio::test]
 async fn without_pg_partman_the_binary_says_what_that_means_and_ingests() {
     let admin = crate::helpers::empty_database().await;
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&admin)
-        .await
-        .unwrap();
+    let database = crate::helpers::current_database(&admin).await;
     let role = format!("krisp_owner_{}", uuid::Uuid::new_v4().simple());
     for statement in [
         format!("CREATE ROLE {role} LOGIN"),
@@ -164,12 +161,7 @@ async fn without_pg_partman_the_binary_says_what_that_means_and_ingests() {
         "{warning}"
     );
 
-    let app = crate::helpers::TestApp {
-        address,
-        client: IngestServiceClient::new(connect(address).await),
-        channel: connect(address).await,
-        db: admin.clone(),
-    };
+    let app = crate::helpers::TestApp::connect(address, admin.clone()).await;
     let participation = app.participation().await;
     app.client
         .clone()
@@ -194,14 +186,12 @@ async fn without_pg_partman_the_binary_says_what_that_means_and_ingests() {
         .await,
         0
     );
-    // Roles outlive databases: hand everything back, then drop the role.
-    for statement in [
-        format!("REASSIGN OWNED BY {role} TO CURRENT_USER"),
-        format!("DROP OWNED BY {role}"),
-        format!("DROP ROLE {role}"),
-    ] {
-        sqlx::query(&statement).execute(&admin).await.unwrap();
-    }
+    // Hand the database and its tables back, then drop the role.
+    sqlx::query(&format!("REASSIGN OWNED BY {role} TO CURRENT_USER"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    crate::helpers::drop_role(&admin, &role).await;
 }
 
 #[test]

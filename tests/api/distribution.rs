@@ -405,7 +405,6 @@ async fn one_stream_writes_the_rows_of_one_user_only() {
 }
 
 fn events_stream(participation_id: &str, n: usize) -> Vec<proto::StreamEventsRequest> {
-    use proto::stream_events_request::Frame;
     let events = (0..n as i64)
         .map(|i| proto::NewEvent {
             occurred_at: crate::helpers::at(crate::helpers::t0(), i),
@@ -413,17 +412,9 @@ fn events_stream(participation_id: &str, n: usize) -> Vec<proto::StreamEventsReq
             attributes: Default::default(),
         })
         .collect();
-    [
-        Frame::Header(proto::StreamHeader {
-            stream_id: Uuid::new_v4().to_string(),
-            participation_id: participation_id.into(),
-        }),
-        Frame::Batch(proto::EventBatch { events }),
-        Frame::Trailer(proto::StreamTrailer {
-            item_count: n as u64,
-        }),
-    ]
-    .into_iter()
-    .map(|frame| proto::StreamEventsRequest { frame: Some(frame) })
-    .collect()
+    crate::helpers::event_frames::stream(
+        &Uuid::new_v4().to_string(),
+        participation_id,
+        vec![events],
+    )
 }

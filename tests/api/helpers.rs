@@ -115,6 +115,40 @@ pub async fn empty_database() -> PgPool {
         .expect("connect to test database")
 }
 
+/// The name of `db`'s database.
+pub async fn current_database(db: &PgPool) -> String {
+    sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(db)
+        .await
+        .expect("current_database()")
+}
+
+/// A new login role `<prefix>_<uuid>` with the service's run-time privileges on `owner`'s
+/// database (`grant-runtime-role`), and a pool on that database logged in as it.
+pub async fn runtime_role(owner: &PgPool, prefix: &str) -> (String, PgPool) {
+    let role = format!("{prefix}_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(owner)
+        .await
+        .expect("create the role");
+    storage::grant_runtime_role(owner, &role)
+        .await
+        .expect("grant the run-time privileges");
+    let pool = connect_as(&current_database(owner).await, &role).await;
+    (role, pool)
+}
+
+/// Drops `role` (roles outlive the test databases) with what it owns or was granted in
+/// `owner`'s database.
+pub async fn drop_role(owner: &PgPool, role: &str) {
+    for statement in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        sqlx::query(&statement)
+            .execute(owner)
+            .await
+            .expect(&statement);
+    }
+}
+
 /// A pool on database `database` of the test server, logged in as `role`.
 pub async fn connect_as(database: &str, role: &str) -> PgPool {
     PgPoolOptions::new()
@@ -158,13 +192,7 @@ pub async fn spawn_app_configured(
     let application = configure(application);
     let address = application.local_addr();
     tokio::spawn(application.run_until_stopped(std::future::pending()));
-    let channel = connect(address).await;
-    TestApp {
-        address,
-        client: IngestServiceClient::new(channel.clone()),
-        channel,
-        db,
-    }
+    TestApp::connect(address, db).await
 }
 
 /// A new connection (its own HTTP/2 connection) to the server.
@@ -268,6 +296,17 @@ pub async fn count(db: &PgPool, sql: &str) -> i64 {
 }
 
 impl TestApp {
+    /// A client of the server at `address`, with `db` to look at what it stores.
+    pub async fn connect(address: SocketAddr, db: PgPool) -> Self {
+        let channel = connect(address).await;
+        Self {
+            address,
+            client: IngestServiceClient::new(channel.clone()),
+            channel,
+            db,
+        }
+    }
+
     pub async fn create_user(&self, external_id: &str) -> proto::User {
         self.client
             .clone()
@@ -357,6 +396,35 @@ pub fn sentiments(offset: i64, n: usize) -> Vec<proto::NewSentiment> {
             score: Some(0.25),
         })
         .collect()
+}
+
+/// The messages of event streams, as [`frames`] has them for sentiment streams.
+pub mod event_frames {
+    use super::proto::{self, stream_events_request::Frame};
+
+    /// A complete, well-formed stream of `batches`.
+    pub fn stream(
+        stream_id: &str,
+        participation_id: &str,
+        batches: Vec<Vec<proto::NewEvent>>,
+    ) -> Vec<proto::StreamEventsRequest> {
+        let total: usize = batches.iter().map(Vec::len).sum();
+        let header = Frame::Header(proto::StreamHeader {
+            stream_id: stream_id.into(),
+            participation_id: participation_id.into(),
+        });
+        let batches = batches
+            .into_iter()
+            .map(|events| Frame::Batch(proto::EventBatch { events }));
+        let trailer = Frame::Trailer(proto::StreamTrailer {
+            item_count: total as u64,
+        });
+        std::iter::once(header)
+            .chain(batches)
+            .chain(std::iter::once(trailer))
+            .map(|frame| proto::StreamEventsRequest { frame: Some(frame) })
+            .collect()
+    }
 }
 
 pub mod frames {

@@ -4,23 +4,14 @@
 use krisp_ingest::{config::Limits, storage};
 use uuid::Uuid;
 
-use crate::helpers::{connect_as, count, frames, fresh_database, sentiments, spawn_app_with};
+use crate::helpers::{
+    count, drop_role, frames, fresh_database, runtime_role, sentiments, spawn_app_with,
+};
 
 #[tokio::test]
 async fn the_runtime_role_serves_but_cannot_drop_truncate_or_alter() {
     let owner = fresh_database().await;
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&owner)
-        .await
-        .unwrap();
-    let role = format!("krisp_app_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
-        .execute(&owner)
-        .await
-        .unwrap();
-    storage::grant_runtime_role(&owner, &role).await.unwrap();
-
-    let runtime = connect_as(&database, &role).await;
+    let (role, runtime) = runtime_role(&owner, "krisp_app").await;
     // What `--skip-migrations` does at startup.
     storage::check_migrated(&runtime).await.unwrap();
     let app = spawn_app_with(runtime.clone(), Limits::default()).await;
@@ -58,14 +49,7 @@ async fn the_runtime_role_serves_but_cannot_drop_truncate_or_alter() {
 
     drop(app);
     runtime.close().await;
-    sqlx::query(&format!("DROP OWNED BY {role}"))
-        .execute(&owner)
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP ROLE {role}"))
-        .execute(&owner)
-        .await
-        .unwrap();
+    drop_role(&owner, &role).await;
 }
 
 #[tokio::test]

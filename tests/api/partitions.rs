@@ -11,12 +11,11 @@ use krisp_ingest::{
     grpc::convert::to_timestamp,
     partitions::{self, PartitionArgs, Partitioning, PartmanMode},
     proto,
-    storage::{self},
 };
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, connect_as, count, fresh_database, spawn_app_on};
+use crate::helpers::{TestApp, count, drop_role, fresh_database, runtime_role, spawn_app_on};
 
 fn args(interval: &str, retention: Option<&str>) -> PartitionArgs {
     PartitionArgs {
@@ -262,19 +261,9 @@ async fn the_partition_interval_is_configurable() {
 #[tokio::test]
 async fn without_pg_partman_the_service_ingests_into_the_default_partitions() {
     let owner = fresh_database().await;
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&owner)
-        .await
-        .unwrap();
     // A role that may use the tables but not create extensions or schemas: pg_partman
     // is not in this database and cannot be put there.
-    let role = format!("krisp_nopartman_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
-        .execute(&owner)
-        .await
-        .unwrap();
-    storage::grant_runtime_role(&owner, &role).await.unwrap();
-    let runtime = connect_as(&database, &role).await;
+    let (role, runtime) = runtime_role(&owner, "krisp_nopartman").await;
 
     let state = partitions::configure(&runtime, &args("1 day", Some("30 days")))
         .await
@@ -316,14 +305,7 @@ async fn without_pg_partman_the_service_ingests_into_the_default_partitions() {
 
     drop(app);
     runtime.close().await;
-    sqlx::query(&format!("DROP OWNED BY {role}"))
-        .execute(&owner)
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP ROLE {role}"))
-        .execute(&owner)
-        .await
-        .unwrap();
+    drop_role(&owner, &role).await;
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use krisp_ingest::{
-    app::{Application, pool_options},
+    app::pool_options,
     config::Limits,
     proto::{self, ingest_service_client::IngestServiceClient},
 };
@@ -17,19 +17,19 @@ use uuid::Uuid;
 
 use crate::helpers::{
     TestApp, connect, count, eventually, frames, fresh_database, open_transactions, sentiments,
+    spawn_app_configured,
 };
 
-/// A replica: its own pool (tagged with its name) and its own listener.
-async fn replica(db: &PgPool, name: &str, limits: Limits) -> SocketAddr {
+/// A replica: its own pool (tagged with its name) and its own listener; the returned
+/// client's `db` is the test's view of the shared database.
+async fn replica(db: &PgPool, name: &str, limits: Limits) -> TestApp {
     let options: PgConnectOptions = (*db.connect_options()).clone().application_name(name);
     let pool = pool_options(16).connect_with(options).await.unwrap();
-    let application = Application::build("127.0.0.1:0".parse().unwrap(), pool)
-        .await
-        .unwrap()
-        .with_limits(limits);
-    let address = application.local_addr();
-    tokio::spawn(application.run_until_stopped(std::future::pending()));
-    address
+    let replica = spawn_app_configured(pool, |app| app.with_limits(limits)).await;
+    TestApp {
+        db: db.clone(),
+        ..replica
+    }
 }
 
 /// Records which replica (application_name) committed each stream.
@@ -67,16 +67,12 @@ fn open_stream(channel: Channel) -> (mpsc::Sender<proto::StreamSentimentsRequest
 async fn three_replicas_share_the_load_and_a_stream_id_commits_once_across_them() {
     let db = fresh_database().await;
     audit_replicas(&db).await;
-    let mut addresses = Vec::new();
+    let mut replicas = Vec::new();
     for name in ["replica-a", "replica-b", "replica-c"] {
-        addresses.push(replica(&db, name, Limits::default()).await);
+        replicas.push(replica(&db, name, Limits::default()).await);
     }
-    let setup = TestApp {
-        address: addresses[0],
-        client: IngestServiceClient::new(connect(addresses[0]).await),
-        channel: connect(addresses[0]).await,
-        db: db.clone(),
-    };
+    let addresses: Vec<SocketAddr> = replicas.iter().map(|r| r.address).collect();
+    let setup = &replicas[0];
 
     // One channel balancing over the three (tonic's p2c balancer).
     let balanced = Channel::balance_list(addresses.iter().map(|a| {
@@ -195,18 +191,13 @@ fn aging(age: Duration, grace: Duration) -> Limits {
 #[tokio::test]
 async fn a_stream_cut_by_the_connection_age_rolls_back_and_its_retry_commits_once() {
     let db = fresh_database().await;
-    let address = replica(
+    let setup = replica(
         &db,
         "aging",
         aging(Duration::from_secs(1), Duration::from_secs(1)),
     )
     .await;
-    let setup = TestApp {
-        address,
-        client: IngestServiceClient::new(connect(address).await),
-        channel: connect(address).await,
-        db: db.clone(),
-    };
+    let address = setup.address;
     let participation = setup.participation().await;
     let stream_id = Uuid::new_v4().to_string();
 
@@ -261,18 +252,13 @@ async fn a_stream_cut_by_the_connection_age_rolls_back_and_its_retry_commits_onc
 #[tokio::test]
 async fn a_stream_that_ends_within_the_grace_commits_though_its_connection_aged_out() {
     let db = fresh_database().await;
-    let address = replica(
+    let setup = replica(
         &db,
         "aging",
         aging(Duration::from_millis(500), Duration::from_secs(10)),
     )
     .await;
-    let setup = TestApp {
-        address,
-        client: IngestServiceClient::new(connect(address).await),
-        channel: connect(address).await,
-        db: db.clone(),
-    };
+    let address = setup.address;
     let participation = setup.participation().await;
     let stream_id = Uuid::new_v4().to_string();
     let channel = connect(address).await;

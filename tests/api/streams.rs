@@ -384,10 +384,8 @@ async fn badly_framed_streams_are_refused() {
 
 #[tokio::test]
 async fn event_streams_commit_whole_or_not_at_all() {
-    use proto::stream_events_request::Frame;
     let app = spawn_app().await;
     let participation = app.participation().await;
-    let wrap = |frame| proto::StreamEventsRequest { frame: Some(frame) };
     let events = |n: i64, kind: i32| proto::EventBatch {
         events: (0..n)
             .map(|i| proto::NewEvent {
@@ -398,16 +396,8 @@ async fn event_streams_commit_whole_or_not_at_all() {
             .collect(),
     };
     let stream = |id: &str, batches: Vec<proto::EventBatch>| {
-        let total: usize = batches.iter().map(|b| b.events.len()).sum();
-        let mut messages = vec![wrap(Frame::Header(proto::StreamHeader {
-            stream_id: id.into(),
-            participation_id: participation.id.clone(),
-        }))];
-        messages.extend(batches.into_iter().map(|b| wrap(Frame::Batch(b))));
-        messages.push(wrap(Frame::Trailer(proto::StreamTrailer {
-            item_count: total as u64,
-        })));
-        messages
+        let batches = batches.into_iter().map(|b| b.events).collect();
+        crate::helpers::event_frames::stream(id, &participation.id, batches)
     };
     let talk = proto::EventKind::TalkStarted as i32;
     let receipt = app
