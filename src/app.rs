@@ -51,6 +51,11 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
 pub struct Database {
     pub pool: PgPool,
     pub local: Option<LocalPostgres>,
+    /// How long rows are kept (--retention), if not for ever.
+    pub retention: Option<Duration>,
+    /// The partition maintenance this process runs (as the schema owner), and whether
+    /// its first round failed.
+    maintenance: Option<(crate::partitions::Maintenance, bool)>,
 }
 
 impl Database {
@@ -87,18 +92,41 @@ impl Database {
             // Running as a role that may not change the schema: only check it.
             storage::check_migrated(&pool).await?;
             tracing::info!(
-                "time partitions are left to the schema owner (--skip-migrations):                  `krisp-ingest migrate` registers them with pg_partman"
+                "time partitions are left to the schema owner (--skip-migrations): \
+                 `krisp-ingest migrate` registers them with pg_partman"
             );
         } else {
             storage::migrate(&pool)
                 .await
                 .context("cannot apply the database migrations")?;
-            crate::partitions::configure(&pool, &args.partitions)
-                .await
-                .context("cannot set up the time partitions")?
-                .log();
         }
-        Ok(Self { pool, local })
+        let settings = args.partitions.check(&pool).await?;
+        let retention = settings.retention.as_ref().map(|r| r.duration);
+        let maintenance = if args.skip_migrations {
+            None
+        } else {
+            // A failure is logged and counted; it never stops the service.
+            let maintenance = crate::partitions::Maintenance::new(pool.clone(), settings.clone());
+            let first = maintenance.run_once().await;
+            if let Some(partitioning) = &first {
+                partitioning.log(settings.maintenance_every);
+            }
+            Some((maintenance, first.is_none()))
+        };
+        Ok(Self {
+            pool,
+            local,
+            retention,
+            maintenance,
+        })
+    }
+
+    /// Keeps maintaining the time partitions in the background while the process runs
+    /// (when this process owns the schema; see `--partition-maintenance-seconds`).
+    pub fn maintain_partitions(&self) {
+        if let Some((maintenance, first_failed)) = &self.maintenance {
+            maintenance.clone().spawn(*first_failed);
+        }
     }
 }
 
@@ -248,6 +276,7 @@ impl Application {
                 max_items: limits.max_stream_items,
                 max_duration: limits.max_stream_duration,
             },
+            limits.item_clock,
             cancel_calls.clone(),
         );
         let api = IngestServiceServer::new(IngestApiHandler::new(service))

@@ -3,7 +3,10 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
+use chrono::TimeDelta;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::ItemClock;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -182,6 +185,21 @@ pub struct LimitArgs {
     /// that no stream within its limit is cut.
     #[arg(long, env = "KRISP_MAX_CONNECTION_AGE_GRACE_SECONDS", global = true)]
     pub max_connection_age_grace_seconds: Option<u64>,
+
+    /// How far ahead of the server's clock an item's time may be, in seconds (devices'
+    /// clocks are skewed). Later items are refused with a field violation naming them.
+    #[arg(
+        long,
+        env = "KRISP_MAX_FUTURE_SKEW_SECONDS",
+        default_value_t = ItemClock::DEFAULT_MAX_FUTURE_SECONDS,
+        global = true
+    )]
+    pub max_future_skew_seconds: u64,
+
+    /// How old an item's time may be, in seconds; unset: any age. With --retention, at
+    /// most the retention (older rows would be dropped at the next maintenance).
+    #[arg(long, env = "KRISP_MAX_ITEM_AGE_SECONDS", global = true)]
+    pub max_item_age_seconds: Option<u64>,
 }
 
 impl LimitArgs {
@@ -208,8 +226,19 @@ impl LimitArgs {
                 .then(|| seconds(self.max_connection_age_seconds)),
             max_connection_age_jitter_percent: self.max_connection_age_jitter_percent,
             max_connection_age_grace: seconds(grace),
+            item_clock: ItemClock {
+                max_future: delta(self.max_future_skew_seconds)?,
+                max_age: self.max_item_age_seconds.map(delta).transpose()?,
+            },
         })
     }
+}
+
+fn delta(seconds: u64) -> anyhow::Result<TimeDelta> {
+    i64::try_from(seconds)
+        .ok()
+        .and_then(TimeDelta::try_seconds)
+        .ok_or_else(|| anyhow::anyhow!("{seconds} seconds is too long a time"))
 }
 
 /// `age` moved by up to `percent` percent either way, `random` (0.0..1.0) saying where.
@@ -232,6 +261,23 @@ pub struct Limits {
     pub max_connection_age: Option<Duration>,
     pub max_connection_age_jitter_percent: u8,
     pub max_connection_age_grace: Duration,
+    /// How far from the server's clock item times may lie.
+    pub item_clock: ItemClock,
+}
+
+impl Limits {
+    /// Items may be no older than `retention`: older ones would be dropped at the next
+    /// partition maintenance.
+    pub fn within_retention(mut self, retention: Option<Duration>) -> Self {
+        if let Some(retention) = retention.and_then(|r| TimeDelta::from_std(r).ok()) {
+            let age = self
+                .item_clock
+                .max_age
+                .map_or(retention, |age| age.min(retention));
+            self.item_clock.max_age = Some(age);
+        }
+        self
+    }
 }
 
 impl Default for Limits {
@@ -248,6 +294,7 @@ impl Default for Limits {
             max_connection_age: Some(seconds(1800)),
             max_connection_age_jitter_percent: 10,
             max_connection_age_grace: seconds(600),
+            item_clock: ItemClock::default(),
         }
     }
 }

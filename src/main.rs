@@ -109,6 +109,9 @@ async fn serve(
     database_args: krisp_ingest::config::DatabaseArgs,
     options: ServeOptions,
 ) -> anyhow::Result<()> {
+    if options.metrics.is_some() {
+        krisp_ingest::metrics::install()?;
+    }
     let database = Database::connect(&database_args).await?;
     // Whatever happens next, a local cluster this process started is stopped again.
     let served = serve_on(&database, options).await;
@@ -125,6 +128,8 @@ async fn serve_on(database: &Database, options: ServeOptions) -> anyhow::Result<
         tls,
     } = options;
     let keys = auth::KeyStore::load(&database.pool).await?;
+    let limits = limits.within_retention(database.retention);
+    database.maintain_partitions();
     app::check_exposure(listen, keys.is_some(), insecure)?;
     let application = Application::build(listen, database.pool.clone())
         .await?

@@ -6,7 +6,11 @@
 //! - `krisp_stream_rows`: rows per committed stream;
 //! - `krisp_active_streams`: client streams in progress;
 //! - `krisp_db_pool_connections{state}`: pooled connections in use and idle;
-//! - `krisp_load_shed_total`: calls refused by the concurrency limit.
+//! - `krisp_load_shed_total`: calls refused by the concurrency limit;
+//! - `krisp_partition_maintenance_total{outcome}`: partition maintenance rounds, `ok` or
+//!   `failed`; `krisp_partition_maintenance_last_success_seconds`: when one last
+//!   succeeded (Unix time); `krisp_partition_rows_moved_total{table}`: rows moved out of
+//!   a default partition ([`crate::partitions`]).
 
 use std::{
     convert::Infallible,
@@ -55,6 +59,12 @@ fn handle() -> anyhow::Result<&'static PrometheusHandle> {
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     Ok(HANDLE.get_or_init(|| handle))
+}
+
+/// Installs the process-wide recorder now, so that what happens before the endpoint is
+/// served (the first partition maintenance at startup) is counted too.
+pub fn install() -> anyhow::Result<()> {
+    handle().map(|_| ())
 }
 
 /// Binds `address` and serves `/metrics` until the process ends. Returns the bound address.

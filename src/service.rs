@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::domain::{
-    Event, FeedItem, Frame, Leave, NewEvent, NewParticipation, NewSentiment, NewUser,
+    Event, FeedItem, Frame, ItemClock, Leave, NewEvent, NewParticipation, NewSentiment, NewUser,
     Participation, Receipt, Sentiment, Session, SessionType, StreamHeader, TimelineEntry, Timezone,
     Usage, User,
 };
@@ -27,15 +27,23 @@ pub struct StreamLimits {
 pub struct IngestService {
     storage: Storage,
     limits: StreamLimits,
+    /// How far from the server's clock item times may lie.
+    clock: ItemClock,
     /// Cancelled when the server stops waiting for open streams (end of the shutdown grace).
     cancel_streams: CancellationToken,
 }
 
 impl IngestService {
-    pub fn new(storage: Storage, limits: StreamLimits, cancel_streams: CancellationToken) -> Self {
+    pub fn new(
+        storage: Storage,
+        limits: StreamLimits,
+        clock: ItemClock,
+        cancel_streams: CancellationToken,
+    ) -> Self {
         Self {
             storage,
             limits,
+            clock,
             cancel_streams,
         }
     }
@@ -231,6 +239,7 @@ impl IngestService {
         item: &T,
         request_id: Option<Uuid>,
     ) -> Result<Uuid, Error> {
+        check_clock(&self.clock, Utc::now(), item).map_err(|e| e.under(field))?;
         let id = request_id.unwrap_or_else(Uuid::now_v7);
         // The happy path is one statement; only a refusal costs a second look.
         for _ in 0..2 {
@@ -330,6 +339,7 @@ impl IngestService {
             &participation,
             stream_id,
             self.limits,
+            &self.clock,
         );
         let outcome = tokio::select! {
             outcome = pumped => outcome,
@@ -389,6 +399,7 @@ async fn pump_items<T, S>(
     participation: &Participation,
     stream_id: Uuid,
     limits: StreamLimits,
+    clock: &ItemClock,
 ) -> Result<u64, Error>
 where
     T: FeedTable,
@@ -420,8 +431,10 @@ where
                         retry_after: None,
                     });
                 }
+                let now = Utc::now();
                 for item in &items {
-                    check_span(participation, item)
+                    check_clock(clock, now, item)
+                        .and_then(|()| check_span(participation, item))
                         .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
                     copy.push(Uuid::now_v7(), participation, stream_id, item)
                         .await?;
@@ -460,6 +473,23 @@ where
         ));
     }
     Ok(received)
+}
+
+/// Fails unless `item`'s times lie in the window `clock` allows around `now`, naming the
+/// item's offending field.
+fn check_clock<T: FeedItem>(
+    clock: &ItemClock,
+    now: DateTime<Utc>,
+    item: &T,
+) -> Result<(), FieldViolation> {
+    let (start, end) = item.span();
+    if let Some(why) = clock.refuses(now, start) {
+        return Err(FieldViolation::new(T::START_FIELD, why));
+    }
+    match clock.refuses(now, end) {
+        Some(why) if end != start => Err(FieldViolation::new(T::END_FIELD, why)),
+        _ => Ok(()),
+    }
 }
 
 /// Fails unless `item` lies inside `participation`, naming the item's offending field.

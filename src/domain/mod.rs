@@ -1,10 +1,12 @@
 //! Validated domain types. A value of these types has passed every rule that does not
 //! need the database; constructors return the violated rules otherwise.
 
+mod clock;
 mod feed;
 mod session;
 mod user;
 
+pub use clock::*;
 pub use feed::*;
 pub use session::*;
 pub use user::*;

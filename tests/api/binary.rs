@@ -33,7 +33,7 @@ fn start_with(
 }
 
 /// Like [`start_with`], and also returns what the server logged before it listened.
-fn start_logged(
+pub(crate) fn start_logged(
     data_dir: &Path,
     env: &[(&str, &str)],
 ) -> (Child, SocketAddr, mpsc::Receiver<String>, Vec<String>) {
@@ -75,7 +75,10 @@ fn start_logged(
 
 /// Sends SIGTERM and waits (without blocking the runtime, so that the test's own client
 /// connections can close) for the exit.
-async fn terminate(mut child: Child, lines: &mpsc::Receiver<String>) -> std::process::ExitStatus {
+pub(crate) async fn terminate(
+    mut child: Child,
+    lines: &mpsc::Receiver<String>,
+) -> std::process::ExitStatus {
     let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
     signal::kill(pid, signal::Signal::SIGTERM).unwrap();
     for _ in 0..300 {

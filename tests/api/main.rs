@@ -12,6 +12,7 @@ mod distribution;
 mod helpers;
 mod hostile;
 mod idempotency;
+mod item_times;
 mod least_privilege;
 mod limits;
 mod metrics;

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::helpers::{TestApp, connect, frames, fresh_database, sentiments};
 
-async fn scrape(address: SocketAddr) -> String {
+pub(crate) async fn scrape(address: SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
@@ -21,7 +21,7 @@ async fn scrape(address: SocketAddr) -> String {
 }
 
 /// The value of the series whose line starts with `series` (0 when absent).
-fn value(scrape: &str, series: &str) -> f64 {
+pub(crate) fn value(scrape: &str, series: &str) -> f64 {
     scrape
         .lines()
         .find(|line| line.starts_with(series))

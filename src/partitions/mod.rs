@@ -4,12 +4,22 @@
 //! partition that takes every row. Partitions by time, and dropping them once they are
 //! older than the retention, are pg_partman's job: when the extension is in the database
 //! (or may be created there), the two tables are registered with it at startup, their
-//! settings (premake, retention) are brought up to date, and its maintenance runs once.
-//! Scheduling that maintenance afterwards is pg_partman's too (its background worker,
-//! `pg_partman_bgw`, or a cron job calling `partman.run_maintenance()`).
+//! settings (premake, retention) are brought up to date, and its maintenance runs
+//! ([`maintenance`]): rows that landed in a default partition move into partitions of
+//! their own, partitions are made ahead and dropped past the retention. The service
+//! repeats that maintenance itself (`--partition-maintenance-seconds`); pg_partman's
+//! background worker or a cron job may run it too.
+//!
+//! Maintenance never stops the service: a failed round is logged with what to do,
+//! counted in `krisp_partition_maintenance_total{outcome="failed"}`, and retried, while
+//! ingest goes on (rows outside the partitions land in the default partitions meanwhile).
 //!
 //! Without pg_partman the service works all the same: rows go to the default partitions,
 //! no partitions by time are made and no retention is applied. Startup says so.
+
+mod maintenance;
+
+pub use maintenance::{Maintenance, maintain};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -55,6 +65,17 @@ pub struct PartitionArgs {
     /// "90 days"). Unset: keep everything.
     #[arg(long, env = "KRISP_RETENTION", global = true)]
     pub retention: Option<String>,
+
+    /// Seconds between the service's own runs of partition maintenance (moving rows out
+    /// of the default partitions, making partitions ahead, applying the retention); a
+    /// failed run is retried after a minute at most. 0: leave it to pg_partman_bgw or cron.
+    #[arg(
+        long,
+        env = "KRISP_PARTITION_MAINTENANCE_SECONDS",
+        default_value_t = 3600,
+        global = true
+    )]
+    pub partition_maintenance_seconds: u64,
 }
 
 impl Default for PartitionArgs {
@@ -64,7 +85,55 @@ impl Default for PartitionArgs {
             partition_interval: "1 day".into(),
             partition_premake: 4,
             retention: None,
+            partition_maintenance_seconds: 3600,
         }
+    }
+}
+
+/// [`PartitionArgs`] checked against PostgreSQL's reading of the intervals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub partman: PartmanMode,
+    /// The partition interval as PostgreSQL prints it.
+    pub interval: String,
+    pub premake: u16,
+    pub retention: Option<Retention>,
+    /// Between the service's own maintenance runs; `None`: it runs none after startup.
+    pub maintenance_every: Option<std::time::Duration>,
+}
+
+/// How long rows are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    /// As PostgreSQL prints it (what pg_partman is given).
+    pub interval: String,
+    /// Its length (a month counts 30 days, as PostgreSQL's epoch of an interval does).
+    pub duration: std::time::Duration,
+}
+
+impl PartitionArgs {
+    /// Checks the intervals (PostgreSQL parses them); an error names the flag.
+    pub async fn check(&self, pool: &PgPool) -> anyhow::Result<Settings> {
+        let (interval, _) =
+            checked_interval(pool, "--partition-interval", &self.partition_interval).await?;
+        let retention = match &self.retention {
+            Some(retention) => {
+                let (interval, seconds) = checked_interval(pool, "--retention", retention).await?;
+                Some(Retention {
+                    interval,
+                    duration: std::time::Duration::from_secs_f64(seconds),
+                })
+            }
+            None => None,
+        };
+        Ok(Settings {
+            partman: self.partman,
+            interval,
+            premake: self.partition_premake,
+            retention,
+            maintenance_every: (self.partition_maintenance_seconds > 0)
+                .then(|| std::time::Duration::from_secs(self.partition_maintenance_seconds)),
+        })
     }
 }
 
@@ -86,8 +155,9 @@ pub enum Partitioning {
 }
 
 impl Partitioning {
-    /// Writes the startup log line that says what this means.
-    pub fn log(&self) {
+    /// Writes the startup log line that says what this means; `own_maintenance`: how
+    /// often the service runs the maintenance itself.
+    pub fn log(&self, own_maintenance: Option<std::time::Duration>) {
         match self {
             Self::Partman {
                 schema,
@@ -101,14 +171,23 @@ impl Partitioning {
                     retention = retention.as_deref().unwrap_or("none (keep everything)"),
                     "sentiments and events are partitioned by time, managed by pg_partman"
                 );
-                if !worker {
-                    tracing::warn!(
-                        "pg_partman_bgw does not maintain this database: schedule \
+                match (own_maintenance, *worker) {
+                    (Some(every), _) => tracing::info!(
+                        every = ?every,
+                        pg_partman_bgw = worker,
+                        "the service runs the partition maintenance itself"
+                    ),
+                    (None, true) => {
+                        tracing::info!("pg_partman_bgw runs the partition maintenance")
+                    }
+                    (None, false) => tracing::warn!(
+                        "nothing maintains the partitions (--partition-maintenance-seconds 0 \
+                         and pg_partman_bgw does not maintain this database): schedule \
                          `SELECT {schema}.run_maintenance()` (cron, pg_cron) or set \
                          shared_preload_libraries = 'pg_partman_bgw' and pg_partman_bgw.dbname; \
                          otherwise no partitions are made after the premade ones and new rows \
                          go to the default partitions (docs/SCALING.md)"
-                    );
+                    ),
                 }
             }
             Self::DefaultOnly { reason } => tracing::warn!(
@@ -121,15 +200,24 @@ impl Partitioning {
     }
 }
 
-/// Registers sentiments and events with pg_partman if it can be used, and reports how
-/// they are partitioned. Runs as the schema owner (after the migrations).
+/// Registers sentiments and events with pg_partman if it can be used, brings its
+/// settings up to date, runs one maintenance, and reports how the tables are
+/// partitioned. Runs as the schema owner (after the migrations). Any failure is an
+/// error here; the service calls [`settle`] and [`maintain`] itself so that a failed
+/// maintenance does not stop it.
 pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Partitioning> {
-    let interval = checked_interval(pool, "--partition-interval", &args.partition_interval).await?;
-    let retention = match &args.retention {
-        Some(retention) => Some(checked_interval(pool, "--retention", retention).await?),
-        None => None,
-    };
-    if args.partman == PartmanMode::Off {
+    let settings = args.check(pool).await?;
+    let partitioning = settle(pool, &settings).await?;
+    if let Partitioning::Partman { schema, .. } = &partitioning {
+        maintain(pool, schema).await?;
+    }
+    Ok(partitioning)
+}
+
+/// Registers sentiments and events with pg_partman if it can be used and brings its
+/// settings up to date (no maintenance); reports how the tables are partitioned.
+pub async fn settle(pool: &PgPool, settings: &Settings) -> anyhow::Result<Partitioning> {
+    if settings.partman == PartmanMode::Off {
         return Ok(Partitioning::DefaultOnly {
             reason: "pg_partman is switched off (--partman off)".into(),
         });
@@ -142,6 +230,8 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
         },
     };
     let schema_ident = quote_ident(&schema);
+    let interval = &settings.interval;
+    let retention = settings.retention.as_ref().map(|r| r.interval.clone());
 
     let mut intervals = Vec::new();
     let mut tx = pool.begin().await?;
@@ -158,7 +248,15 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
         .fetch_one(&mut *tx)
         .await?;
         if !registered {
-            register(&mut tx, &schema_ident, table, column, &interval, args).await?;
+            take_over(
+                &mut tx,
+                &schema_ident,
+                table,
+                column,
+                interval,
+                settings.premake,
+            )
+            .await?;
         }
         // Bring the settings up to date; the interval stays what the set was created with.
         let (kept, same): (String, bool) = sqlx::query_as(&format!(
@@ -169,9 +267,9 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
              RETURNING partition_interval, partition_interval::interval = $4::interval"
         ))
         .bind(&parent)
-        .bind(i32::from(args.partition_premake))
+        .bind(i32::from(settings.premake))
         .bind(&retention)
-        .bind(&interval)
+        .bind(interval)
         .fetch_one(&mut *tx)
         .await?;
         if !same {
@@ -186,7 +284,6 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
         intervals.push(((*table).to_owned(), kept));
     }
     tx.commit().await?;
-    run_maintenance(pool, &schema).await?;
     let worker: bool = sqlx::query_scalar(
         "SELECT current_database() = ANY (string_to_array(replace( \
              coalesce(current_setting('pg_partman_bgw.dbname', true), ''), ' ', ''), ','))",
@@ -201,32 +298,16 @@ pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Pa
     })
 }
 
-/// Runs pg_partman's maintenance for our tables now: makes partitions ahead, drops
-/// those past the retention.
-pub async fn run_maintenance(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
-    let schema_ident = quote_ident(schema);
-    for (table, _) in PARTITIONED {
-        sqlx::query(&format!(
-            "SELECT {schema_ident}.run_maintenance(p_parent_table := $1, p_jobmon := false)"
-        ))
-        .bind(format!("public.{table}"))
-        .execute(pool)
-        .await
-        .with_context(|| format!("pg_partman maintenance of {table} failed"))?;
-    }
-    Ok(())
-}
-
 /// Hands `table` to pg_partman. The migration's default partition (which has taken every
 /// row so far) is detached, pg_partman creates the partitions and its own default, and
 /// the rows move over into the partitions their time belongs to.
-async fn register(
+async fn take_over(
     tx: &mut Transaction<'static, Postgres>,
     schema_ident: &str,
     table: &str,
     column: &str,
     interval: &str,
-    args: &PartitionArgs,
+    premake: u16,
 ) -> anyhow::Result<()> {
     let default = format!("{table}_default");
     let before = format!("{table}_before_partman");
@@ -256,7 +337,7 @@ async fn register(
     .bind(format!("public.{table}"))
     .bind(column)
     .bind(interval)
-    .bind(i32::from(args.partition_premake))
+    .bind(i32::from(premake))
     .execute(&mut **tx)
     .await
     .with_context(|| format!("pg_partman could not take over {table}"))?;
@@ -339,16 +420,18 @@ async fn create_partman(pool: &PgPool) -> anyhow::Result<Result<String, String>>
 }
 
 /// Checks that `value` is a positive PostgreSQL interval; returns it as PostgreSQL
-/// prints it.
-async fn checked_interval(pool: &PgPool, flag: &str, value: &str) -> anyhow::Result<String> {
-    let parsed: Result<(String, bool), sqlx::Error> =
-        sqlx::query_as("SELECT $1::interval::text, $1::interval > interval '0'")
-            .bind(value)
-            .fetch_one(pool)
-            .await;
+/// prints it, and its length in seconds.
+async fn checked_interval(pool: &PgPool, flag: &str, value: &str) -> anyhow::Result<(String, f64)> {
+    let parsed: Result<(String, bool, f64), sqlx::Error> = sqlx::query_as(
+        "SELECT $1::interval::text, $1::interval > interval '0', \
+                extract(epoch FROM $1::interval)::float8",
+    )
+    .bind(value)
+    .fetch_one(pool)
+    .await;
     match parsed {
-        Ok((text, true)) => Ok(text),
-        Ok((text, false)) => anyhow::bail!(
+        Ok((text, true, seconds)) => Ok((text, seconds)),
+        Ok((text, false, _)) => anyhow::bail!(
             "{flag} must be a positive interval such as \"1 day\", \"7 days\" or \
              \"1 hour\", not {value:?} ({text})"
         ),
@@ -362,6 +445,6 @@ async fn checked_interval(pool: &PgPool, flag: &str, value: &str) -> anyhow::Res
     }
 }
 
-fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
