@@ -66,6 +66,10 @@ pub enum Error {
         message: String,
         retry_after: Option<std::time::Duration>,
     },
+    /// `DEADLINE_EXCEEDED`: the call's deadline passed while the database worked on it;
+    /// PostgreSQL stopped the statement and nothing of the call was stored.
+    #[error("the deadline of the call passed before the database finished; nothing was stored")]
+    DeadlineExceeded,
     /// `UNAVAILABLE`: the server is shutting down; nothing of the call was stored.
     #[error("the server is shutting down; nothing of this call was stored, retry")]
     ShuttingDown,
@@ -124,6 +128,7 @@ impl Error {
             Self::Aborted(_) => Code::Aborted,
             Self::StreamBroken(_) => Code::Cancelled,
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::ShuttingDown => Code::Unavailable,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,

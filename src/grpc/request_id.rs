@@ -1,6 +1,8 @@
 //! A request id for every call: taken from the `x-request-id` metadata when the client
 //! sends a usable one, generated otherwise; recorded on a span that wraps the whole call
-//! (so every log line of the call carries it) and echoed in the response metadata.
+//! (so every log line of the call carries it) and echoed in the response metadata. The
+//! call also runs inside its deadline's [`crate::deadline::scope`], read from
+//! `grpc-timeout`, so that storage can pass the deadline on to PostgreSQL.
 
 use std::task::{Context, Poll};
 
@@ -54,16 +56,22 @@ where
             .get(HEADER)
             .and_then(usable)
             .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(crate::deadline::parse_grpc_timeout)
+            .and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
         let span = tracing::info_span!("rpc", request_id = %id, method = %request.uri().path());
         let call = self.inner.call(request);
         Box::pin(
-            async move {
+            crate::deadline::scope(deadline, async move {
                 let mut response = call.await?;
                 if let Ok(value) = HeaderValue::from_str(&id) {
                     response.headers_mut().insert(HEADER, value);
                 }
                 Ok(response)
-            }
+            })
             .instrument(span),
         )
     }

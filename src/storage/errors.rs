@@ -61,6 +61,8 @@ pub fn db_error(error: sqlx::Error) -> Error {
                     "contains characters PostgreSQL cannot store (NUL)",
                 )]),
                 Some("40001" | "40P01") => Error::Aborted(error),
+                // query_canceled: the call's statement_timeout, or its cancellation.
+                Some("57014") => Error::DeadlineExceeded,
                 // Connection exceptions, shutdown in progress, too many connections.
                 Some(code)
                     if code.starts_with("08")

@@ -2,6 +2,7 @@
 //! ([`errors::db_error`]). All statements bind their parameters.
 
 mod batch;
+mod call;
 pub mod copy;
 mod errors;
 mod feed;
@@ -213,8 +214,9 @@ impl Storage {
         Ok(())
     }
 
+    /// Opens a transaction bounded by the current call's deadline.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, Error> {
-        self.pool.begin().await.map_err(db_error)
+        call::begin(&self.pool).await
     }
 
     /// Inserts a user; `None` when a user with this id exists already. The external id
@@ -269,25 +271,36 @@ impl Storage {
     }
 
     /// Deletes a user and (by cascade) everything that hangs under the user. Returns the
-    /// number of participations deleted, or `None` when there was no such user.
+    /// number of participations deleted, or `None` when there was no such user. The
+    /// statements stop with the call (its deadline, or its cancellation).
     #[tracing::instrument(skip_all, fields(user_id = %id))]
     pub async fn delete_user(&self, id: Uuid) -> Result<Option<u64>, Error> {
         let mut tx = self.begin().await?;
-        let participations: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM participations WHERE user_id = $1")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        // The user's external id row cascades to the user and everything below.
-        let deleted = sqlx::query("DELETE FROM user_external_ids WHERE user_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?
-            .rows_affected();
+        let (participations, deleted) =
+            call::cancelled_with_call(&self.pool, &mut tx, |conn| async move {
+                let participations: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM participations WHERE user_id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(db_error)?;
+                // The user's external id row cascades to the user and everything below.
+                let deleted = sqlx::query("DELETE FROM user_external_ids WHERE user_id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected();
+                Ok((participations, deleted))
+            })
+            .await?;
         tx.commit().await.map_err(db_error)?;
-        Ok((deleted == 1).then(|| u64::try_from(participations).unwrap_or_default()))
+        if deleted != 1 {
+            return Ok(None);
+        }
+        u64::try_from(participations)
+            .map(Some)
+            .map_err(Error::internal)
     }
 
     /// Creates or updates a timezone; `true` when it was created.

@@ -8,6 +8,7 @@ mod auth;
 mod bench;
 mod binary;
 mod contract;
+mod deletes;
 mod distribution;
 mod helpers;
 mod hostile;

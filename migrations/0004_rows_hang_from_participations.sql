@@ -1,0 +1,21 @@
+-- DeleteUser was quadratic (183 s for a user with 400 streams of 500 rows in a 3.7M-row
+-- table). Deleting a user cascades to sentiments and events along two keys:
+--   (user_id, participation_id) -> participations: one DELETE per participation, through
+--     the timeline index;
+--   (user_id, stream_id) -> ingest_streams: one DELETE per stream record, with no index
+--     to use, so each scanned every partition in full.
+-- An index for the second key was measured (docs/BENCHMARKS.md, "DeleteUser"): it ends
+-- the full scans, yet every row is still visited twice (once by each cascade, the second
+-- time to find it deleted already), and the per-stream statements each open every
+-- partition: 0.26 to 0.42 s for that user, against 0.15 s along the participation alone.
+--
+-- So the rows hang from their participation only. The stream keys added no integrity the
+-- service or its clients rely on: a row's stream_id is bookkeeping (which committed
+-- stream wrote the row; no API returns it). It is written in the same transaction that
+-- claims the stream record, and the one path that deletes stream records (a deleted
+-- participation) deletes their rows with them. What stays in the schema: every row
+-- belongs to an existing participation of the same user (sentiments/events ->
+-- participations), every stream record too (ingest_streams -> participations), and a
+-- stream id commits once per user (ingest_streams' primary key).
+ALTER TABLE sentiments DROP CONSTRAINT sentiments_stream_fkey;
+ALTER TABLE events DROP CONSTRAINT events_stream_fkey;

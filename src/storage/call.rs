@@ -1,0 +1,93 @@
+//! Database work tied to the call it serves: it stops when the call's deadline passes or
+//! the call is dropped (the client cancelled), instead of running on in PostgreSQL.
+
+use std::future::Future;
+
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
+
+use super::db_error;
+use crate::error::Error;
+
+/// Opens a transaction whose statements PostgreSQL stops when the current call's
+/// deadline passes (`statement_timeout`, local to the transaction).
+pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, Error> {
+    let mut tx = pool.begin().await.map_err(db_error)?;
+    if let Some(left) = crate::deadline::remaining() {
+        if left.is_zero() {
+            return Err(Error::DeadlineExceeded);
+        }
+        let millis = left.as_millis().clamp(1, i32::MAX as u128);
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(format!("{millis}ms"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    }
+    Ok(tx)
+}
+
+/// Runs `work` on `conn`; if the call is dropped before `work` finishes (the client
+/// cancelled, or tonic gave up at the deadline), the statement `conn` is running is
+/// cancelled (`pg_cancel_backend`, from a connection of its own) rather than left to
+/// finish for nobody. The transaction then rolls back as the connection returns to the
+/// pool.
+pub async fn cancelled_with_call<'c, T, F>(
+    pool: &PgPool,
+    conn: &'c mut PgConnection,
+    work: impl FnOnce(&'c mut PgConnection) -> F,
+) -> Result<T, Error>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    let mut guard = CancelOnDrop {
+        pool: pool.clone(),
+        pid,
+        armed: true,
+    };
+    let outcome = work(conn).await;
+    guard.armed = false;
+    outcome
+}
+
+/// Cancels backend `pid`'s statement when dropped while armed.
+struct CancelOnDrop {
+    pool: PgPool,
+    pid: i32,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (options, pid) = (self.pool.connect_options(), self.pid);
+        runtime.spawn(async move {
+            // A connection of its own: the pool may be busy, and the cancel is urgent.
+            let cancelled = async {
+                let mut conn = PgConnection::connect_with(&options).await?;
+                let cancelled: bool = sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+                    .bind(pid)
+                    .fetch_one(&mut conn)
+                    .await?;
+                conn.close().await?;
+                Ok::<_, sqlx::Error>(cancelled)
+            };
+            match cancelled.await {
+                Ok(cancelled) => {
+                    tracing::info!(pid, cancelled, "the call went away: cancelled its statement")
+                }
+                Err(error) => {
+                    tracing::warn!(pid, %error, "the call went away, but cancelling its statement failed")
+                }
+            }
+        });
+    }
+}
