@@ -388,7 +388,11 @@ pub async fn finish_stream(
 ) -> Result<DateTime<Utc>, Error> {
     let items = i64::try_from(items_stored).map_err(Error::internal)?;
     sqlx::query_scalar(
-        "UPDATE ingest_streams SET items_stored = $3, committed_at = clock_timestamp() \
+        // statement_timestamp(), not clock_timestamp(): Citus refuses VOLATILE functions in
+        // an UPDATE of a distributed table; a STABLE one without column arguments it
+        // evaluates once, on the coordinator. This is the stream's last statement before
+        // COMMIT, so the two differ by microseconds.
+        "UPDATE ingest_streams SET items_stored = $3, committed_at = statement_timestamp() \
          WHERE user_id = $1 AND stream_id = $2 RETURNING committed_at",
     )
     .bind(participation.user_id)

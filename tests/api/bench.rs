@@ -23,6 +23,14 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
             "--rss-rows",
             "4000",
         ])
+        .args([
+            "--delete-table-rows",
+            "20000",
+            "--delete-streams",
+            "4",
+            "--delete-stream-rows",
+            "50",
+        ])
         .args(["--repeat", "1", "--chart"])
         .arg(chart.path())
         .output()
@@ -45,6 +53,14 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
     }
     assert!(
         stdout.contains("server RSS while streaming 4000 rows"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("delete-user 4x50 in a 0.02M-row table: "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("copy without / with the stream keys"),
         "{stdout}"
     );
     let last = stdout.lines().last().unwrap_or_default();

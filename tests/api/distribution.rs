@@ -16,7 +16,7 @@ const CITUS_SQL: &str = include_str!("../../deploy/citus.sql");
 const LOCAL: &[&str] = &["_sqlx_migrations"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Placement {
+pub(crate) enum Placement {
     Reference,
     Distributed {
         column: String,
@@ -24,10 +24,39 @@ enum Placement {
     },
 }
 
+/// One step of a distribution script, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Place(String, Placement),
+    /// `SET citus.enable_local_reference_table_foreign_keys = on|off`.
+    LocalReferenceKeys(bool),
+}
+
 /// The placement of each table, as `deploy/citus.sql` declares it.
-fn placements() -> BTreeMap<String, Placement> {
-    let mut out = BTreeMap::new();
-    for line in CITUS_SQL.lines().map(str::trim) {
+pub(crate) fn placements() -> BTreeMap<String, Placement> {
+    steps(CITUS_SQL)
+        .into_iter()
+        .filter_map(|step| match step {
+            Step::Place(table, placement) => Some((table, placement)),
+            Step::LocalReferenceKeys(_) => None,
+        })
+        .collect()
+}
+
+/// The steps of a distribution script.
+fn steps(script: &str) -> Vec<Step> {
+    let mut out = Vec::new();
+    for line in script.lines().map(str::trim) {
+        if let Some(value) = line
+            .strip_prefix("SET citus.enable_local_reference_table_foreign_keys")
+            .map(|rest| {
+                rest.trim_start_matches([' ', '='])
+                    .trim_start_matches("TO ")
+            })
+        {
+            out.push(Step::LocalReferenceKeys(!value.starts_with("off")));
+            continue;
+        }
         let args = |prefix: &str| {
             line.strip_prefix(prefix)
                 .and_then(|rest| rest.strip_suffix(");"))
@@ -38,23 +67,70 @@ fn placements() -> BTreeMap<String, Placement> {
                 })
         };
         if let Some(args) = args("SELECT create_reference_table(") {
-            out.insert(args[0].clone(), Placement::Reference);
+            out.push(Step::Place(args[0].clone(), Placement::Reference));
         } else if let Some(args) = args("SELECT create_distributed_table(") {
             let colocate_with = args.get(2).map(|a| {
                 a.trim_start_matches("colocate_with => ")
                     .trim_matches('\'')
                     .to_owned()
             });
-            out.insert(
+            out.push(Step::Place(
                 args[0].clone(),
                 Placement::Distributed {
                     column: args[1].clone(),
                     colocate_with,
                 },
-            );
+            ));
         }
     }
     out
+}
+
+/// Where the order of a distribution script breaks Citus' rules, run over the catalog
+/// of `db`:
+/// - a table is distributed while a table it references is not yet a Citus table;
+/// - `create_reference_table(T)` runs while a local table has a foreign key with T and
+///   `citus.enable_local_reference_table_foreign_keys` is on: Citus then converts that
+///   local table (and its whole foreign-key graph) into a Citus local table, which fails
+///   for partitioned tables (seen on Citus 13.2: "child table is missing constraint").
+async fn script_violations(db: &PgPool, script: &str) -> Vec<String> {
+    let keys: Vec<(String, String)> = constraints(db)
+        .await
+        .into_iter()
+        .filter_map(|c| c.references.map(|(referenced, _)| (c.table, referenced)))
+        .filter(|(table, referenced)| table != referenced)
+        .collect();
+    let mut citus: HashSet<String> = HashSet::new();
+    let mut local_reference_keys = true;
+    let mut violations = Vec::new();
+    for step in steps(script) {
+        let (table, placement) = match step {
+            Step::LocalReferenceKeys(on) => {
+                local_reference_keys = on;
+                continue;
+            }
+            Step::Place(table, placement) => (table, placement),
+        };
+        for (from, to) in &keys {
+            if *from == table && !citus.contains(to) {
+                violations.push(format!(
+                    "{table} is made a Citus table while {to}, which it references, is not yet one"
+                ));
+            }
+            let local_partner = (*to == table && !citus.contains(from)).then_some(from);
+            if let (Placement::Reference, Some(local), true) =
+                (&placement, local_partner, local_reference_keys)
+            {
+                violations.push(format!(
+                    "create_reference_table('{table}') while local table {local} references it \
+                     and citus.enable_local_reference_table_foreign_keys is on: Citus would \
+                     convert {local} into a Citus local table (it fails for partitioned tables)"
+                ));
+            }
+        }
+        citus.insert(table);
+    }
+    violations
 }
 
 /// One constraint as the catalog has it.
@@ -245,6 +321,8 @@ async fn the_schema_follows_the_citus_rules_for_its_distribution() {
             "{table}: {placements:?}"
         );
     }
+    let order = script_violations(&db, CITUS_SQL).await;
+    assert!(order.is_empty(), "{order:#?}");
     let (violations, report) = citus_violations(&db).await;
     println!("Citus catalog check ({} constraints):", report.len());
     for line in &report {
@@ -305,6 +383,43 @@ async fn the_catalog_check_finds_constraints_that_break_the_rules() {
         );
     }
     assert_eq!(violations.len(), 5, "{joined}");
+}
+
+#[tokio::test]
+async fn the_script_check_finds_orders_that_citus_refuses() {
+    let db = fresh_database().await;
+    // The file as it was when a real Citus 13.2 cluster refused it: reference tables
+    // first, with the conversion of local tables on.
+    let without_setting: String = CITUS_SQL
+        .lines()
+        .filter(|line| !line.starts_with("SET citus.enable_local_reference_table_foreign_keys"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let found = script_violations(&db, &without_setting).await.join("\n");
+    for expected in [
+        "create_reference_table('timezones') while local table participations references it",
+        "create_reference_table('sessions') while local table participations references it",
+        "create_reference_table('user_external_ids') while local table users references it",
+    ] {
+        assert!(
+            found.contains(expected),
+            "missing {expected:?} in:\n{found}"
+        );
+    }
+    // Distributing a table before the tables it references.
+    let backwards = "SET citus.enable_local_reference_table_foreign_keys = off;\n\
+        SELECT create_distributed_table('participations', 'user_id');\n\
+        SELECT create_reference_table('timezones');\n";
+    let found = script_violations(&db, backwards).await.join("\n");
+    for expected in [
+        "participations is made a Citus table while users, which it references, is not yet one",
+        "participations is made a Citus table while timezones, which it references",
+    ] {
+        assert!(
+            found.contains(expected),
+            "missing {expected:?} in:\n{found}"
+        );
+    }
 }
 
 /// Records, per transaction, the user of every row written to the per-user tables.

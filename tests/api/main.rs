@@ -7,6 +7,7 @@
 mod auth;
 mod bench;
 mod binary;
+mod citus_statements;
 mod contract;
 mod deletes;
 mod distribution;

@@ -6,7 +6,9 @@
 //! 4. `grpc-unary`: RecordSentiment against the same single-row INSERT through sqlx,
 //!
 //! and reports rows/s, latencies, CPU time per process, and the server's peak RSS during
-//! one long stream. It ends with `stream/copy ratio: X.XX`.
+//! one long stream; then `delete-user` ([`delete_user`]): DeleteUser in a large table,
+//! and what the schema that makes it fast costs stream ingest. It ends with
+//! `stream/copy ratio: X.XX`.
 //!
 //! The server runs as a child process (this binary, `serve` subcommand), so its memory
 //! and CPU are measured on their own.
@@ -42,6 +44,8 @@ use sqlx::{
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
+
+mod delete_user;
 
 const BENCH_DATABASE: &str = "krisp_bench";
 
@@ -84,6 +88,15 @@ struct Args {
     /// default partition, as a server without pg_partman does.
     #[arg(long, value_enum, default_value_t = PartmanMode::Auto)]
     partitions: PartmanMode,
+    /// delete-user: rows of other users in the table (0: skip the scenario).
+    #[arg(long, default_value_t = 4_000_000)]
+    delete_table_rows: u64,
+    /// delete-user: streams of the deleted user.
+    #[arg(long, default_value_t = 400)]
+    delete_streams: u64,
+    /// delete-user: rows per stream of the deleted user.
+    #[arg(long, default_value_t = 500)]
+    delete_stream_rows: u64,
     /// Where to write the chart (SVG) of rows/s by method.
     #[arg(long, default_value = "docs/benchmarks.svg")]
     chart: PathBuf,
@@ -966,6 +979,22 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     );
     let (idle_kib, peak_kib, hwm_kib, rss_elapsed) = bench_rss(args, &fx, args.rss_rows).await?;
     settle(&pool).await?;
+    eprintln!("copy with and without the stream keys ...");
+    let (copy_without_keys, copy_with_keys) =
+        delete_user::bench_stream_keys(&fx, args.rows, args.repeat).await?;
+    let delete_times = if args.delete_table_rows > 0 {
+        let shape = delete_user::Shape {
+            table_rows: args.delete_table_rows,
+            streams: args.delete_streams,
+            stream_rows: args.delete_stream_rows,
+        };
+        let server = Server::start(args, 16).await?;
+        let times = delete_user::bench_delete(&fx, &server, &shape, args.repeat).await?;
+        server.stop().await?;
+        times
+    } else {
+        Vec::new()
+    };
     let results = medians(runs);
 
     // Report.
@@ -1043,6 +1072,29 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             out,
             "grpc-unary/sqlx-insert ratio at concurrency {c}: {:.2}",
             at("grpc-unary", c) / at("sqlx-insert", c).max(1e-9)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "copy without / with the stream keys (dropped by migration 0004): {:.0} / {:.0} rows/s, ratio {:.2}",
+        copy_without_keys,
+        copy_with_keys,
+        copy_without_keys / copy_with_keys.max(1e-9)
+    );
+    if let Some(median) = delete_times.get(delete_times.len() / 2) {
+        let rounds: Vec<String> = delete_times
+            .iter()
+            .map(|t| format!("{:.3}", t.as_secs_f64()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "delete-user {}x{} in a {}M-row table: {:.3} s (median of {}; rounds {})",
+            args.delete_streams,
+            args.delete_stream_rows,
+            args.delete_table_rows as f64 / 1e6,
+            median.as_secs_f64(),
+            delete_times.len(),
+            rounds.join(", ")
         );
     }
     // Each side at its best concurrency.
