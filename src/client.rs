@@ -228,7 +228,10 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let mut client = connect(&args.client).await?;
-    let start = Utc::now() - TimeDelta::hours(1);
+    // A new participation starts early enough for the last 100 ms segment to end a minute
+    // ago: the server refuses items dated ahead of its clock (--max-future-skew-seconds).
+    let span = TimeDelta::milliseconds(i64::try_from(args.count).unwrap_or(i64::MAX / 200) * 100);
+    let start = Utc::now() - span - TimeDelta::minutes(1);
     let participation_id = match &args.participation_id {
         Some(id) => id.clone(),
         None => new_participation(&mut client, start).await?.3.id,

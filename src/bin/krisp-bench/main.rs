@@ -337,10 +337,15 @@ struct Fixtures {
 }
 
 impl Fixtures {
-    async fn new(pool: PgPool) -> anyhow::Result<Self> {
-        // The start of the current hour: rows fall in today's (or tomorrow's) partition.
+    /// `span_rows`: the most rows one measurement writes for one participation; they end
+    /// before now, since the server refuses items dated ahead of its clock.
+    async fn new(pool: PgPool, span_rows: u64) -> anyhow::Result<Self> {
+        // Whole hours back, so that the rows of the default sizes fall in the partitions
+        // pg_partman made around now (4 days either way).
+        let span = i64::try_from(span_rows / 10)? + 3600;
         let now = Utc::now().timestamp();
-        let base = DateTime::from_timestamp(now - now % 3600, 0).context("base time")?;
+        let base = DateTime::from_timestamp(now - now % 3600 - (span - span % 3600), 0)
+            .context("base time")?;
         sqlx::query("INSERT INTO timezones (code, utc_offset_seconds) VALUES ('UTC', 0)")
             .execute(&pool)
             .await?;
@@ -925,7 +930,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
     }
-    let fx = Arc::new(Fixtures::new(pool.clone()).await?);
+    let span_rows = args.rows.max(args.rss_rows).max(args.row_by_row_rows);
+    let fx = Arc::new(Fixtures::new(pool.clone(), span_rows).await?);
 
     eprintln!(
         "krisp-bench: {} rows per load, streams {:?}, unary {:?} x {} requests, {} rounds",
