@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, count, eventually, frames, sentiments, spawn_app};
+use crate::helpers::{TestApp, count, eventually, sentiments, spawn_app};
 
 /// Backends of the test database running the DeleteUser statement right now.
 async fn running_deletes(db: &PgPool) -> i64 {
@@ -50,6 +50,21 @@ async fn user_exists(app: &TestApp, user_id: &str) -> bool {
         .is_ok()
 }
 
+/// While the lock is still held, nothing waits for it any more; once it is released, the
+/// user is still there (the DELETE rolled back).
+async fn stopped_in_postgres(
+    app: &TestApp,
+    participation: &proto::Participation,
+    blocker: sqlx::Transaction<'static, sqlx::Postgres>,
+) {
+    eventually("the DELETE stopped in PostgreSQL", || async {
+        running_deletes(&app.db).await == 0
+    })
+    .await;
+    blocker.rollback().await.unwrap();
+    assert!(user_exists(app, &participation.user_id).await);
+}
+
 #[tokio::test]
 async fn delete_user_stops_in_postgres_when_the_deadline_passes() {
     let app = spawn_app().await;
@@ -63,13 +78,7 @@ async fn delete_user_stops_in_postgres_when_the_deadline_passes() {
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    // The lock is still held, yet nothing waits for it any more.
-    eventually("the DELETE stopped in PostgreSQL", || async {
-        running_deletes(&app.db).await == 0
-    })
-    .await;
-    blocker.rollback().await.unwrap();
-    assert!(user_exists(&app, &participation.user_id).await);
+    stopped_in_postgres(&app, &participation, blocker).await;
 }
 
 #[tokio::test]
@@ -89,12 +98,7 @@ async fn delete_user_stops_in_postgres_when_the_client_cancels() {
     .await;
     // The client gives up: its call is dropped (HTTP/2 RST_STREAM).
     call.abort();
-    eventually("the DELETE stopped in PostgreSQL", || async {
-        running_deletes(&app.db).await == 0
-    })
-    .await;
-    blocker.rollback().await.unwrap();
-    assert!(user_exists(&app, &participation.user_id).await);
+    stopped_in_postgres(&app, &participation, blocker).await;
 }
 
 #[tokio::test]
@@ -104,16 +108,8 @@ async fn delete_user_removes_streamed_and_unary_rows_of_that_user_only() {
     let kept = app.participation().await;
     for participation in [&doomed, &kept] {
         for _ in 0..3 {
-            let stream = frames::stream(
-                &Uuid::new_v4().to_string(),
-                &participation.id,
-                vec![sentiments(0, 50)],
-            );
-            app.client
-                .clone()
-                .stream_sentiments(tokio_stream::iter(stream))
-                .await
-                .unwrap();
+            app.stream_sentiments(&participation.id, vec![sentiments(0, 50)])
+                .await;
         }
         app.client
             .clone()

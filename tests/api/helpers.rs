@@ -378,6 +378,24 @@ impl TestApp {
     }
 
     /// A user connected to a new session at t0 (in timezone UTC).
+    /// Streams `batches` of sentiments for `participation_id` in one new stream; panics
+    /// unless it commits.
+    pub async fn stream_sentiments(
+        &self,
+        participation_id: &str,
+        batches: Vec<Vec<proto::NewSentiment>>,
+    ) -> proto::StreamReceipt {
+        let stream = frames::stream(&Uuid::new_v4().to_string(), participation_id, batches);
+        self.client
+            .clone()
+            .stream_sentiments(tokio_stream::iter(stream))
+            .await
+            .expect("StreamSentiments")
+            .into_inner()
+            .receipt
+            .expect("a receipt")
+    }
+
     pub async fn participation(&self) -> proto::Participation {
         self.upsert_timezone("UTC", 0).await;
         let user = self.create_user(&format!("user-{}", Uuid::new_v4())).await;

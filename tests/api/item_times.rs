@@ -196,21 +196,14 @@ async fn a_failing_maintenance_is_logged_counted_and_retried_while_ingest_goes_o
     // Ingest goes on meanwhile, unary and streamed.
     let app = TestApp::connect(address, db.clone()).await;
     record(&app, &participation, now + TimeDelta::seconds(1)).await;
-    let stream = frames::stream(
-        &Uuid::new_v4().to_string(),
-        &participation.id,
-        vec![vec![proto::NewSentiment {
-            started_at: Some(to_timestamp(now + TimeDelta::seconds(2))),
-            ended_at: Some(to_timestamp(now + TimeDelta::seconds(3))),
-            label: proto::SentimentLabel::Positive as i32,
-            score: None,
-        }]],
-    );
-    app.client
-        .clone()
-        .stream_sentiments(tokio_stream::iter(stream))
-        .await
-        .unwrap();
+    let item = proto::NewSentiment {
+        started_at: Some(to_timestamp(now + TimeDelta::seconds(2))),
+        ended_at: Some(to_timestamp(now + TimeDelta::seconds(3))),
+        label: proto::SentimentLabel::Positive as i32,
+        score: None,
+    };
+    app.stream_sentiments(&participation.id, vec![vec![item]])
+        .await;
 
     // Once the lock is gone, a retry moves the row out of the default partition.
     blocker.rollback().await.unwrap();

@@ -2,11 +2,8 @@
 //! the owner, and the runtime role can neither change the schema nor drop or truncate.
 
 use krisp_ingest::{config::Limits, storage};
-use uuid::Uuid;
 
-use crate::helpers::{
-    count, drop_role, frames, fresh_database, runtime_role, sentiments, spawn_app_with,
-};
+use crate::helpers::{count, drop_role, fresh_database, runtime_role, sentiments, spawn_app_with};
 
 #[tokio::test]
 async fn the_runtime_role_serves_but_cannot_drop_truncate_or_alter() {
@@ -16,16 +13,8 @@ async fn the_runtime_role_serves_but_cannot_drop_truncate_or_alter() {
     storage::check_migrated(&runtime).await.unwrap();
     let app = spawn_app_with(runtime.clone(), Limits::default()).await;
     let participation = app.participation().await;
-    let stream = frames::stream(
-        &Uuid::new_v4().to_string(),
-        &participation.id,
-        vec![sentiments(0, 50)],
-    );
-    app.client
-        .clone()
-        .stream_sentiments(tokio_stream::iter(stream))
-        .await
-        .unwrap();
+    app.stream_sentiments(&participation.id, vec![sentiments(0, 50)])
+        .await;
     assert_eq!(count(&owner, "SELECT count(*) FROM sentiments").await, 50);
 
     for statement in [

@@ -1061,31 +1061,34 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         peak_kib as f64 / 1024.0,
         hwm_kib as f64 / 1024.0
     );
+    let mut ratio = |what: String, a: f64, b: f64| {
+        let _ = writeln!(out, "{what}: {:.2}", a / b.max(1e-9));
+    };
     for &n in &args.streams {
-        let _ = writeln!(
-            out,
-            "grpc-stream/copy ratio at concurrency {n}: {:.2}",
-            at("grpc-stream", n) / at("copy", n).max(1e-9)
+        ratio(
+            format!("grpc-stream/copy ratio at concurrency {n}"),
+            at("grpc-stream", n),
+            at("copy", n),
         );
     }
-    let _ = writeln!(
-        out,
-        "grpc-stream/row-by-row ratio: {:.2}",
-        best("grpc-stream") / best("row-by-row").max(1e-9)
+    ratio(
+        "grpc-stream/row-by-row ratio".into(),
+        best("grpc-stream"),
+        best("row-by-row"),
     );
     for &c in &args.unary_concurrency {
-        let _ = writeln!(
-            out,
-            "grpc-unary/sqlx-insert ratio at concurrency {c}: {:.2}",
-            at("grpc-unary", c) / at("sqlx-insert", c).max(1e-9)
+        ratio(
+            format!("grpc-unary/sqlx-insert ratio at concurrency {c}"),
+            at("grpc-unary", c),
+            at("sqlx-insert", c),
         );
     }
-    let _ = writeln!(
-        out,
-        "copy without / with the stream keys (dropped by migration 0004): {:.0} / {:.0} rows/s, ratio {:.2}",
+    ratio(
+        format!(
+            "copy without / with the stream keys (dropped by migration 0004): {copy_without_keys:.0} / {copy_with_keys:.0} rows/s, ratio"
+        ),
         copy_without_keys,
         copy_with_keys,
-        copy_without_keys / copy_with_keys.max(1e-9)
     );
     if let Some(median) = delete_times.get(delete_times.len() / 2) {
         let rounds: Vec<String> = delete_times
