@@ -301,6 +301,8 @@ impl Application {
         if let Some(keys) = &self.keys {
             keys.keep_fresh(self.storage.pool().clone(), self.key_refresh);
         }
+        // A custom incoming bypasses the builder's tcp_nodelay: set it on the listener,
+        // or Nagle's algorithm delays small replies by up to 40 ms.
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (begin_drain, drain_requested) = tokio::sync::oneshot::channel::<()>();
         let mut builder = Server::builder();
@@ -348,8 +350,6 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(api)
-            // A custom incoming bypasses the builder's tcp_nodelay: set it on the listener,
-            // or Nagle's algorithm delays small replies by up to 40 ms.
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = drain_requested.await;
             });

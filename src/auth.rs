@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{Arc, PoisonError, RwLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -161,10 +161,15 @@ impl KeyStore {
                 ))
             })
             .collect();
-        if let Ok(mut current) = self.keys.write() {
-            *current = keys;
-        }
+        self.replace(keys);
         Ok(())
+    }
+
+    /// Puts `keys` in place of the current ones. A lock poisoned by a panic elsewhere
+    /// still holds a whole map (it is only ever replaced whole), so it is used anyway:
+    /// skipping the refresh would stop revocations from applying.
+    fn replace(&self, keys: HashMap<[u8; 32], Vec<Scope>>) {
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
     }
 
     /// Re-reads the keys every `interval` (so revocations take effect), until the process ends.
@@ -191,8 +196,9 @@ impl KeyStore {
         let scopes = self
             .keys
             .read()
-            .ok()
-            .and_then(|keys| keys.get(&hash(key)).cloned())
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&hash(key))
+            .cloned()
             .ok_or_else(|| {
                 Status::unauthenticated("the API key is not valid (unknown or revoked)")
             })?;
@@ -280,6 +286,26 @@ mod tests {
             required_scope("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
             None
         );
+    }
+
+    #[test]
+    fn a_poisoned_key_lock_still_takes_refreshes_and_answers_checks() {
+        let store = KeyStore::default();
+        let poisoner = store.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = poisoner.keys.write();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(store.keys.is_poisoned());
+        let key = generate();
+        store.replace(HashMap::from([(hash(&key), vec![Scope::Read])]));
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {key}")).ok();
+        let path = "/krisp.ingest.v1.IngestService/GetUser";
+        assert!(store.check(bearer.as_ref(), path).is_ok());
+        // A revocation (the next refresh without the key) applies too.
+        store.replace(HashMap::new());
+        assert!(store.check(bearer.as_ref(), path).is_err());
     }
 
     #[test]

@@ -476,6 +476,17 @@ impl FromStr for DatabaseUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    /// Parses `args` as the command line alone: no `KRISP_*` or `DATABASE_URL` from the
+    /// environment of whoever runs the tests.
+    fn parse(args: &[&str]) -> Cli {
+        let command = Cli::command()
+            .mut_args(|arg| arg.env(None::<&str>))
+            .mut_subcommands(|sub| sub.mut_args(|arg| arg.env(None::<&str>)));
+        let matches = command.get_matches_from(args);
+        Cli::from_arg_matches(&matches).unwrap()
+    }
 
     #[test]
     fn passwords_stay_out_of_debug() {
@@ -489,22 +500,42 @@ mod tests {
 
     #[test]
     fn cli_parses() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
     }
 
     #[test]
     fn default_limits_match_the_flags() {
-        let cli = Cli::parse_from(["krisp-ingest"]);
+        let cli = parse(&["krisp-ingest"]);
         assert_eq!(cli.limits.limits().unwrap(), Limits::default());
     }
 
     #[test]
+    fn default_partition_args_match_the_flags() {
+        let flags = parse(&["krisp-ingest"]).database.partitions;
+        let defaults = crate::partitions::PartitionArgs::default();
+        assert_eq!(flags.partman, defaults.partman);
+        assert_eq!(flags.partition_interval, defaults.partition_interval);
+        assert_eq!(flags.partition_premake, defaults.partition_premake);
+        assert_eq!(flags.retention, defaults.retention);
+        assert_eq!(
+            flags.partition_maintenance_seconds,
+            defaults.partition_maintenance_seconds
+        );
+    }
+
+    #[test]
+    fn the_environment_does_not_reach_the_parsed_flags_of_these_tests() {
+        // Only checks `parse` itself: with a variable set, the flag keeps its default.
+        let command = Cli::command().mut_args(|arg| arg.env(None::<&str>));
+        assert!(command.get_arguments().all(|arg| arg.get_env().is_none()));
+    }
+
+    #[test]
     fn the_connection_age_grace_covers_the_longest_stream() {
-        let cli = Cli::parse_from(["krisp-ingest", "--max-stream-seconds", "900"]);
+        let cli = parse(&["krisp-ingest", "--max-stream-seconds", "900"]);
         let limits = cli.limits.limits().unwrap();
         assert_eq!(limits.max_connection_age_grace, Duration::from_secs(900));
-        let cli = Cli::parse_from([
+        let cli = parse(&[
             "krisp-ingest",
             "--max-stream-seconds",
             "900",
@@ -513,7 +544,7 @@ mod tests {
         ]);
         let error = cli.limits.limits().unwrap_err().to_string();
         assert!(error.contains("at least --max-stream-seconds"), "{error}");
-        let cli = Cli::parse_from(["krisp-ingest", "--max-connection-age-seconds", "0"]);
+        let cli = parse(&["krisp-ingest", "--max-connection-age-seconds", "0"]);
         assert_eq!(cli.limits.limits().unwrap().max_connection_age, None);
     }
 

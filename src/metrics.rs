@@ -39,6 +39,9 @@ pub const ACTIVE_STREAMS: &str = "krisp_active_streams";
 pub const POOL_CONNECTIONS: &str = "krisp_db_pool_connections";
 pub const LOAD_SHED: &str = "krisp_load_shed_total";
 
+/// How long the metrics listener waits after a failed accept.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The process-wide recorder, installed on first use.
 fn handle() -> anyhow::Result<&'static PrometheusHandle> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -79,8 +82,14 @@ pub async fn serve(address: SocketAddr, pool: PgPool) -> anyhow::Result<SocketAd
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // E.g. out of file descriptors: wait instead of spinning on the error.
+                    tracing::warn!(%error, "cannot accept a metrics connection");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
             };
             let pool = pool.clone();
             tokio::spawn(async move {

@@ -48,10 +48,6 @@ impl IngestService {
         }
     }
 
-    pub fn storage(&self) -> &Storage {
-        &self.storage
-    }
-
     /// Creates a user; with a request id, a retry returns the user it created.
     pub async fn create_user(
         &self,

@@ -3,13 +3,15 @@
 //! database, instead of queueing without bound.
 
 use std::{
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use futures_util::future::BoxFuture;
-use tokio::sync::Semaphore;
+use http_body::{Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, body::Body, server::NamedService};
 use tower::{Layer, Service};
 
@@ -69,10 +71,16 @@ where
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
                 let call = self.inner.call(request);
+                // The permit lives as long as the response body: a server stream
+                // (GetTimeline) counts until its last message, not until its handler returns.
                 Box::pin(async move {
-                    let response = call.await;
-                    drop(permit);
-                    response
+                    let response = call.await?;
+                    Ok(response.map(|body| {
+                        Body::new(WithPermit {
+                            body,
+                            _permit: permit,
+                        })
+                    }))
                 })
             }
             Err(_) => {
@@ -86,5 +94,31 @@ where
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }
+    }
+}
+
+/// A response body that holds its call's permit until it is done (or dropped).
+struct WithPermit {
+    body: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for WithPermit {
+    type Data = <Body as http_body::Body>::Data;
+    type Error = <Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

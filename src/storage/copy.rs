@@ -60,13 +60,6 @@ impl CopyEncoder {
         self.field(value.as_bytes())
     }
 
-    pub fn optional_uuid(&mut self, value: Option<Uuid>) -> &mut Self {
-        match value {
-            Some(value) => self.uuid(value),
-            None => self.null(),
-        }
-    }
-
     pub fn timestamptz(&mut self, value: DateTime<Utc>) -> &mut Self {
         let micros = value.timestamp_micros() - PG_EPOCH_OFFSET_MICROS;
         self.field(&micros.to_be_bytes())

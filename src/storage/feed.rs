@@ -362,18 +362,22 @@ pub async fn claim_stream(
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?;
-    let (participation_id, kind, items_stored, committed_at) = row.ok_or_else(|| {
-        Error::Aborted(sqlx::Error::Protocol(
-            "the stream record vanished while claiming it".into(),
+    // The claim found the record, and records are deleted only with their participation,
+    // which this call holds: anything else here is a broken invariant, not a client error.
+    let broken = |what: &str| {
+        Error::internal(anyhow::anyhow!(
+            "stream record {stream_id}: {what} after its claim conflicted"
         ))
-    })?;
+    };
+    let (participation_id, kind, items_stored, committed_at) =
+        row.ok_or_else(|| broken("not found"))?;
     Ok(StreamClaim::Committed {
         participation_id,
         kind,
         receipt: Receipt {
             stream_id,
-            items_stored: u64::try_from(items_stored).unwrap_or_default(),
-            committed_at: committed_at.unwrap_or_default(),
+            items_stored: u64::try_from(items_stored).map_err(|_| broken("negative count"))?,
+            committed_at: committed_at.ok_or_else(|| broken("no commit time"))?,
             replayed: true,
         },
     })

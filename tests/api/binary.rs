@@ -73,6 +73,17 @@ pub(crate) fn start_logged(
     (child, address, lines, seen)
 }
 
+/// The metrics address a server logged before it listened.
+pub(crate) fn metrics_address(logged: &[String]) -> SocketAddr {
+    logged
+        .iter()
+        .find(|line| line.contains("serving Prometheus metrics"))
+        .and_then(|line| line.split("address=").nth(1))
+        .and_then(|rest| rest.split([' ', '"']).next())
+        .and_then(|address| address.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address: {logged:#?}"))
+}
+
 /// Sends SIGTERM and waits (without blocking the runtime, so that the test's own client
 /// connections can close) for the exit.
 pub(crate) async fn terminate(

@@ -13,8 +13,9 @@ fn timestamp() -> impl Strategy<Value = Option<prost_types::Timestamp>> {
     prop_oneof![
         1 => Just(None),
         2 => (any::<i64>(), any::<i32>()).prop_map(|(seconds, nanos)| Some(prost_types::Timestamp { seconds, nanos })),
-        // Plausible times, a few seconds apart, in either order.
-        6 => (1_700_000_000i64..1_700_000_100, 0i32..1_000_000_000)
+        // Plausible times: a few seconds apart, in either order, inside the test's
+        // participation (which connects at helpers::t0() and stays open).
+        6 => (1_750_000_000i64..1_750_000_100, 0i32..1_000_000_000)
             .prop_map(|(seconds, nanos)| Some(prost_types::Timestamp { seconds, nanos })),
     ]
 }
@@ -122,8 +123,16 @@ fn the_server_refuses_hostile_requests_with_field_violations() {
         failure_persistence: None,
         ..ProptestConfig::with_cases(300)
     });
+    assert_eq!(
+        participation.connected_at,
+        Some(krisp_ingest::grpc::convert::to_timestamp(
+            crate::helpers::t0()
+        ))
+    );
     let strategy = (new_sentiment(), new_event(), text(), text());
     let codes: std::sync::Mutex<HashMap<Code, u32>> = Default::default();
+    // Acknowledged calls per RPC: sentiment, event, user.
+    let stored: std::sync::Mutex<[i64; 3]> = Default::default();
     runner
         .run(&strategy, |(sentiment, event, external_id, country)| {
             runtime.block_on(async {
@@ -154,7 +163,10 @@ fn the_server_refuses_hostile_requests_with_field_violations() {
                         .await
                         .map(|_| ()),
                 ];
-                for outcome in outcomes {
+                for (rpc, outcome) in outcomes.into_iter().enumerate() {
+                    if outcome.is_ok() {
+                        stored.lock().unwrap()[rpc] += 1;
+                    }
                     let code = outcome.as_ref().map_or_else(|s| s.code(), |()| Code::Ok);
                     *codes.lock().unwrap().entry(code).or_default() += 1;
                     if let Err(status) = outcome {
@@ -171,7 +183,30 @@ fn the_server_refuses_hostile_requests_with_field_violations() {
         })
         .unwrap();
     let codes = codes.into_inner().unwrap();
-    eprintln!("hostile requests: 900 sent, outcomes {codes:?}");
+    let [sentiments, events, users] = stored.into_inner().unwrap();
+    eprintln!(
+        "hostile requests: 900 sent, outcomes {codes:?}; stored {sentiments} sentiments, \
+         {events} events, {users} users"
+    );
+    // Valid hostile items were stored, each exactly once; nothing refused was.
+    assert!(sentiments > 0 && events > 0 && users > 0, "{codes:?}");
+    let rows = |sql: &'static str| runtime.block_on(crate::helpers::count(&app.db, sql));
+    assert_eq!(rows("SELECT count(*) FROM sentiments"), sentiments);
+    assert_eq!(rows("SELECT count(*) FROM events"), events);
+    // The participation's own user, and the acknowledged ones.
+    assert_eq!(rows("SELECT count(*) FROM users"), users + 1);
+    // What is stored keeps the rules the server checked, as stored.
+    assert_eq!(
+        rows(
+            "SELECT count(*) FROM sentiments WHERE ended_at <= started_at \
+             OR NOT (score BETWEEN -1 AND 1) OR label NOT IN ('positive', 'neutral', 'negative')"
+        ),
+        0
+    );
+    assert_eq!(
+        rows("SELECT count(*) FROM users WHERE char_length(external_id) NOT BETWEEN 1 AND 200"),
+        0
+    );
     assert!(
         codes.get(&Code::Ok).copied().unwrap_or(0) > 0,
         "some inputs must be valid: {codes:?}"

@@ -9,7 +9,7 @@ use krisp_ingest::{config::Limits, domain::ItemClock, grpc::convert::to_timestam
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::binary::{start_logged, terminate};
+use crate::binary::{metrics_address, start_logged, terminate};
 use crate::helpers::{
     TestApp, count, current_database, database_url, eventually, frames, fresh_data_dir,
     fresh_database, spawn_app_with, violations,
@@ -18,7 +18,7 @@ use crate::metrics::{scrape, value};
 use crate::partitions::{participation_since, record, require_partman};
 
 /// A DATABASE_URL for `db`'s database, as the role the tests connect as.
-async fn url_of(db: &PgPool) -> String {
+pub(crate) async fn url_of(db: &PgPool) -> String {
     let role: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(db)
         .await
@@ -183,13 +183,7 @@ async fn a_failing_maintenance_is_logged_counted_and_retried_while_ingest_goes_o
         "{failure}"
     );
     assert!(failure.contains("Ingest goes on"), "{failure}");
-    let metrics_address = logged
-        .iter()
-        .find(|line| line.contains("serving Prometheus metrics"))
-        .and_then(|line| line.split("address=").nth(1))
-        .and_then(|rest| rest.split([' ', '"']).next())
-        .and_then(|address| address.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address: {logged:#?}"));
+    let metrics_address = metrics_address(&logged);
     let failed = r#"krisp_partition_maintenance_total{outcome="failed"}"#;
     assert!(value(&scrape(metrics_address).await, failed) >= 1.0);
 

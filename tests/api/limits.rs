@@ -348,3 +348,39 @@ async fn a_request_that_does_not_decode_is_invalid_argument() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 0);
 }
+
+#[tokio::test]
+async fn a_timeline_being_streamed_holds_its_slot_until_its_last_message() {
+    let app = app_with(Limits {
+        max_concurrent_calls: 1,
+        ..Limits::default()
+    })
+    .await;
+    let participation = app.participation().await;
+    app.stream_sentiments(&participation.id, vec![sentiments(0, 5000)])
+        .await;
+    // A client that reads one entry of the timeline, then stops reading: HTTP/2 flow
+    // control keeps the rest of the response pending on the server.
+    let mut reader = IngestServiceClient::new(connect(app.address).await);
+    let mut timeline = reader
+        .get_timeline(proto::GetTimelineRequest {
+            participation_id: participation.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(timeline.message().await.unwrap().is_some());
+    let get_user = || {
+        let mut client = app.client.clone();
+        let user_id = participation.user_id.clone();
+        async move { client.get_user(proto::GetUserRequest { user_id }).await }
+    };
+    let status = get_user().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // The reader goes away: the slot is free again.
+    drop(timeline);
+    eventually("the slot is released", || async {
+        get_user().await.is_ok()
+    })
+    .await;
+}

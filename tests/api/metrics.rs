@@ -2,11 +2,11 @@
 
 use std::net::SocketAddr;
 
-use krisp_ingest::{app::Application, config::Limits, proto};
+use krisp_ingest::proto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, connect, frames, fresh_database, sentiments};
+use crate::helpers::{TestApp, frames, fresh_database, sentiments};
 
 pub(crate) async fn scrape(address: SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -30,26 +30,18 @@ pub(crate) fn value(scrape: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A server of its own (the real binary, its own process and so its own metrics
+/// recorder): other tests of this binary calling the same RPCs in parallel cannot move
+/// its counters, so exact deltas hold.
 #[tokio::test]
 async fn a_scrape_shows_the_counters_move() {
     let db = fresh_database().await;
-    let application = Application::build("127.0.0.1:0".parse().unwrap(), db.clone())
-        .await
-        .unwrap()
-        .with_limits(Limits::default())
-        .with_metrics("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let metrics = application.metrics_addr().unwrap();
-    let address = application.local_addr();
-    tokio::spawn(application.run_until_stopped(std::future::pending()));
-    let channel = connect(address).await;
-    let app = TestApp {
-        address,
-        client: proto::ingest_service_client::IngestServiceClient::new(channel.clone()),
-        channel,
-        db,
-    };
+    let (_root, data_dir) = crate::helpers::fresh_data_dir();
+    let url = crate::item_times::url_of(&db).await;
+    let (child, address, lines, logged) =
+        crate::binary::start_logged(&data_dir, &[("DATABASE_URL", &url)]);
+    let metrics = crate::binary::metrics_address(&logged);
+    let app = TestApp::connect(address, db.clone()).await;
 
     let stream_ok = "krisp_rpc_requests_total{method=\"/krisp.ingest.v1.IngestService/StreamSentiments\",code=\"Ok\"}";
     let get_not_found = "krisp_rpc_requests_total{method=\"/krisp.ingest.v1.IngestService/GetUser\",code=\"NotFound\"}";
@@ -102,4 +94,6 @@ async fn a_scrape_shows_the_counters_move() {
     ] {
         assert!(after.contains(series), "{series} missing:\n{after}");
     }
+    drop(app);
+    assert!(crate::binary::terminate(child, &lines).await.success());
 }
