@@ -3,6 +3,7 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
+use anyhow::Context;
 use chrono::TimeDelta;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -68,6 +69,31 @@ pub struct Cli {
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// What `serve` builds the application from; reads the TLS files.
+    pub fn serve_settings(&self) -> anyhow::Result<crate::app::Settings> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::app::Tls {
+                certificate_pem: read(cert)?,
+                key_pem: read(key)?,
+                client_ca_pem: self.tls_client_ca.as_deref().map(read).transpose()?,
+            }),
+            _ => None,
+        };
+        Ok(crate::app::Settings {
+            listen: self.listen,
+            limits: self.limits.limits()?,
+            metrics: self.metrics_listen.0,
+            insecure: self.insecure,
+            tls,
+            ..crate::app::Settings::default()
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]

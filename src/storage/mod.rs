@@ -68,8 +68,8 @@ pub async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 /// Grants `role` the run-time privileges: connect, use the schema, and SELECT, INSERT,
-/// UPDATE, DELETE on the service's tables (SELECT on the migration record). No DDL, no
-/// TRUNCATE, no DROP.
+/// UPDATE, DELETE on the service's tables (SELECT on the migration record and the API
+/// keys). No DDL, no TRUNCATE, no DROP.
 pub async fn grant_runtime_role(pool: &PgPool, role: &str) -> anyhow::Result<()> {
     // Identifiers cannot be bound as parameters: accept only plain ones, then quote.
     let plain = |name: &str| {
@@ -106,9 +106,12 @@ pub async fn grant_runtime_role(pool: &PgPool, role: &str) -> anyhow::Result<()>
     ))
     .execute(&mut *tx)
     .await?;
-    sqlx::query(&format!("GRANT SELECT ON _sqlx_migrations TO \"{role}\""))
-        .execute(&mut *tx)
-        .await?;
+    // The keys are read (and re-read) at run time; `keys create/revoke` run as the owner.
+    sqlx::query(&format!(
+        "GRANT SELECT ON _sqlx_migrations, api_keys TO \"{role}\""
+    ))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use krisp_ingest::{
     app::check_exposure,
-    auth::{self, KeyStore, Scope},
+    auth::{self, Scope},
     proto::{self, ingest_service_client::IngestServiceClient},
 };
 use tonic::{Code, Request, transport::Channel};
@@ -43,9 +43,9 @@ async fn keys_and_scopes_decide_who_may_call_what() {
     let admin = auth::create_key(&db, "ops", &[Scope::Ingest, Scope::Read])
         .await
         .unwrap();
-    let keys = KeyStore::load(&db).await.unwrap().expect("keys exist");
-    let app = spawn_app_configured(db.clone(), |a| {
-        a.with_api_keys(keys, Duration::from_millis(100))
+    // The application loads the keys itself, as main's does.
+    let app = spawn_app_configured(db.clone(), |settings| {
+        settings.key_refresh = Duration::from_millis(100);
     })
     .await;
     let mut client: IngestServiceClient<Channel> = app.client.clone();

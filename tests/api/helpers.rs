@@ -6,7 +6,7 @@ use std::{net::SocketAddr, str::FromStr, time::Duration};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use krisp_ingest::{
-    app::Application,
+    app::{Application, Settings},
     config::Limits,
     grpc::convert::to_timestamp,
     local_postgres::{self, LocalPostgres},
@@ -178,18 +178,17 @@ pub async fn spawn_app_on(db: PgPool) -> TestApp {
 
 /// Starts the server over `db` with `limits`.
 pub async fn spawn_app_with(db: PgPool, limits: Limits) -> TestApp {
-    spawn_app_configured(db, |app| app.with_limits(limits)).await
+    spawn_app_configured(db, |settings| settings.limits = limits).await
 }
 
-/// Starts the server over `db`, configured by `configure` as `main` would.
-pub async fn spawn_app_configured(
-    db: PgPool,
-    configure: impl FnOnce(Application) -> Application,
-) -> TestApp {
-    let application = Application::build("127.0.0.1:0".parse().unwrap(), db.clone())
+/// Starts the server over `db` as `main` does (the same `Application::build`), on
+/// 127.0.0.1:0, with the default settings changed by `configure`.
+pub async fn spawn_app_configured(db: PgPool, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = Settings::default();
+    configure(&mut settings);
+    let application = Application::build(settings, db.clone())
         .await
         .expect("build application");
-    let application = configure(application);
     let address = application.local_addr();
     tokio::spawn(application.run_until_stopped(std::future::pending()));
     TestApp::connect(address, db).await
@@ -478,5 +477,65 @@ pub mod frames {
         out.extend(batches.into_iter().map(batch));
         out.push(trailer(total as u64));
         out
+    }
+}
+
+/// A TCP path to the test PostgreSQL that the test can cut: connections through
+/// [`Self::options`] reach the server until [`Self::cut`], which closes the listener and
+/// every connection through it (new ones are then refused).
+pub struct CuttableLink {
+    port: u16,
+    database: String,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl CuttableLink {
+    /// A link to `database` of the test server.
+    pub async fn to(database: &str) -> Self {
+        let server = server().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let server = server.clone();
+                connections.spawn(async move {
+                    let upstream = match server.get_socket() {
+                        Some(socket) => {
+                            let path = socket.join(format!(".s.PGSQL.{}", server.get_port()));
+                            let mut up = tokio::net::UnixStream::connect(path).await.unwrap();
+                            tokio::io::copy_bidirectional(&mut client, &mut up).await
+                        }
+                        None => {
+                            let address = (server.get_host().to_owned(), server.get_port());
+                            let mut up = tokio::net::TcpStream::connect(address).await.unwrap();
+                            tokio::io::copy_bidirectional(&mut client, &mut up).await
+                        }
+                    };
+                    drop(upstream);
+                });
+            }
+        });
+        Self {
+            port,
+            database: database.to_owned(),
+            tasks,
+        }
+    }
+
+    /// Connect options through the link.
+    pub async fn options(&self) -> PgConnectOptions {
+        let server = server().await;
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username(server.get_username())
+            .database(&self.database)
+    }
+
+    /// Cuts the link: the listener and every connection through it go away.
+    pub fn cut(&mut self) {
+        self.tasks.abort_all();
     }
 }

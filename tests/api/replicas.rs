@@ -25,7 +25,7 @@ use crate::helpers::{
 async fn replica(db: &PgPool, name: &str, limits: Limits) -> TestApp {
     let options: PgConnectOptions = (*db.connect_options()).clone().application_name(name);
     let pool = pool_options(16).connect_with(options).await.unwrap();
-    let replica = spawn_app_configured(pool, |app| app.with_limits(limits)).await;
+    let replica = spawn_app_configured(pool, |settings| settings.limits = limits).await;
     TestApp {
         db: db.clone(),
         ..replica

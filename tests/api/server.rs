@@ -44,12 +44,18 @@ async fn health_serves_when_the_database_is_up() {
 
 #[tokio::test]
 async fn an_unreachable_database_means_not_serving_and_unavailable() {
-    // Nothing listens on port 1: every connection attempt is refused.
+    // The server starts over a reachable database, which then goes away: the link to it
+    // is cut, and every new connection attempt is refused.
+    let db = crate::helpers::fresh_database().await;
+    let mut link =
+        crate::helpers::CuttableLink::to(&crate::helpers::current_database(&db).await).await;
     let pool = PgPoolOptions::new()
         .acquire_timeout(Duration::from_millis(500))
-        .connect_lazy("postgres://postgres@127.0.0.1:1/nothing")
+        .connect_with(link.options().await)
+        .await
         .unwrap();
     let app = spawn_app_on(pool).await;
+    link.cut();
     let mut status = health(app.channel.clone(), "krisp.ingest.v1.IngestService").await;
     for _ in 0..100 {
         if status == ServingStatus::NotServing {

@@ -70,10 +70,13 @@ fn server_tls(pki: &Pki, mutual: bool) -> Tls {
 /// Starts a TLS server; the helpers' own plaintext client is not usable on it.
 async fn tls_app(tls: Tls) -> std::net::SocketAddr {
     let db = fresh_database().await;
-    let application = krisp_ingest::app::Application::build("127.0.0.1:0".parse().unwrap(), db)
+    let settings = krisp_ingest::app::Settings {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let application = krisp_ingest::app::Application::build(settings, db)
         .await
-        .unwrap()
-        .with_tls(tls);
+        .unwrap();
     let address = application.local_addr();
     tokio::spawn(application.run_until_stopped(std::future::pending()));
     address

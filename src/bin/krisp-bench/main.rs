@@ -141,7 +141,7 @@ async fn serve(args: &Args, max_connections: u32) -> anyhow::Result<()> {
     let pool = krisp_ingest::app::pool_options(max_connections)
         .connect_with(server_options(args, BENCH_DATABASE).await?)
         .await?;
-    let app = Application::build("127.0.0.1:0".parse()?, pool).await?;
+    let app = Application::build(krisp_ingest::app::Settings::default(), pool).await?;
     println!("listening on {}", app.local_addr());
     app.run_until_stopped(async {
         let _ = tokio::signal::ctrl_c().await;

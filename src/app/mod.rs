@@ -1,19 +1,27 @@
-//! The application: database connection, gRPC router (service, health, reflection),
-//! serving, and graceful shutdown.
+//! The application, assembled in one place for `main`, the tests and the benchmark alike:
+//! [`Application::build`] loads the API keys, checks the exposure, binds the listener and
+//! the metrics endpoint, and [`Application::run_until_stopped`] serves gRPC (the service,
+//! health, reflection) until shutdown. [`serve`] is the `serve` command: the database,
+//! then the application.
+
+mod database;
+mod tls;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
-use sqlx::{PgPool, postgres::PgPoolOptions};
+use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::{
     server::NamedService,
-    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+    transport::{Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
-
-use tokio_util::sync::CancellationToken;
 use tower::Layer;
+
+pub use database::{Database, pool_options};
+pub use tls::{Tls, check_exposure};
 
 use crate::{
     auth::{AuthLayer, KeyStore},
@@ -21,12 +29,64 @@ use crate::{
     grpc::{
         IngestApiHandler, admission::AdmissionLayer, request_id::RequestIdLayer, transport_status,
     },
-    local_postgres::{self, LocalPostgres},
     metrics::RpcMetricsLayer,
     proto::{self, ingest_service_server::IngestServiceServer},
     service::{IngestService, StreamLimits},
-    storage::{self, Storage},
+    storage::Storage,
 };
+
+/// What an application is built from: what `serve` takes from its flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to serve gRPC; port 0 picks a free port ([`Application::local_addr`]).
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    /// Where to serve Prometheus metrics, if anywhere (port 0 picks one).
+    pub metrics: Option<SocketAddr>,
+    /// Serve beyond loopback although no API keys exist.
+    pub insecure: bool,
+    pub tls: Option<Tls>,
+    /// How often the API keys are re-read, so that revocations take effect.
+    pub key_refresh: Duration,
+}
+
+impl Default for Settings {
+    /// Loopback, a free port, the default limits, no metrics endpoint, no TLS.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            limits: Limits::default(),
+            metrics: None,
+            insecure: false,
+            tls: None,
+            key_refresh: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The `serve` command: connects to (or starts) the database, builds the application,
+/// keeps the partitions maintained, and serves until SIGINT/SIGTERM. A local cluster
+/// this process started is stopped again, whatever happens.
+pub async fn serve(settings: Settings, database: &DatabaseArgs) -> anyhow::Result<()> {
+    if settings.metrics.is_some() {
+        // Before the database: its first partition maintenance is counted too.
+        crate::metrics::install()?;
+    }
+    let database = Database::connect(database).await?;
+    let served = async {
+        let settings = Settings {
+            limits: settings.limits.within_retention(database.retention),
+            ..settings
+        };
+        let application = Application::build(settings, database.pool.clone()).await?;
+        database.maintain_partitions();
+        tracing::info!("listening on {}", application.local_addr());
+        application.run_until_stopped(shutdown_signal()).await
+    }
+    .await;
+    let stopped = database.stop().await;
+    served.and(stopped)
+}
 
 /// HTTP/2 flow-control windows: per stream, and per connection.
 const STREAM_WINDOW_BYTES: u32 = 1 << 20;
@@ -36,99 +96,6 @@ const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one health probe may take before the database counts as unreachable.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The service's pool settings. Connections are not pinged before each use: that would
-/// add a round trip to every unary call (measured in docs/BENCHMARKS.md); a connection
-/// found broken fails its call with UNAVAILABLE and is replaced.
-pub fn pool_options(max_connections: u32) -> PgPoolOptions {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .test_before_acquire(false)
-}
-
-/// The database the service runs against, and the local cluster behind it, if any.
-pub struct Database {
-    pub pool: PgPool,
-    pub local: Option<LocalPostgres>,
-    /// How long rows are kept (--retention), if not for ever.
-    pub retention: Option<Duration>,
-    /// The partition maintenance this process runs (as the schema owner), and whether
-    /// its first round failed.
-    maintenance: Option<(crate::partitions::Maintenance, bool)>,
-}
-
-impl Database {
-    /// Connects to DATABASE_URL, or starts (or reuses) the local cluster when it is unset,
-    /// and applies the migrations.
-    pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Self> {
-        let pool_options = pool_options(args.max_connections);
-        let (pool, local) = match &args.database_url {
-            Some(url) => {
-                tracing::info!(database = %url.redacted(), "using DATABASE_URL");
-                let pool = pool_options.connect(url.expose()).await.with_context(|| {
-                    format!(
-                        "cannot connect to DATABASE_URL ({}); check that the server runs and \
-                         accepts this user, or unset DATABASE_URL to use a local cluster",
-                        url.redacted()
-                    )
-                })?;
-                (pool, None)
-            }
-            None => {
-                let data_dir = args
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(local_postgres::default_data_dir);
-                let local = LocalPostgres::ensure(&data_dir).await?;
-                let pool = pool_options
-                    .connect_with(local.connect_options(local_postgres::DATABASE))
-                    .await
-                    .context("cannot connect to the local PostgreSQL")?;
-                (pool, Some(local))
-            }
-        };
-        if args.skip_migrations {
-            // Running as a role that may not change the schema: only check it.
-            storage::check_migrated(&pool).await?;
-            tracing::info!(
-                "time partitions are left to the schema owner (--skip-migrations): \
-                 `krisp-ingest migrate` registers them with pg_partman"
-            );
-        } else {
-            storage::migrate(&pool)
-                .await
-                .context("cannot apply the database migrations")?;
-        }
-        let settings = args.partitions.check(&pool).await?;
-        let retention = settings.retention.as_ref().map(|r| r.duration);
-        let maintenance = if args.skip_migrations {
-            None
-        } else {
-            // A failure is logged and counted; it never stops the service.
-            let maintenance = crate::partitions::Maintenance::new(pool.clone(), settings.clone());
-            let first = maintenance.run_once().await;
-            if let Some(partitioning) = &first {
-                partitioning.log(settings.maintenance_every);
-            }
-            Some((maintenance, first.is_none()))
-        };
-        Ok(Self {
-            pool,
-            local,
-            retention,
-            maintenance,
-        })
-    }
-
-    /// Keeps maintaining the time partitions in the background while the process runs
-    /// (when this process owns the schema; see `--partition-maintenance-seconds`).
-    pub fn maintain_partitions(&self) {
-        if let Some((maintenance, first_failed)) = &self.maintenance {
-            maintenance.clone().spawn(*first_failed);
-        }
-    }
-}
 
 /// A bound, ready-to-serve krisp-ingest.
 pub struct Application {
@@ -142,111 +109,49 @@ pub struct Application {
     tls: Option<Tls>,
 }
 
-/// TLS for the gRPC listener: the server's certificate chain and key (PEM), and
-/// optionally the CA whose client certificates it requires (mutual TLS).
-#[derive(Clone)]
-pub struct Tls {
-    pub certificate_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key.
-        f.debug_struct("Tls")
-            .field("mutual", &self.client_ca_pem.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Tls {
-    fn config(&self) -> ServerTlsConfig {
-        let config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.certificate_pem, &self.key_pem));
-        match &self.client_ca_pem {
-            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
-            None => config,
-        }
-    }
-}
-
-/// Refuses to serve beyond loopback without authentication unless told to (`--insecure`).
-pub fn check_exposure(
-    listen: SocketAddr,
-    authenticated: bool,
-    insecure: bool,
-) -> anyhow::Result<()> {
-    if authenticated || listen.ip().is_loopback() {
-        return Ok(());
-    }
-    if insecure {
-        tracing::warn!(
-            address = %listen,
-            "serving a non-loopback address WITHOUT authentication (--insecure): anyone who \
-             can reach it can read and write; create API keys with `krisp-ingest keys create`"
-        );
-        return Ok(());
-    }
-    anyhow::bail!(
-        "refusing to serve {listen} without authentication: no API keys exist. Create one with \
-         `krisp-ingest keys create --name NAME --scope ingest --scope read`, listen on loopback \
-         (127.0.0.1), or pass --insecure to accept the risk"
-    )
-}
-
 /// After the grace period, how long cancelled calls get to send their status.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
 impl Application {
-    /// Binds `listen` (port 0 picks a free port) over an already migrated pool.
-    pub async fn build(listen: SocketAddr, pool: PgPool) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(listen)
+    /// Builds the application over an already migrated pool: loads the API keys (none:
+    /// calls are not authenticated, and only loopback may be served unless `insecure`),
+    /// binds the gRPC listener and, when asked, the metrics endpoint.
+    pub async fn build(settings: Settings, pool: PgPool) -> anyhow::Result<Self> {
+        let keys = KeyStore::load(&pool).await?;
+        check_exposure(settings.listen, keys.is_some(), settings.insecure)?;
+        match &keys {
+            Some(_) => tracing::info!("API keys are required on every call but health"),
+            None => {
+                tracing::info!("no API keys exist: calls are not authenticated (loopback only)")
+            }
+        }
+        let listener = TcpListener::bind(settings.listen)
             .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let local_addr = listener.local_addr()?;
+        let metrics_addr = match settings.metrics {
+            Some(address) => {
+                let bound = crate::metrics::serve(address, pool.clone()).await?;
+                tracing::info!(address = %bound, "serving Prometheus metrics on /metrics");
+                Some(bound)
+            }
+            None => None,
+        };
         Ok(Self {
             listener,
             local_addr,
             storage: Storage::new(pool),
-            limits: Limits::default(),
-            metrics_addr: None,
-            keys: None,
-            key_refresh: Duration::from_secs(5),
-            tls: None,
+            limits: settings.limits,
+            metrics_addr,
+            keys,
+            key_refresh: settings.key_refresh,
+            tls: settings.tls,
         })
     }
 
-    /// Serves Prometheus metrics on `address` (port 0 picks one; see [`Self::metrics_addr`]).
-    pub async fn with_metrics(mut self, address: SocketAddr) -> anyhow::Result<Self> {
-        let bound = crate::metrics::serve(address, self.storage.pool().clone()).await?;
-        tracing::info!(address = %bound, "serving Prometheus metrics on /metrics");
-        self.metrics_addr = Some(bound);
-        Ok(self)
-    }
-
+    /// Where metrics are served, when they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
-    }
-
-    /// Requires API keys from `keys` on every call but health, re-reading them every
-    /// `refresh` so that revocations take effect.
-    pub fn with_api_keys(mut self, keys: KeyStore, refresh: Duration) -> Self {
-        self.keys = Some(keys);
-        self.key_refresh = refresh;
-        self
-    }
-
-    /// Serves gRPC over TLS (and requires client certificates when a client CA is given).
-    pub fn with_tls(mut self, tls: Tls) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
-    /// Replaces the default limits.
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -1,0 +1,116 @@
+//! The database the service runs against: DATABASE_URL or the local cluster, the
+//! migrations, and the time partitions' maintenance.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::{PgPool, postgres::PgPoolOptions};
+
+use crate::{
+    config::DatabaseArgs,
+    local_postgres::{self, LocalPostgres},
+    storage,
+};
+
+/// The service's pool settings. Connections are not pinged before each use: that would
+/// add a round trip to every unary call (measured in docs/BENCHMARKS.md); a connection
+/// found broken fails its call with UNAVAILABLE and is replaced.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+}
+
+/// The database the service runs against, and the local cluster behind it, if any.
+pub struct Database {
+    pub pool: PgPool,
+    pub local: Option<LocalPostgres>,
+    /// How long rows are kept (--retention), if not for ever.
+    pub retention: Option<Duration>,
+    /// The partition maintenance this process runs (as the schema owner), and whether
+    /// its first round failed.
+    maintenance: Option<(crate::partitions::Maintenance, bool)>,
+}
+
+impl Database {
+    /// Connects to DATABASE_URL, or starts (or reuses) the local cluster when it is unset,
+    /// and applies the migrations.
+    pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<Self> {
+        let pool_options = pool_options(args.max_connections);
+        let (pool, local) = match &args.database_url {
+            Some(url) => {
+                tracing::info!(database = %url.redacted(), "using DATABASE_URL");
+                let pool = pool_options.connect(url.expose()).await.with_context(|| {
+                    format!(
+                        "cannot connect to DATABASE_URL ({}); check that the server runs and \
+                         accepts this user, or unset DATABASE_URL to use a local cluster",
+                        url.redacted()
+                    )
+                })?;
+                (pool, None)
+            }
+            None => {
+                let data_dir = args
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(local_postgres::default_data_dir);
+                let local = LocalPostgres::ensure(&data_dir).await?;
+                let pool = pool_options
+                    .connect_with(local.connect_options(local_postgres::DATABASE))
+                    .await
+                    .context("cannot connect to the local PostgreSQL")?;
+                (pool, Some(local))
+            }
+        };
+        if args.skip_migrations {
+            // Running as a role that may not change the schema: only check it.
+            storage::check_migrated(&pool).await?;
+            tracing::info!(
+                "time partitions are left to the schema owner (--skip-migrations): \
+                 `krisp-ingest migrate` registers them with pg_partman"
+            );
+        } else {
+            storage::migrate(&pool)
+                .await
+                .context("cannot apply the database migrations")?;
+        }
+        let settings = args.partitions.check(&pool).await?;
+        let retention = settings.retention.as_ref().map(|r| r.duration);
+        let maintenance = if args.skip_migrations {
+            None
+        } else {
+            // A failure is logged and counted; it never stops the service.
+            let maintenance = crate::partitions::Maintenance::new(pool.clone(), settings.clone());
+            let first = maintenance.run_once().await;
+            if let Some(partitioning) = &first {
+                partitioning.log(settings.maintenance_every);
+            }
+            Some((maintenance, first.is_none()))
+        };
+        Ok(Self {
+            pool,
+            local,
+            retention,
+            maintenance,
+        })
+    }
+
+    /// Closes the pool, and stops the local cluster if this process started it (one found
+    /// running is left running).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        match self.local {
+            Some(local) if local.started_here() => local.stop().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Keeps maintaining the time partitions in the background while the process runs
+    /// (when this process owns the schema; see `--partition-maintenance-seconds`).
+    pub fn maintain_partitions(&self) {
+        if let Some((maintenance, first_failed)) = &self.maintenance {
+            maintenance.clone().spawn(*first_failed);
+        }
+    }
+}
