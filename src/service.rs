@@ -14,7 +14,7 @@ use crate::domain::{
     Usage, User,
 };
 use crate::error::{Error, FieldViolation};
-use crate::storage::{self, FeedCopy, FeedTable, Storage, StreamClaim};
+use crate::storage::{self, Batched, FeedCopy, FeedTable, Storage, StreamClaim};
 
 /// Bounds on one client stream: its transaction stays open as long as the stream does.
 #[derive(Debug, Clone, Copy)]
@@ -228,7 +228,7 @@ impl IngestService {
         })
     }
 
-    async fn record_one<T: FeedTable>(
+    async fn record_one<T: Batched>(
         &self,
         participation_id: Uuid,
         field: &str,
@@ -357,7 +357,7 @@ impl IngestService {
         let committing = std::time::Instant::now();
         let committed_at =
             storage::finish_stream(&mut tx, &participation, stream_id, received).await?;
-        tx.commit().await.map_err(storage::db_error)?;
+        tx.commit().await?;
         metrics::histogram!(crate::metrics::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());
         metrics::histogram!(crate::metrics::STREAM_ROWS).record(received as f64);

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::feed::{FeedTable, Unary};
+use super::items::{FeedTable, Unary};
 use crate::error::Error;
 
 /// Items in one statement at most.

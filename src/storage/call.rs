@@ -5,13 +5,12 @@ use std::future::Future;
 
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
-use super::db_error;
 use crate::error::Error;
 
 /// Opens a transaction whose statements PostgreSQL stops when the current call's
 /// deadline passes (`statement_timeout`, local to the transaction).
 pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, Error> {
-    let mut tx = pool.begin().await.map_err(db_error)?;
+    let mut tx = pool.begin().await?;
     if let Some(left) = crate::deadline::remaining() {
         if left.is_zero() {
             return Err(Error::DeadlineExceeded);
@@ -20,8 +19,7 @@ pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, Erro
         sqlx::query("SELECT set_config('statement_timeout', $1, true)")
             .bind(format!("{millis}ms"))
             .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            .await?;
     }
     Ok(tx)
 }
@@ -41,8 +39,7 @@ where
 {
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut *conn)
-        .await
-        .map_err(db_error)?;
+        .await?;
     let mut guard = CancelOnDrop {
         pool: pool.clone(),
         pid,

@@ -47,6 +47,12 @@ fn constraint_error(constraint: &str) -> Option<Error> {
     Some(error)
 }
 
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        db_error(error)
+    }
+}
+
 /// Translates a database error into what the client should be told.
 pub fn db_error(error: sqlx::Error) -> Error {
     match &error {

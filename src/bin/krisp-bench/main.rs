@@ -30,12 +30,13 @@ use clap::{Parser, Subcommand};
 use futures_util::stream;
 use krisp_ingest::{
     app::Application,
-    domain::{FeedItem, NewSentiment, Participation, SentimentLabel},
+    domain::{self, ItemClock, NewSentiment, Participation, SentimentLabel, StreamHeader},
     grpc::convert::to_timestamp,
     local_postgres::{self, LocalPostgres},
     partitions::{self, PartitionArgs, Partitioning, PartmanMode},
     proto::{self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame},
-    storage::{self, FeedCopy},
+    service::{IngestService, StreamLimits},
+    storage::{self, Storage},
 };
 use sqlx::{
     Connection, Executor, PgPool,
@@ -332,6 +333,8 @@ impl Measurement {
 /// The benchmark's data: each measurement writes to participations of its own.
 struct Fixtures {
     pool: PgPool,
+    /// The service's use cases over `pool`, for `copy`.
+    service: IngestService,
     session_id: Uuid,
     base: DateTime<Utc>,
 }
@@ -355,8 +358,18 @@ impl Fixtures {
             .bind(base)
             .execute(&pool)
             .await?;
+        let service = IngestService::new(
+            Storage::new(pool.clone()),
+            StreamLimits {
+                max_items: u64::MAX,
+                max_duration: Duration::from_secs(24 * 3600),
+            },
+            ItemClock::default(),
+            tokio_util::sync::CancellationToken::new(),
+        );
         Ok(Self {
             pool,
+            service,
             session_id,
             base,
         })
@@ -438,8 +451,10 @@ impl Fixtures {
     }
 }
 
-/// copy: what the service does in a stream, without gRPC: one transaction, the stream
-/// record, and binary COPY of the rows; `sessions` of them at once, each with its share.
+/// copy: what the service does in a stream, without gRPC: its stream use case
+/// (`IngestService::ingest_stream`: one transaction, the stream record, each item checked
+/// and sent by binary COPY), fed the same batches in-process; `sessions` of them at once,
+/// each with its share.
 async fn bench_copy(fx: &Arc<Fixtures>, rows: u64, sessions: usize) -> anyhow::Result<Measurement> {
     let per_session = rows / sessions as u64;
     let mut participations = Vec::new();
@@ -476,18 +491,25 @@ async fn copy_rows(
     participation: Participation,
     rows: u64,
 ) -> anyhow::Result<()> {
-    let stream_id = Uuid::new_v4();
-    let mut tx = fx.pool.begin().await?;
-    // The service's own write path, minus gRPC: claim the stream id, COPY, finish, commit.
-    storage::claim_stream(&mut tx, &participation, stream_id, NewSentiment::KIND).await?;
-    let mut copy = FeedCopy::begin::<NewSentiment>(&mut tx).await?;
-    for i in 0..rows {
-        copy.push(Uuid::now_v7(), &participation, stream_id, &fx.sentiment(i))
-            .await?;
-    }
-    copy.finish().await?;
-    storage::finish_stream(&mut tx, &participation, stream_id, rows).await?;
-    tx.commit().await?;
+    const BATCH: u64 = 1000;
+    let header = StreamHeader {
+        stream_id: Uuid::new_v4(),
+        participation_id: participation.id,
+    };
+    let batches = (0..rows.div_ceil(BATCH)).map(|b| {
+        let items = (b * BATCH..((b + 1) * BATCH).min(rows)).map(|i| fx.sentiment(i));
+        Ok(domain::Frame::Batch(items.collect()))
+    });
+    let frames = std::iter::once(Ok(domain::Frame::Header(header)))
+        .chain(batches)
+        .chain(std::iter::once(Ok(domain::Frame::Trailer {
+            item_count: rows,
+        })));
+    let receipt = fx
+        .service
+        .ingest_stream::<NewSentiment, _>(stream::iter(frames))
+        .await?;
+    anyhow::ensure!(receipt.items_stored == rows, "{receipt:?}");
     Ok(())
 }
 

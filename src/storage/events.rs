@@ -1,0 +1,97 @@
+//! The events table: COPY rows, the checked unary insert, and the read-back.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{
+    copy::CopyEncoder,
+    items::{FeedTable, Unary},
+};
+use crate::domain::{EventKind, NewEvent, Participation};
+use crate::error::Error;
+
+impl FeedTable for NewEvent {
+    async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
+        let row: Option<(Uuid, DateTime<Utc>, String, sqlx::types::JsonValue)> = sqlx::query_as(
+            "SELECT participation_id, occurred_at, kind, attributes FROM events \
+             WHERE user_id = $1 AND id = $2",
+        )
+        .bind(user_id)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        row.map(|(participation_id, occurred_at, kind, attributes)| {
+            let kind = EventKind::from_stored(&kind)
+                .ok_or_else(|| Error::internal(anyhow::anyhow!("stored event kind {kind:?}")))?;
+            let attributes = serde_json::from_value(attributes).map_err(Error::internal)?;
+            Ok((
+                participation_id,
+                NewEvent {
+                    occurred_at,
+                    kind,
+                    attributes,
+                },
+            ))
+        })
+        .transpose()
+    }
+
+    const COPY_STATEMENT: &'static str = "COPY events \
+         (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
+         FROM STDIN (FORMAT binary)";
+
+    fn encode_row(
+        encoder: &mut CopyEncoder,
+        id: Uuid,
+        participation: &Participation,
+        stream_id: Uuid,
+        item: &Self,
+    ) -> Result<(), Error> {
+        encoder
+            .row(7)
+            .uuid(id)
+            .uuid(participation.user_id)
+            .uuid(participation.id)
+            .uuid(stream_id)
+            .timestamptz(item.occurred_at)
+            .text(item.kind.as_str())
+            .jsonb_of(&item.attributes)
+            .map_err(Error::internal)?;
+        Ok(())
+    }
+
+    async fn insert_checked(pool: &PgPool, rows: &[Unary<Self>]) -> Result<Vec<Uuid>, Error> {
+        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.occurred_at).collect();
+        let kinds: Vec<&str> = rows.iter().map(|r| r.item.kind.as_str()).collect();
+        let attributes = rows
+            .iter()
+            .map(|r| serde_json::to_string(&r.item.attributes))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(Error::internal)?;
+        sqlx::query_scalar(
+            "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
+             SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
+                  AS t(participation_id, id, occurred_at, kind, attributes) \
+             JOIN participations p ON p.id = t.participation_id \
+             LEFT JOIN LATERAL (SELECT true AS taken FROM events e \
+                                WHERE e.user_id = p.user_id AND e.id = t.id LIMIT 1) x ON true \
+             WHERE p.connected_at <= t.occurred_at \
+               AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
+               AND x.taken IS NULL \
+             ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
+             RETURNING id",
+        )
+        .bind(participations)
+        .bind(ids)
+        .bind(occurred)
+        .bind(kinds)
+        .bind(attributes)
+        .fetch_all(pool)
+        .await
+        .map_err(Error::from)
+    }
+}

@@ -1,0 +1,53 @@
+//! What a feed table (sentiments, events) is to storage: how its items are copied in a
+//! stream, inserted outside one, and read back. The tables themselves are in
+//! `sentiments.rs` and `events.rs`.
+
+use std::future::Future;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::copy::CopyEncoder;
+use crate::domain::{FeedItem, Participation};
+use crate::error::Error;
+
+/// A feed item type with a table to write it to.
+pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
+    /// The binary COPY statement that loads the table inside a stream.
+    const COPY_STATEMENT: &'static str;
+
+    /// Encodes one item as a row of [`Self::COPY_STATEMENT`].
+    fn encode_row(
+        encoder: &mut CopyEncoder,
+        id: Uuid,
+        participation: &Participation,
+        stream_id: Uuid,
+        item: &Self,
+    ) -> Result<(), Error>;
+
+    /// Inserts items outside any stream, each for its own participation, in one
+    /// statement: an item is stored when its participation exists, the item lies inside
+    /// it, and its id is not taken (at any time: the key includes the timestamp, so the
+    /// id is looked up across partitions, LATERAL with LIMIT 1 so that the look-up always
+    /// probes the key by both id and user). Returns the ids stored; the caller finds out
+    /// why any other was not.
+    fn insert_checked<'c>(
+        pool: &'c PgPool,
+        rows: &'c [Unary<Self>],
+    ) -> impl Future<Output = Result<Vec<Uuid>, Error>> + Send + 'c;
+
+    /// The item stored under `id` for `user_id`, with its participation.
+    fn stored(
+        pool: &PgPool,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<(Uuid, Self)>, Error>> + Send;
+}
+
+/// One item recorded by a unary RPC.
+#[derive(Debug)]
+pub struct Unary<T> {
+    pub participation_id: Uuid,
+    pub id: Uuid,
+    pub item: T,
+}

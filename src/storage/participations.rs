@@ -1,0 +1,112 @@
+//! Participations: a user's presence in a session.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use uuid::Uuid;
+
+use super::Storage;
+use crate::domain::{NewParticipation, Participation, Usage};
+use crate::error::Error;
+
+#[derive(sqlx::FromRow)]
+struct ParticipationRow {
+    id: Uuid,
+    user_id: Uuid,
+    session_id: Uuid,
+    timezone_code: String,
+    connected_at: DateTime<Utc>,
+    disconnected_at: Option<DateTime<Utc>>,
+    talked_time_us: Option<i64>,
+    microphone_used: Option<bool>,
+    speaker_used: Option<bool>,
+}
+
+const PARTICIPATION_COLUMNS: &str = "id, user_id, session_id, timezone_code, connected_at, \
+     disconnected_at, talked_time_us, microphone_used, speaker_used";
+
+impl From<ParticipationRow> for Participation {
+    fn from(row: ParticipationRow) -> Self {
+        let usage = match (row.talked_time_us, row.microphone_used, row.speaker_used) {
+            (Some(talked_us), Some(microphone_used), Some(speaker_used)) => Some(Usage {
+                talked_time: TimeDelta::microseconds(talked_us),
+                microphone_used,
+                speaker_used,
+            }),
+            _ => None,
+        };
+        Self {
+            id: row.id,
+            user_id: row.user_id,
+            session_id: row.session_id,
+            timezone_code: row.timezone_code,
+            connected_at: row.connected_at,
+            disconnected_at: row.disconnected_at,
+            usage,
+        }
+    }
+}
+
+impl Storage {
+    /// Inserts a participation; `None` when this user has one with this id already.
+    #[tracing::instrument(skip_all)]
+    pub async fn insert_participation(
+        &self,
+        id: Uuid,
+        participation: &NewParticipation,
+    ) -> Result<Option<Participation>, Error> {
+        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+            "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, id) DO NOTHING \
+             RETURNING {PARTICIPATION_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(participation.user_id)
+        .bind(participation.session_id)
+        .bind(&participation.timezone_code)
+        .bind(participation.connected_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Participation::from))
+    }
+
+    #[tracing::instrument(skip_all, fields(participation_id = %id))]
+    pub async fn get_participation(&self, id: Uuid) -> Result<Option<Participation>, Error> {
+        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+            "SELECT {PARTICIPATION_COLUMNS} FROM participations WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Participation::from))
+    }
+
+    /// Closes an open participation; `None` when it was closed already (or is gone).
+    #[tracing::instrument(skip_all, fields(participation_id = %participation.id))]
+    pub async fn leave_participation(
+        &self,
+        participation: &Participation,
+        disconnected_at: DateTime<Utc>,
+        usage: &Usage,
+    ) -> Result<Option<Participation>, Error> {
+        let talked_us = usage.talked_time.num_microseconds().ok_or_else(|| {
+            Error::invalid(
+                "talked_time",
+                "must not be longer than the participation lasted",
+            )
+        })?;
+        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+            "UPDATE participations SET disconnected_at = $3, talked_time_us = $4, \
+             microphone_used = $5, speaker_used = $6 \
+             WHERE user_id = $1 AND id = $2 AND disconnected_at IS NULL \
+             RETURNING {PARTICIPATION_COLUMNS}"
+        ))
+        .bind(participation.user_id)
+        .bind(participation.id)
+        .bind(disconnected_at)
+        .bind(talked_us)
+        .bind(usage.microphone_used)
+        .bind(usage.speaker_used)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Participation::from))
+    }
+}

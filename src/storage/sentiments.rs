@@ -1,0 +1,100 @@
+//! The sentiments table: COPY rows, the checked unary insert, and the read-back.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{
+    copy::CopyEncoder,
+    items::{FeedTable, Unary},
+};
+use crate::domain::{NewSentiment, Participation, SentimentLabel};
+use crate::error::Error;
+
+/// participation_id, started_at, ended_at, label, score.
+type SentimentRow = (Uuid, DateTime<Utc>, DateTime<Utc>, String, Option<f64>);
+
+impl FeedTable for NewSentiment {
+    async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
+        let row: Option<SentimentRow> = sqlx::query_as(
+            "SELECT participation_id, started_at, ended_at, label, score FROM sentiments \
+                 WHERE user_id = $1 AND id = $2",
+        )
+        .bind(user_id)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        row.map(|(participation_id, started_at, ended_at, label, score)| {
+            let label = SentimentLabel::from_stored(&label)
+                .ok_or_else(|| Error::internal(anyhow::anyhow!("stored label {label:?}")))?;
+            Ok((
+                participation_id,
+                NewSentiment {
+                    started_at,
+                    ended_at,
+                    label,
+                    score,
+                },
+            ))
+        })
+        .transpose()
+    }
+
+    const COPY_STATEMENT: &'static str = "COPY sentiments \
+         (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
+         FROM STDIN (FORMAT binary)";
+
+    fn encode_row(
+        encoder: &mut CopyEncoder,
+        id: Uuid,
+        participation: &Participation,
+        stream_id: Uuid,
+        item: &Self,
+    ) -> Result<(), Error> {
+        encoder
+            .row(8)
+            .uuid(id)
+            .uuid(participation.user_id)
+            .uuid(participation.id)
+            .uuid(stream_id)
+            .timestamptz(item.started_at)
+            .timestamptz(item.ended_at)
+            .text(item.label.as_str())
+            .optional_float8(item.score);
+        Ok(())
+    }
+
+    async fn insert_checked(pool: &PgPool, rows: &[Unary<Self>]) -> Result<Vec<Uuid>, Error> {
+        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.started_at).collect();
+        let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
+        let labels: Vec<&str> = rows.iter().map(|r| r.item.label.as_str()).collect();
+        let scores: Vec<Option<f64>> = rows.iter().map(|r| r.item.score).collect();
+        sqlx::query_scalar(
+            "INSERT INTO sentiments \
+               (id, user_id, participation_id, started_at, ended_at, label, score) \
+             SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                         $5::text[], $6::float8[]) \
+                  AS t(participation_id, id, started_at, ended_at, label, score) \
+             JOIN participations p ON p.id = t.participation_id \
+             LEFT JOIN LATERAL (SELECT true AS taken FROM sentiments s \
+                                WHERE s.user_id = p.user_id AND s.id = t.id LIMIT 1) x ON true \
+             WHERE p.connected_at <= t.started_at \
+               AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
+               AND x.taken IS NULL \
+             ON CONFLICT (id, user_id, started_at) DO NOTHING \
+             RETURNING id",
+        )
+        .bind(participations)
+        .bind(ids)
+        .bind(started)
+        .bind(ended)
+        .bind(labels)
+        .bind(scores)
+        .fetch_all(pool)
+        .await
+        .map_err(Error::from)
+    }
+}

@@ -1,0 +1,112 @@
+//! Users, with their external ids (`user_external_ids`, which keeps them unique).
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Storage, call};
+use crate::domain::{NewUser, User};
+use crate::error::Error;
+
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    id: Uuid,
+    external_id: String,
+    country: Option<String>,
+    native_language: Option<String>,
+    region: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<UserRow> for User {
+    fn from(row: UserRow) -> Self {
+        Self {
+            id: row.id,
+            external_id: row.external_id,
+            country: row.country,
+            native_language: row.native_language,
+            region: row.region,
+            created_at: row.created_at,
+        }
+    }
+}
+
+impl Storage {
+    /// Inserts a user; `None` when a user with this id exists already. The external id
+    /// is claimed in `user_external_ids` first, in the same transaction: its primary key
+    /// is what keeps external ids unique (migrations/0003_scale_out.sql).
+    #[tracing::instrument(skip_all)]
+    pub async fn insert_user(&self, id: Uuid, user: &NewUser) -> Result<Option<User>, Error> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO user_external_ids (external_id, user_id) VALUES ($1, $2) \
+             ON CONFLICT (user_id, external_id) DO NOTHING",
+        )
+        .bind(&user.external_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let row: Option<UserRow> = sqlx::query_as(
+            "INSERT INTO users (id, external_id, country, native_language, region) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING \
+             RETURNING id, external_id, country, native_language, region, created_at",
+        )
+        .bind(id)
+        .bind(&user.external_id)
+        .bind(&user.country)
+        .bind(&user.native_language)
+        .bind(&user.region)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match row {
+            Some(row) => {
+                tx.commit().await?;
+                Ok(Some(User::from(row)))
+            }
+            // The id is taken: leave no claim of the external id behind.
+            None => Ok(None),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %id))]
+    pub async fn get_user(&self, id: Uuid) -> Result<Option<User>, Error> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, external_id, country, native_language, region, created_at \
+             FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(User::from))
+    }
+
+    /// Deletes a user and (by cascade) everything that hangs under the user. Returns the
+    /// number of participations deleted, or `None` when there was no such user. The
+    /// statements stop with the call (its deadline, or its cancellation).
+    #[tracing::instrument(skip_all, fields(user_id = %id))]
+    pub async fn delete_user(&self, id: Uuid) -> Result<Option<u64>, Error> {
+        let mut tx = self.begin().await?;
+        let (participations, deleted) =
+            call::cancelled_with_call(&self.pool, &mut tx, |conn| async move {
+                let participations: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM participations WHERE user_id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                // The user's external id row cascades to the user and everything below.
+                let deleted = sqlx::query("DELETE FROM user_external_ids WHERE user_id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                Ok((participations, deleted))
+            })
+            .await?;
+        tx.commit().await?;
+        if deleted != 1 {
+            return Ok(None);
+        }
+        u64::try_from(participations)
+            .map(Some)
+            .map_err(Error::internal)
+    }
+}
