@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::config::{ClientArgs, FeedArgs};
-use crate::grpc::convert::to_timestamp;
+use crate::proto::to_timestamp;
 use crate::proto::{
     self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame,
 };

@@ -68,6 +68,16 @@ pub struct NewSentiment {
 }
 
 impl NewSentiment {
+    /// The score rule: absent, or a finite number within -1.0..=1.0.
+    pub fn parse_score(score: Option<f64>) -> Result<Option<f64>, String> {
+        match score {
+            Some(x) if !x.is_finite() || !(-1.0..=1.0).contains(&x) => {
+                Err(format!("must be a finite number from -1.0 to 1.0, got {x}"))
+            }
+            _ => Ok(score),
+        }
+    }
+
     pub fn parse(
         started_at: DateTime<Utc>,
         ended_at: DateTime<Utc>,
@@ -81,13 +91,8 @@ impl NewSentiment {
                 format!("must be after started_at ({started_at}), got {ended_at}"),
             ));
         }
-        if let Some(score) = score
-            && (!score.is_finite() || !(-1.0..=1.0).contains(&score))
-        {
-            violations.push(FieldViolation::new(
-                "score",
-                format!("must be a finite number from -1.0 to 1.0, got {score}"),
-            ));
+        if let Err(why) = Self::parse_score(score) {
+            violations.push(FieldViolation::new("score", why));
         }
         if violations.is_empty() {
             Ok(Self {

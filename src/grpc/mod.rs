@@ -60,8 +60,11 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::CreateUserRequest>,
     ) -> ApiResult<proto::CreateUserResponse> {
-        let (user, request_id) = convert::new_user(request.into_inner()).map_err(Error::from)?;
-        let user = self.service.create_user(user, request_id).await?;
+        let command = convert::new_user(request.into_inner()).map_err(Error::from)?;
+        let user = self
+            .service
+            .create_user(command.user, command.request_id)
+            .await?;
         ok(proto::CreateUserResponse {
             user: Some(convert::user_to_proto(user)),
         })
@@ -123,11 +126,10 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::CreateSessionRequest>,
     ) -> ApiResult<proto::CreateSessionResponse> {
-        let (session_type, started_at, request_id) =
-            convert::create_session(request.into_inner()).map_err(Error::from)?;
+        let command = convert::create_session(request.into_inner()).map_err(Error::from)?;
         let session = self
             .service
-            .create_session(session_type, started_at, request_id)
+            .create_session(command.session_type, command.started_at, command.request_id)
             .await?;
         ok(proto::CreateSessionResponse {
             session: Some(convert::session_to_proto(session)),
@@ -139,8 +141,11 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::EndSessionRequest>,
     ) -> ApiResult<proto::EndSessionResponse> {
-        let (id, ended_at) = convert::end_session(request.into_inner()).map_err(Error::from)?;
-        let session = self.service.end_session(id, ended_at).await?;
+        let command = convert::end_session(request.into_inner()).map_err(Error::from)?;
+        let session = self
+            .service
+            .end_session(command.session_id, command.ended_at)
+            .await?;
         ok(proto::EndSessionResponse {
             session: Some(convert::session_to_proto(session)),
         })
@@ -163,8 +168,11 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::JoinSessionRequest>,
     ) -> ApiResult<proto::JoinSessionResponse> {
-        let (join, request_id) = convert::join(request.into_inner()).map_err(Error::from)?;
-        let participation = self.service.join_session(join, request_id).await?;
+        let command = convert::join(request.into_inner()).map_err(Error::from)?;
+        let participation = self
+            .service
+            .join_session(command.participation, command.request_id)
+            .await?;
         ok(proto::JoinSessionResponse {
             participation: Some(convert::participation_to_proto(participation)),
         })
@@ -199,11 +207,14 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::RecordSentimentRequest>,
     ) -> ApiResult<proto::RecordSentimentResponse> {
-        let (id, sentiment, request_id) =
-            convert::record_sentiment(request.into_inner()).map_err(Error::from)?;
+        let command = convert::record_sentiment(request.into_inner()).map_err(Error::from)?;
         let sentiment = self
             .service
-            .record_sentiment(id, sentiment, request_id)
+            .record_sentiment(
+                command.participation_id,
+                command.sentiment,
+                command.request_id,
+            )
             .await?;
         ok(proto::RecordSentimentResponse {
             sentiment: Some(convert::sentiment_to_proto(sentiment)),
@@ -215,9 +226,11 @@ impl IngestApi for IngestApiHandler {
         &self,
         request: Request<proto::RecordEventRequest>,
     ) -> ApiResult<proto::RecordEventResponse> {
-        let (id, event, request_id) =
-            convert::record_event(request.into_inner()).map_err(Error::from)?;
-        let event = self.service.record_event(id, event, request_id).await?;
+        let command = convert::record_event(request.into_inner()).map_err(Error::from)?;
+        let event = self
+            .service
+            .record_event(command.participation_id, command.event, command.request_id)
+            .await?;
         ok(proto::RecordEventResponse {
             event: Some(convert::event_to_proto(event)),
         })

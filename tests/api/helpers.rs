@@ -8,8 +8,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use krisp_ingest::{
     app::{Application, Settings},
     config::Limits,
-    grpc::convert::to_timestamp,
     local_postgres::{self, LocalPostgres},
+    proto::to_timestamp,
     proto::{self, ingest_service_client::IngestServiceClient},
     storage,
 };

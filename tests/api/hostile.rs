@@ -94,7 +94,7 @@ proptest! {
     ) {
         let request = proto::CreateUserRequest { external_id, country, native_language, region, request_id: String::new() };
         match convert::new_user(request) {
-            Ok((user, _)) => {
+            Ok(convert::CreateUser { user, .. }) => {
                 prop_assert!(!user.external_id.contains('\0') && user.external_id.chars().count() <= 200);
                 prop_assert!(user.country.as_deref().is_none_or(|c| c.len() == 2));
             }
@@ -125,9 +125,7 @@ fn the_server_refuses_hostile_requests_with_field_violations() {
     });
     assert_eq!(
         participation.connected_at,
-        Some(krisp_ingest::grpc::convert::to_timestamp(
-            crate::helpers::t0()
-        ))
+        Some(krisp_ingest::proto::to_timestamp(crate::helpers::t0()))
     );
     let strategy = (new_sentiment(), new_event(), text(), text());
     let codes: std::sync::Mutex<HashMap<Code, u32>> = Default::default();

@@ -5,7 +5,7 @@
 //! refused at ingest, naming the item.
 
 use chrono::{TimeDelta, Utc};
-use krisp_ingest::{config::Limits, domain::ItemClock, grpc::convert::to_timestamp, proto};
+use krisp_ingest::{config::Limits, domain::ItemClock, proto, proto::to_timestamp};
 use sqlx::PgPool;
 use uuid::Uuid;
 

@@ -8,9 +8,9 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 use krisp_ingest::{
-    grpc::convert::to_timestamp,
     partitions::{self, PartitionArgs, Partitioning, PartmanMode},
     proto,
+    proto::to_timestamp,
 };
 use sqlx::PgPool;
 use uuid::Uuid;

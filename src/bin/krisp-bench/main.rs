@@ -31,9 +31,9 @@ use futures_util::stream;
 use krisp_ingest::{
     app::Application,
     domain::{self, ItemClock, NewSentiment, Participation, SentimentLabel, StreamHeader},
-    grpc::convert::to_timestamp,
     local_postgres::{self, LocalPostgres},
     partitions::{self, PartitionArgs, Partitioning, PartmanMode},
+    proto::to_timestamp,
     proto::{self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame},
     service::{IngestService, StreamLimits},
     storage::{self, Storage},

@@ -1,6 +1,12 @@
-//! Code generated from `proto/` by `build.rs`.
+//! The contract: code generated from `proto/` by `build.rs`, and the conversions of
+//! time between protobuf and chrono that servers and clients of it share.
 
-#![allow(
+mod time;
+
+pub use generated::*;
+pub use time::{to_duration, to_timestamp};
+
+#[allow(
     clippy::all,
     clippy::pedantic,
     clippy::unwrap_used,
@@ -8,8 +14,9 @@
     clippy::panic,
     missing_docs
 )]
-
-tonic::include_proto!("krisp.ingest.v1");
+mod generated {
+    tonic::include_proto!("krisp.ingest.v1");
+}
 
 /// The encoded descriptor set of every file under `proto/`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

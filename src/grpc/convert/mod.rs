@@ -1,0 +1,23 @@
+//! Protobuf <-> domain conversion. Requests are parsed here, once, into domain values;
+//! every problem becomes a field violation naming the field.
+//!
+//! - [`scalars`]: timestamps, durations, ids;
+//! - [`enums`]: enums both ways;
+//! - [`requests`]: requests -> domain values and named commands;
+//! - [`responses`]: domain values -> responses;
+//! - [`stream`]: the framing of client streams.
+
+mod enums;
+mod requests;
+mod responses;
+mod scalars;
+mod stream;
+
+pub use requests::*;
+pub use responses::*;
+pub use scalars::id_field;
+pub use stream::{StreamFrame, frame};
+
+use crate::error::FieldViolation;
+
+type Violated<T> = Result<T, Vec<FieldViolation>>;
