@@ -6,15 +6,15 @@
 use std::{
     collections::HashMap,
     sync::{Arc, PoisonError, RwLock},
-    task::{Context, Poll},
     time::Duration,
 };
 
-use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tonic::{Status, body::Body};
-use tower::{Layer, Service};
+
+use crate::storage::api_keys;
+pub use crate::storage::api_keys::KeySummary;
+use tonic::Status;
 use uuid::Uuid;
 
 /// What a key may do.
@@ -86,11 +86,7 @@ pub async fn create_key(pool: &PgPool, name: &str, scopes: &[Scope]) -> anyhow::
     anyhow::ensure!(!scopes.is_empty(), "a key needs at least one scope");
     let key = generate();
     let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
-    sqlx::query("INSERT INTO api_keys (name, key_hash, scopes) VALUES ($1, $2, $3)")
-        .bind(name)
-        .bind(&hash(&key)[..])
-        .bind(&scopes)
-        .execute(pool)
+    api_keys::insert(pool, name, &hash(&key), &scopes)
         .await
         .map_err(
             |e| match e.as_database_error().and_then(|d| d.constraint()) {
@@ -106,23 +102,12 @@ pub async fn create_key(pool: &PgPool, name: &str, scopes: &[Scope]) -> anyhow::
 
 /// Revokes the key named `name`; `false` when there is no such live key.
 pub async fn revoke_key(pool: &PgPool, name: &str) -> anyhow::Result<bool> {
-    let revoked = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
-    )
-    .bind(name)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(revoked == 1)
+    Ok(api_keys::revoke(pool, name).await?)
 }
 
 /// Names, scopes and state of every key (never the hashes).
-pub async fn list_keys(pool: &PgPool) -> anyhow::Result<Vec<(String, Vec<String>, bool)>> {
-    Ok(
-        sqlx::query_as("SELECT name, scopes, revoked_at IS NOT NULL FROM api_keys ORDER BY name")
-            .fetch_all(pool)
-            .await?,
-    )
+pub async fn list_keys(pool: &PgPool) -> anyhow::Result<Vec<KeySummary>> {
+    Ok(api_keys::list(pool).await?)
 }
 
 /// The live keys, by hash, kept in memory and refreshed from the database.
@@ -135,10 +120,7 @@ impl KeyStore {
     /// Loads the keys; `None` when none was ever created (the server then runs without
     /// authentication, on loopback only unless told otherwise).
     pub async fn load(pool: &PgPool) -> anyhow::Result<Option<Self>> {
-        let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys)")
-            .fetch_one(pool)
-            .await?;
-        if !any {
+        if !api_keys::any(pool).await? {
             return Ok(None);
         }
         let store = Self::default();
@@ -147,11 +129,8 @@ impl KeyStore {
     }
 
     async fn refresh(&self, pool: &PgPool) -> anyhow::Result<()> {
-        let rows: Vec<(Vec<u8>, Vec<String>)> =
-            sqlx::query_as("SELECT key_hash, scopes FROM api_keys WHERE revoked_at IS NULL")
-                .fetch_all(pool)
-                .await?;
-        let keys = rows
+        let keys = api_keys::live(pool)
+            .await?
             .into_iter()
             .filter_map(|(hash, scopes)| {
                 let hash: [u8; 32] = hash.try_into().ok()?;
@@ -185,7 +164,11 @@ impl KeyStore {
         });
     }
 
-    fn check(&self, authorization: Option<&http::HeaderValue>, path: &str) -> Result<(), Status> {
+    pub(crate) fn check(
+        &self,
+        authorization: Option<&http::HeaderValue>,
+        path: &str,
+    ) -> Result<(), Status> {
         let key = authorization
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
@@ -208,65 +191,6 @@ impl KeyStore {
                 scope.as_str()
             ))),
             _ => Ok(()),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct AuthLayer {
-    keys: KeyStore,
-}
-
-impl AuthLayer {
-    pub fn new(keys: KeyStore) -> Self {
-        Self { keys }
-    }
-}
-
-impl<S> Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Auth {
-            inner,
-            keys: self.keys.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Auth<S> {
-    inner: S,
-    keys: KeyStore,
-}
-
-impl<S, B> Service<http::Request<B>> for Auth<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        if path.starts_with("/grpc.health.v1.Health/") {
-            return Box::pin(self.inner.call(request));
-        }
-        match self
-            .keys
-            .check(request.headers().get(http::header::AUTHORIZATION), path)
-        {
-            Ok(()) => Box::pin(self.inner.call(request)),
-            Err(status) => {
-                tracing::info!(code = ?status.code(), "call refused: {}", status.message());
-                Box::pin(async move { Ok(status.into_http()) })
-            }
         }
     }
 }

@@ -1,123 +1,13 @@
-//! Command line and environment. Every flag has an environment variable; the defaults
-//! make `krisp-ingest` work with no configuration at all.
+//! The service's configuration as flags and environment variables (the groups the
+//! command line of `krisp-ingest` flattens in): limits and database. Every flag has an
+//! environment variable; the defaults make `krisp-ingest` work with no configuration.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
-use anyhow::Context;
 use chrono::TimeDelta;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 
 use crate::domain::ItemClock;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "krisp-ingest",
-    version,
-    about = "gRPC ingestion service for call analytics"
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub database: DatabaseArgs,
-
-    /// Address to serve gRPC on (serve). Port 0 picks a free port, printed at startup.
-    #[arg(
-        long,
-        env = "KRISP_LISTEN",
-        default_value = "127.0.0.1:50051",
-        global = true
-    )]
-    pub listen: SocketAddr,
-
-    #[command(flatten)]
-    pub limits: LimitArgs,
-
-    /// Serve a non-loopback address even though no API keys exist (anyone who can reach
-    /// it can then read and write). Logged as a warning at startup.
-    #[arg(long, env = "KRISP_INSECURE", global = true)]
-    pub insecure: bool,
-
-    /// PEM certificate chain for serving gRPC over TLS (with --tls-key).
-    #[arg(long, env = "KRISP_TLS_CERT", global = true, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "KRISP_TLS_KEY", global = true, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// PEM CA certificate: with it, clients must present a certificate it signed (mTLS).
-    #[arg(
-        long,
-        env = "KRISP_TLS_CLIENT_CA",
-        global = true,
-        requires = "tls_cert"
-    )]
-    pub tls_client_ca: Option<PathBuf>,
-
-    /// Address of the Prometheus metrics endpoint (`GET /metrics`), or `off`.
-    #[arg(
-        long,
-        env = "KRISP_METRICS_LISTEN",
-        default_value = "127.0.0.1:9464",
-        global = true
-    )]
-    pub metrics_listen: MetricsListen,
-
-    /// Log format on standard error.
-    #[arg(long, env = "KRISP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-
-    /// What to do; `serve` when omitted.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-impl Cli {
-    /// What `serve` builds the application from; reads the TLS files.
-    pub fn serve_settings(&self) -> anyhow::Result<crate::app::Settings> {
-        let read = |path: &std::path::Path| {
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-        };
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::app::Tls {
-                certificate_pem: read(cert)?,
-                key_pem: read(key)?,
-                client_ca_pem: self.tls_client_ca.as_deref().map(read).transpose()?,
-            }),
-            _ => None,
-        };
-        Ok(crate::app::Settings {
-            listen: self.listen,
-            limits: self.limits.limits()?,
-            metrics: self.metrics_listen.0,
-            insecure: self.insecure,
-            tls,
-            ..crate::app::Settings::default()
-        })
-    }
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Apply migrations, then serve gRPC until SIGINT/SIGTERM (the default).
-    Serve,
-    /// Apply the pending database migrations and exit.
-    Migrate,
-    /// Apply the migrations, then grant ROLE exactly what the service needs at run time:
-    /// reading and writing its tables, and nothing else (no DDL, TRUNCATE or DROP). Run it
-    /// as the database owner; then run the service as ROLE with --skip-migrations.
-    GrantRuntimeRole {
-        /// An existing PostgreSQL role (lower case letters, digits and _).
-        role: String,
-    },
-    /// Create, revoke or list API keys.
-    #[command(subcommand)]
-    Keys(KeysCommand),
-    /// Run the demo client: create a user, timezone, session and participation, record a
-    /// sentiment and an event, and print them back.
-    Demo(ClientArgs),
-    /// Simulate a voice service: stream N sentiments for a participation in one stream.
-    Feed(FeedArgs),
-}
 
 /// The server's limits (docs/GUARANTEES.md says what a client sees at each).
 #[derive(Debug, Clone, Args)]
@@ -356,98 +246,12 @@ pub struct DatabaseArgs {
     pub partitions: crate::partitions::PartitionArgs,
 }
 
-#[derive(Debug, Clone, Subcommand)]
-pub enum KeysCommand {
-    /// Create a key and print it, once: it is stored only as a hash.
-    Create {
-        /// A name for the key (1 to 64 letters, digits, '.', '_', '-').
-        #[arg(long)]
-        name: String,
-        /// What the key may do: ingest (write RPCs), read (get/list/timeline); repeatable.
-        #[arg(long = "scope", required = true)]
-        scopes: Vec<crate::auth::Scope>,
-    },
-    /// Revoke a key by name (running servers stop accepting it within seconds).
-    Revoke {
-        #[arg(long)]
-        name: String,
-    },
-    /// List the keys' names, scopes and state (never the keys).
-    List,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct ClientArgs {
-    /// The krisp-ingest server to call.
-    #[arg(long, env = "KRISP_SERVER", default_value = "http://127.0.0.1:50051")]
-    pub server: String,
-    /// API key to send (needed once the server has keys).
-    #[arg(long, env = "KRISP_API_KEY")]
-    pub api_key: Option<Secret>,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct FeedArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// The participation to stream sentiments for; a fresh one is created when omitted.
-    #[arg(long)]
-    pub participation_id: Option<String>,
-    /// How many sentiments to stream.
-    #[arg(long, default_value_t = 10_000)]
-    pub count: u64,
-    /// Sentiments per stream message.
-    #[arg(long, default_value_t = 500)]
-    pub batch_size: usize,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// Where to serve metrics, if anywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MetricsListen(pub Option<SocketAddr>);
-
-impl FromStr for MetricsListen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "off" {
-            return Ok(Self(None));
-        }
-        s.parse()
-            .map(|address| Self(Some(address)))
-            .map_err(|_| format!("must be an address such as 127.0.0.1:9464, or off; got {s:?}"))
-    }
-}
-
-/// A secret (an API key) that never shows in `Debug` output or logs.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
 }
 
 /// A database URL whose password never shows in `Debug` output or logs.
@@ -502,17 +306,6 @@ impl FromStr for DatabaseUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::{CommandFactory, FromArgMatches};
-
-    /// Parses `args` as the command line alone: no `KRISP_*` or `DATABASE_URL` from the
-    /// environment of whoever runs the tests.
-    fn parse(args: &[&str]) -> Cli {
-        let command = Cli::command()
-            .mut_args(|arg| arg.env(None::<&str>))
-            .mut_subcommands(|sub| sub.mut_args(|arg| arg.env(None::<&str>)));
-        let matches = command.get_matches_from(args);
-        Cli::from_arg_matches(&matches).unwrap()
-    }
 
     #[test]
     fn passwords_stay_out_of_debug() {
@@ -522,56 +315,6 @@ mod tests {
         let shown = format!("{url:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("app:***@db:5432/krisp"), "{shown}");
-    }
-
-    #[test]
-    fn cli_parses() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn default_limits_match_the_flags() {
-        let cli = parse(&["krisp-ingest"]);
-        assert_eq!(cli.limits.limits().unwrap(), Limits::default());
-    }
-
-    #[test]
-    fn default_partition_args_match_the_flags() {
-        let flags = parse(&["krisp-ingest"]).database.partitions;
-        let defaults = crate::partitions::PartitionArgs::default();
-        assert_eq!(flags.partman, defaults.partman);
-        assert_eq!(flags.partition_interval, defaults.partition_interval);
-        assert_eq!(flags.partition_premake, defaults.partition_premake);
-        assert_eq!(flags.retention, defaults.retention);
-        assert_eq!(
-            flags.partition_maintenance_seconds,
-            defaults.partition_maintenance_seconds
-        );
-    }
-
-    #[test]
-    fn the_environment_does_not_reach_the_parsed_flags_of_these_tests() {
-        // Only checks `parse` itself: with a variable set, the flag keeps its default.
-        let command = Cli::command().mut_args(|arg| arg.env(None::<&str>));
-        assert!(command.get_arguments().all(|arg| arg.get_env().is_none()));
-    }
-
-    #[test]
-    fn the_connection_age_grace_covers_the_longest_stream() {
-        let cli = parse(&["krisp-ingest", "--max-stream-seconds", "900"]);
-        let limits = cli.limits.limits().unwrap();
-        assert_eq!(limits.max_connection_age_grace, Duration::from_secs(900));
-        let cli = parse(&[
-            "krisp-ingest",
-            "--max-stream-seconds",
-            "900",
-            "--max-connection-age-grace-seconds",
-            "60",
-        ]);
-        let error = cli.limits.limits().unwrap_err().to_string();
-        assert!(error.contains("at least --max-stream-seconds"), "{error}");
-        let cli = parse(&["krisp-ingest", "--max-connection-age-seconds", "0"]);
-        assert_eq!(cli.limits.limits().unwrap().max_connection_age, None);
     }
 
     #[test]

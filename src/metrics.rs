@@ -12,24 +12,15 @@
 //!   succeeded (Unix time); `krisp_partition_rows_moved_total{table}`: rows moved out of
 //!   a default partition ([`crate::partitions`]).
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    pin::Pin,
-    sync::OnceLock,
-    task::{Context, Poll},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::OnceLock};
 
 use anyhow::Context as _;
-use futures_util::future::BoxFuture;
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tower::{Layer, Service};
 
 pub const RPC_REQUESTS: &str = "krisp_rpc_requests_total";
 pub const ITEMS_INGESTED: &str = "krisp_items_ingested_total";
@@ -128,102 +119,4 @@ fn scrape<B>(
         http::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     response
-}
-
-/// Counts every finished call by method and gRPC status code.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcMetricsLayer;
-
-impl<S> Layer<S> for RpcMetricsLayer {
-    type Service = RpcMetrics<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RpcMetrics { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RpcMetrics<S> {
-    inner: S,
-}
-
-impl<S, B, R> Service<http::Request<B>> for RpcMetrics<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<R>> + Send,
-    S::Future: Send + 'static,
-    R: Body,
-{
-    type Response = http::Response<CountedBody<R>>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_owned();
-        let call = self.inner.call(request);
-        Box::pin(async move {
-            let response = call.await?;
-            // A trailers-only answer (most errors) has its status in the headers.
-            let status = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok());
-            let early = status.map(str::to_owned);
-            if let Some(code) = &early {
-                count(&method, code);
-            }
-            Ok(response.map(|body| CountedBody {
-                body,
-                method: (early.is_none()).then_some(method),
-            }))
-        })
-    }
-}
-
-fn count(method: &str, code: &str) {
-    let name = code
-        .parse::<i32>()
-        .map(|c| format!("{:?}", tonic::Code::from(c)))
-        .unwrap_or_else(|_| code.to_owned());
-    metrics::counter!(RPC_REQUESTS, "method" => method.to_owned(), "code" => name).increment(1);
-}
-
-/// A response body that counts its call when the trailers (with the status) go out.
-pub struct CountedBody<B> {
-    body: B,
-    method: Option<String>,
-}
-
-impl<B: Body + Unpin> Body for CountedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(trailers) = frame.trailers_ref()
-            && let Some(method) = self.method.take()
-        {
-            let code = trailers
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("0");
-            count(&method, code);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }

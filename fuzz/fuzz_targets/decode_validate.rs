@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
         5 => {
             if let Ok(m) = proto::RecordSentimentRequest::decode(bytes) {
                 match convert::record_sentiment(m) {
-                    Ok((_, sentiment, _)) => {
+                    Ok(convert::RecordSentiment { sentiment, .. }) => {
                         assert!(sentiment.ended_at > sentiment.started_at);
                         assert!(sentiment.score.is_none_or(|s| (-1.0..=1.0).contains(&s)));
                     }

@@ -24,12 +24,15 @@ pub use database::{Database, pool_options};
 pub use tls::{Tls, check_exposure};
 
 use crate::{
-    auth::{AuthLayer, KeyStore},
+    auth::KeyStore,
     config::{DatabaseArgs, Limits},
     grpc::{
-        IngestApiHandler, admission::AdmissionLayer, request_id::RequestIdLayer, transport_status,
+        IngestGrpcAdapter,
+        middleware::{
+            HookLayer, admission::Admission, auth::Auth, request_id::RequestId,
+            rpc_metrics::RpcMetrics, transport_status,
+        },
     },
-    metrics::RpcMetricsLayer,
     proto::{self, ingest_service_server::IngestServiceServer},
     service::{IngestService, StreamLimits},
     storage::Storage,
@@ -184,12 +187,12 @@ impl Application {
             limits.item_clock,
             cancel_calls.clone(),
         );
-        let api = IngestServiceServer::new(IngestApiHandler::new(service))
+        let api = IngestServiceServer::new(IngestGrpcAdapter::new(service))
             .max_decoding_message_size(limits.max_message_bytes);
-        let api = AdmissionLayer::new(limits.max_concurrent_calls).layer(api);
+        let api = HookLayer(Admission::new(limits.max_concurrent_calls)).layer(api);
 
         // Not serving until the first database probe says otherwise.
-        let ingest_name = <IngestServiceServer<IngestApiHandler> as NamedService>::NAME;
+        let ingest_name = <IngestServiceServer<IngestGrpcAdapter> as NamedService>::NAME;
         for name in ["", ingest_name] {
             health
                 .set_service_status(name, ServingStatus::NotServing)
@@ -242,10 +245,10 @@ impl Application {
                 transport_status::rewrite,
             ))
             // A request id and a span around every call, echoed to the client.
-            .layer(RequestIdLayer)
-            .layer(RpcMetricsLayer)
+            .layer(HookLayer(RequestId))
+            .layer(HookLayer(RpcMetrics))
             .layer(tower::util::option_layer(
-                self.keys.clone().map(AuthLayer::new),
+                self.keys.clone().map(|keys| HookLayer(Auth(keys))),
             ))
             // Larger HTTP/2 windows than the 64 KiB default let a client keep several
             // batches of a stream in flight instead of waiting for window updates.
@@ -291,7 +294,7 @@ async fn monitor_database(
     health: HealthReporter,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let service_name = <IngestServiceServer<IngestApiHandler> as NamedService>::NAME;
+    let service_name = <IngestServiceServer<IngestGrpcAdapter> as NamedService>::NAME;
     let mut last = None;
     loop {
         let status = match tokio::time::timeout(HEALTH_TIMEOUT, storage.ping()).await {

@@ -1,10 +1,8 @@
 //! The tonic adapter: each handler converts the request, calls the service, and maps the
 //! result. No business rules live here.
 
-pub mod admission;
 pub mod convert;
-pub mod request_id;
-pub mod transport_status;
+pub mod middleware;
 
 use std::pin::Pin;
 
@@ -19,11 +17,11 @@ use convert::{StreamFrame, id_field};
 
 /// Implements the generated `IngestService` trait over [`IngestService`].
 #[derive(Debug, Clone)]
-pub struct IngestApiHandler {
+pub struct IngestGrpcAdapter {
     service: IngestService,
 }
 
-impl IngestApiHandler {
+impl IngestGrpcAdapter {
     pub fn new(service: IngestService) -> Self {
         Self { service }
     }
@@ -54,7 +52,7 @@ fn stream_error(status: Status) -> Error {
 }
 
 #[tonic::async_trait]
-impl IngestApi for IngestApiHandler {
+impl IngestApi for IngestGrpcAdapter {
     #[tracing::instrument(name = "CreateUser", skip_all)]
     async fn create_user(
         &self,

@@ -1,6 +1,7 @@
 //! PostgreSQL access: every query of the service, with errors translated in one place
 //! (`errors.rs`, also behind `From<sqlx::Error>`). All statements bind their parameters.
 
+pub mod api_keys;
 mod batch;
 mod call;
 mod copy;

@@ -1,11 +1,16 @@
+//! `krisp-ingest`: the service (`serve`, the default) and its operator and client
+//! commands. Parses the command line, sets up telemetry, runs the command.
+
+mod cli;
+mod client;
+
 use std::process::ExitCode;
 
 use clap::Parser;
+use cli::{Cli, Command, KeysCommand};
 use krisp_ingest::{
     app::{self, Database},
-    auth, client,
-    config::{Cli, Command, KeysCommand},
-    storage, telemetry,
+    auth, storage, telemetry,
 };
 
 #[tokio::main]
@@ -62,9 +67,9 @@ async fn keys(database: &Database, command: KeysCommand) -> anyhow::Result<()> {
             eprintln!("key {name:?} revoked");
         }
         KeysCommand::List => {
-            for (name, scopes, revoked) in auth::list_keys(pool).await? {
-                let state = if revoked { "revoked" } else { "live" };
-                println!("{name}\t{}\t{state}", scopes.join(","));
+            for key in auth::list_keys(pool).await? {
+                let state = if key.revoked { "revoked" } else { "live" };
+                println!("{}\t{}\t{state}", key.name, key.scopes.join(","));
             }
         }
     }

@@ -4,13 +4,13 @@
 //! call also runs inside its deadline's [`crate::deadline::scope`], read from
 //! `grpc-timeout`, so that storage can pass the deadline on to PostgreSQL.
 
-use std::task::{Context, Poll};
-
 use futures_util::future::BoxFuture;
 use http::HeaderValue;
-use tower::{Layer, Service};
+use tonic::body::Body;
 use tracing::Instrument;
 use uuid::Uuid;
+
+use super::Hook;
 
 pub const HEADER: &str = "x-request-id";
 
@@ -22,35 +22,19 @@ fn usable(value: &HeaderValue) -> Option<String> {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestIdLayer;
+pub struct RequestId;
 
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestId<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestId { inner }
-    }
+/// What a call carries: its id, its span, its deadline.
+pub struct Call {
+    id: String,
+    span: tracing::Span,
+    deadline: Option<tokio::time::Instant>,
 }
 
-#[derive(Debug, Clone)]
-pub struct RequestId<S> {
-    inner: S,
-}
+impl Hook for RequestId {
+    type Carry = Call;
 
-impl<S, B, R> Service<http::Request<B>> for RequestId<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<R>> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<R>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn before<B>(&self, request: &http::Request<B>) -> Result<Call, Box<tonic::Status>> {
         let id = request
             .headers()
             .get(HEADER)
@@ -63,17 +47,22 @@ where
             .and_then(crate::deadline::parse_grpc_timeout)
             .and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
         let span = tracing::info_span!("rpc", request_id = %id, method = %request.uri().path());
-        let call = self.inner.call(request);
-        Box::pin(
-            crate::deadline::scope(deadline, async move {
-                let mut response = call.await?;
-                if let Ok(value) = HeaderValue::from_str(&id) {
-                    response.headers_mut().insert(HEADER, value);
-                }
-                Ok(response)
-            })
-            .instrument(span),
-        )
+        Ok(Call { id, span, deadline })
+    }
+
+    fn after(&self, call: Call, mut response: http::Response<Body>) -> http::Response<Body> {
+        if let Ok(value) = HeaderValue::from_str(&call.id) {
+            response.headers_mut().insert(HEADER, value);
+        }
+        response
+    }
+
+    fn around<T: 'static, C>(&self, call: Call, run: C) -> BoxFuture<'static, T>
+    where
+        C: FnOnce(Call) -> BoxFuture<'static, T>,
+    {
+        let (span, deadline) = (call.span.clone(), call.deadline);
+        Box::pin(crate::deadline::scope(deadline, run(call)).instrument(span))
     }
 }
 

@@ -12,9 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::config::{ClientArgs, FeedArgs};
-use crate::proto::to_timestamp;
-use crate::proto::{
+use crate::cli::{ClientArgs, FeedArgs};
+use krisp_ingest::proto::to_timestamp;
+use krisp_ingest::proto::{
     self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame,
 };
 
