@@ -20,7 +20,7 @@
 //! - [`partitions`]: time partitions with pg_partman, and their maintenance;
 //! - [`metrics`]: the Prometheus recorder and endpoint;
 //! - [`local_postgres`]: the zero-configuration local cluster;
-//! - [`telemetry`]: logging.
+//! - [`telemetry`]: the logs (text or JSON).
 //!
 //! The command line (`src/bin/krisp-ingest/`: serve, migrate, keys, demo, feed) and the
 //! benchmark (`src/bin/krisp-bench/`) are clients of this library.

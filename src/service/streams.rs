@@ -1,0 +1,203 @@
+//! The client-stream use case: one stream, one transaction, all or nothing.
+
+use chrono::Utc;
+use futures_util::{Stream, StreamExt};
+use uuid::Uuid;
+
+use super::{
+    IngestService, StreamLimits,
+    items::{check_clock, check_span},
+};
+use crate::domain::{Frame, ItemClock, Participation, Receipt, StreamHeader};
+use crate::error::{Error, FieldViolation};
+use crate::storage::{self, FeedCopy, FeedTable, StreamClaim};
+
+impl IngestService {
+    /// Ingests one client stream in one transaction. The stream must be a header, any
+    /// number of batches, and a trailer whose count matches, followed by the end of the
+    /// stream. Anything else (including a stream that merely stops, which is what a
+    /// cancelled or broken-off client looks like) rolls the transaction back.
+    pub async fn ingest_stream<T, S>(&self, frames: S) -> Result<Receipt, Error>
+    where
+        T: FeedTable,
+        S: Stream<Item = Result<Frame<T>, Error>> + Send,
+    {
+        let mut frames = std::pin::pin!(frames);
+        let header = match frames.next().await.transpose()? {
+            Some(Frame::Header(header)) => header,
+            Some(_) => {
+                return Err(Error::invalid(
+                    "header",
+                    "the first message of a stream must be its header",
+                ));
+            }
+            None => {
+                return Err(Error::invalid(
+                    "header",
+                    "the stream ended before its header",
+                ));
+            }
+        };
+        let StreamHeader {
+            stream_id,
+            participation_id,
+        } = header;
+        let participation = self.get_participation(participation_id).await?;
+
+        metrics::gauge!(crate::metrics::ACTIVE_STREAMS).increment(1.0);
+        let _active = ActiveStream;
+        let mut tx = self.storage.begin().await?;
+        match storage::claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
+            StreamClaim::New => {}
+            StreamClaim::Committed {
+                participation_id: committed_for,
+                kind,
+                receipt,
+            } => {
+                if committed_for != participation_id || kind != T::KIND {
+                    return Err(Error::AlreadyExists(format!(
+                        "stream id {stream_id} was used already for a stream of {kind} of \
+                         participation {committed_for}"
+                    )));
+                }
+                tracing::info!(%stream_id, "replayed stream: returning the first receipt");
+                return Ok(receipt);
+            }
+        }
+
+        let mut copy = FeedCopy::begin::<T>(&mut tx).await?;
+        let pumped = pump_items(
+            &mut frames,
+            &mut copy,
+            &participation,
+            stream_id,
+            self.limits,
+            &self.clock,
+        );
+        let outcome = tokio::select! {
+            outcome = pumped => outcome,
+            () = self.cancel_streams.cancelled() => Err(Error::ShuttingDown),
+        };
+        let received = match outcome {
+            Ok(received) => received,
+            Err(error) => {
+                copy.abort("the stream failed").await;
+                return Err(error);
+            }
+        };
+        let stored = copy.finish().await?;
+        if stored != received {
+            return Err(Error::internal(anyhow::anyhow!(
+                "COPY stored {stored} rows of {received}"
+            )));
+        }
+        let committing = std::time::Instant::now();
+        let committed_at =
+            storage::finish_stream(&mut tx, &participation, stream_id, received).await?;
+        tx.commit().await?;
+        metrics::histogram!(crate::metrics::STREAM_COMMIT_SECONDS)
+            .record(committing.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::STREAM_ROWS).record(received as f64);
+        metrics::counter!(crate::metrics::ITEMS_INGESTED, "kind" => T::KIND).increment(received);
+        tracing::info!(%stream_id, items = received, kind = T::KIND, "stream committed");
+        Ok(Receipt {
+            stream_id,
+            items_stored: received,
+            committed_at,
+            replayed: false,
+        })
+    }
+}
+
+/// Counts a stream as active until dropped, however its call ends.
+struct ActiveStream;
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::ACTIVE_STREAMS).decrement(1.0);
+    }
+}
+
+/// Moves a stream's items into `copy` until its trailer, and checks the trailer; returns
+/// the number of items. Memory stays bounded: items are encoded and sent as they come.
+async fn pump_items<T, S>(
+    frames: &mut S,
+    copy: &mut FeedCopy<'_>,
+    participation: &Participation,
+    stream_id: Uuid,
+    limits: StreamLimits,
+    clock: &ItemClock,
+) -> Result<u64, Error>
+where
+    T: FeedTable,
+    S: Stream<Item = Result<Frame<T>, Error>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + limits.max_duration;
+    let too_long = || Error::ResourceExhausted {
+        message: format!(
+            "the stream was open longer than the server's limit of {} s, so nothing was \
+             stored: send shorter streams",
+            limits.max_duration.as_secs()
+        ),
+        retry_after: None,
+    };
+    let mut received: u64 = 0;
+    let item_count = loop {
+        let frame = tokio::time::timeout_at(deadline, frames.next())
+            .await
+            .map_err(|_| too_long())?;
+        match frame.transpose()? {
+            Some(Frame::Batch(items)) => {
+                if received + items.len() as u64 > limits.max_items {
+                    return Err(Error::ResourceExhausted {
+                        message: format!(
+                            "the stream carries more than the server's limit of {} items, so \
+                             nothing was stored: split it into several streams",
+                            limits.max_items
+                        ),
+                        retry_after: None,
+                    });
+                }
+                let now = Utc::now();
+                for item in &items {
+                    check_clock(clock, now, item)
+                        .and_then(|()| check_span(participation, item))
+                        .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
+                    copy.push(Uuid::now_v7(), participation, stream_id, item)
+                        .await?;
+                    received += 1;
+                }
+            }
+            Some(Frame::Trailer { item_count }) => break item_count,
+            Some(Frame::Header(_)) => {
+                return Err(Error::invalid(
+                    "header",
+                    "a stream has one header, as its first message",
+                ));
+            }
+            None => {
+                return Err(Error::invalid(
+                    "trailer",
+                    "the stream ended without a trailer, so nothing was stored: \
+                     finish a stream with a trailer carrying its item count",
+                ));
+            }
+        }
+    };
+    if item_count != received {
+        return Err(Error::InvalidArgument(vec![FieldViolation::new(
+            "trailer.item_count",
+            format!("the trailer counts {item_count} items but the stream carried {received}"),
+        )]));
+    }
+    let end = tokio::time::timeout_at(deadline, frames.next())
+        .await
+        .map_err(|_| too_long())?;
+    if end.transpose()?.is_some() {
+        return Err(Error::invalid(
+            "trailer",
+            "the trailer must be the last message of a stream",
+        ));
+    }
+    Ok(received)
+}
