@@ -6,29 +6,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::FieldViolation;
 use super::check_text;
-use crate::error::FieldViolation;
-
-/// Generates an enum stored as lower-case text, with both directions of the mapping.
-macro_rules! stored_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
-            }
-
-            pub fn from_stored(value: &str) -> Option<Self> {
-                match value { $($text => Some(Self::$variant),)+ _ => None }
-            }
-        }
-    };
-}
 
 stored_enum!(
     /// The sentiment detected in a segment of speech.

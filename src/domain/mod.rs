@@ -1,15 +1,38 @@
 //! Validated domain types. A value of these types has passed every rule that does not
 //! need the database; constructors return the violated rules otherwise.
 
+/// Generates an enum stored as lower-case text, with both directions of the mapping.
+macro_rules! stored_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+
+            pub fn from_stored(value: &str) -> Option<Self> {
+                match value { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
 mod clock;
 mod feed;
 mod session;
 mod user;
+mod violation;
 
 pub use clock::*;
 pub use feed::*;
 pub use session::*;
 pub use user::*;
+pub use violation::{FieldViolation, Violations};
 
 /// Checks a free-form text field: no NUL characters (PostgreSQL text cannot hold them)
 /// and a length in characters within `min..=max`.

@@ -1,32 +1,14 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use uuid::Uuid;
 
-/// What kind of session a session is. Stored as its lower-case name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionType {
-    Call,
-    Meeting,
-    Webinar,
-}
-
-impl SessionType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Call => "call",
-            Self::Meeting => "meeting",
-            Self::Webinar => "webinar",
-        }
+stored_enum!(
+    /// What kind of session a session is. Stored as its lower-case name.
+    SessionType {
+        Call => "call",
+        Meeting => "meeting",
+        Webinar => "webinar",
     }
-
-    pub fn from_stored(value: &str) -> Option<Self> {
-        match value {
-            "call" => Some(Self::Call),
-            "meeting" => Some(Self::Meeting),
-            "webinar" => Some(Self::Webinar),
-            _ => None,
-        }
-    }
-}
+);
 
 /// A stored session.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +69,22 @@ pub struct Usage {
     pub speaker_used: bool,
 }
 
+/// Why a participation cannot be left as asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaveRefusal {
+    /// It was left already: the request is fine, the state is not.
+    AlreadyLeft(String),
+    /// A field of the request is at odds with the participation.
+    Field(&'static str, String),
+}
+
+/// Which end of an item's span lies outside its participation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanEnd {
+    Start,
+    End,
+}
+
 /// A stored participation: a user's presence in a session.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Participation {
@@ -101,12 +99,14 @@ pub struct Participation {
 
 impl Participation {
     /// Why `leave` cannot close this participation, if it cannot.
-    pub fn refuses_leave(&self, leave: &Leave) -> Option<(&'static str, String)> {
+    pub fn refuses_leave(&self, leave: &Leave) -> Option<LeaveRefusal> {
         if let Some(at) = self.disconnected_at {
-            return Some(("", format!("the participation was left already, at {at}")));
+            return Some(LeaveRefusal::AlreadyLeft(format!(
+                "the participation was left already, at {at}"
+            )));
         }
         if leave.disconnected_at < self.connected_at {
-            return Some((
+            return Some(LeaveRefusal::Field(
                 "disconnected_at",
                 format!(
                     "must not be before the participation connected ({})",
@@ -115,7 +115,7 @@ impl Participation {
             ));
         }
         if leave.talked_time > leave.disconnected_at - self.connected_at {
-            return Some((
+            return Some(LeaveRefusal::Field(
                 "talked_time",
                 "must not be longer than the participation lasted".to_owned(),
             ));
@@ -128,10 +128,10 @@ impl Participation {
         &self,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> Option<(&'static str, String)> {
+    ) -> Option<(SpanEnd, String)> {
         if start < self.connected_at {
             return Some((
-                "start",
+                SpanEnd::Start,
                 format!(
                     "is before the participation connected ({})",
                     self.connected_at
@@ -140,7 +140,7 @@ impl Participation {
         }
         match self.disconnected_at {
             Some(gone) if end > gone => Some((
-                "end",
+                SpanEnd::End,
                 format!("is after the participation disconnected ({gone})"),
             )),
             _ => None,
@@ -172,12 +172,15 @@ mod tests {
     fn spans_must_lie_inside_the_participation() {
         let open = participation(None);
         assert!(open.refuses_span(at(0), at(10_000)).is_none());
-        assert_eq!(open.refuses_span(at(-1), at(5)).map(|r| r.0), Some("start"));
+        assert_eq!(
+            open.refuses_span(at(-1), at(5)).map(|r| r.0),
+            Some(SpanEnd::Start)
+        );
         let closed = participation(Some(at(100)));
         assert!(closed.refuses_span(at(0), at(100)).is_none());
         assert_eq!(
             closed.refuses_span(at(50), at(101)).map(|r| r.0),
-            Some("end")
+            Some(SpanEnd::End)
         );
     }
 
@@ -192,20 +195,22 @@ mod tests {
             speaker_used: true,
         };
         assert!(open.refuses_leave(&leave(60, 60)).is_none());
+        let field = |refusal: Option<LeaveRefusal>| match refusal {
+            Some(LeaveRefusal::Field(field, _)) => Some(field),
+            _ => None,
+        };
         assert_eq!(
-            open.refuses_leave(&leave(60, 61)).map(|r| r.0),
+            field(open.refuses_leave(&leave(60, 61))),
             Some("talked_time")
         );
         assert_eq!(
-            open.refuses_leave(&leave(-1, 0)).map(|r| r.0),
+            field(open.refuses_leave(&leave(-1, 0))),
             Some("disconnected_at")
         );
-        assert_eq!(
-            participation(Some(at(5)))
-                .refuses_leave(&leave(60, 0))
-                .map(|r| r.0),
-            Some("")
-        );
+        assert!(matches!(
+            participation(Some(at(5))).refuses_leave(&leave(60, 0)),
+            Some(LeaveRefusal::AlreadyLeft(_))
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{FeedItem, ItemClock, Participation};
+use crate::domain::{FeedItem, ItemClock, Participation, SpanEnd};
 use crate::error::FieldViolation;
 
 /// Fails unless `item`'s times lie in the window `clock` allows around `now`, naming the
@@ -31,13 +31,7 @@ pub(super) fn check_span<T: FeedItem>(
     let (start, end) = item.span();
     match participation.refuses_span(start, end) {
         None => Ok(()),
-        Some((which, why)) => {
-            let name = if which == "start" {
-                T::START_FIELD
-            } else {
-                T::END_FIELD
-            };
-            Err(FieldViolation::new(name, why))
-        }
+        Some((SpanEnd::Start, why)) => Err(FieldViolation::new(T::START_FIELD, why)),
+        Some((SpanEnd::End, why)) => Err(FieldViolation::new(T::END_FIELD, why)),
     }
 }

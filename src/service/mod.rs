@@ -13,8 +13,8 @@ mod streams;
 use items::{check_clock, check_span};
 
 use crate::domain::{
-    Event, ItemClock, Leave, NewEvent, NewParticipation, NewSentiment, NewUser, Participation,
-    Sentiment, Session, SessionType, TimelineEntry, Timezone, Usage, User,
+    Event, ItemClock, Leave, LeaveRefusal, NewEvent, NewParticipation, NewSentiment, NewUser,
+    Participation, Sentiment, Session, SessionType, TimelineEntry, Timezone, Usage, User,
 };
 use crate::error::Error;
 use crate::storage::{Batched, Storage};
@@ -176,12 +176,10 @@ impl IngestService {
 
     pub async fn leave_session(&self, leave: Leave) -> Result<Participation, Error> {
         let participation = self.get_participation(leave.participation_id).await?;
-        if let Some((field, why)) = participation.refuses_leave(&leave) {
-            return Err(if field.is_empty() {
-                Error::FailedPrecondition(why)
-            } else {
-                Error::invalid(field, why)
-            });
+        match participation.refuses_leave(&leave) {
+            None => {}
+            Some(LeaveRefusal::AlreadyLeft(why)) => return Err(Error::FailedPrecondition(why)),
+            Some(LeaveRefusal::Field(field, why)) => return Err(Error::invalid(field, why)),
         }
         let usage = Usage {
             talked_time: leave.talked_time,
