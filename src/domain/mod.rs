@@ -24,12 +24,14 @@ macro_rules! stored_enum {
 
 mod clock;
 mod feed;
+mod names;
 mod session;
 mod user;
 mod violation;
 
 pub use clock::*;
 pub use feed::*;
+pub use names::{CountryCode, ExternalId, LanguageTag, TimezoneCode};
 pub use session::*;
 pub use user::*;
 pub use violation::{FieldViolation, Violations};

@@ -1,6 +1,8 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use uuid::Uuid;
 
+use super::TimezoneCode;
+
 stored_enum!(
     /// What kind of session a session is. Stored as its lower-case name.
     SessionType {
@@ -47,7 +49,7 @@ impl Session {
 pub struct NewParticipation {
     pub user_id: Uuid,
     pub session_id: Uuid,
-    pub timezone_code: String,
+    pub timezone_code: TimezoneCode,
     pub connected_at: DateTime<Utc>,
 }
 
@@ -91,7 +93,7 @@ pub struct Participation {
     pub id: Uuid,
     pub user_id: Uuid,
     pub session_id: Uuid,
-    pub timezone_code: String,
+    pub timezone_code: TimezoneCode,
     pub connected_at: DateTime<Utc>,
     pub disconnected_at: Option<DateTime<Utc>>,
     pub usage: Option<Usage>,
@@ -161,7 +163,7 @@ mod tests {
             id: Uuid::nil(),
             user_id: Uuid::nil(),
             session_id: Uuid::nil(),
-            timezone_code: "UTC".into(),
+            timezone_code: TimezoneCode::from_stored("UTC".into()),
             connected_at: at(0),
             disconnected_at,
             usage: None,

@@ -4,7 +4,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use uuid::Uuid;
 
 use super::Storage;
-use crate::domain::{NewParticipation, Participation, Usage};
+use crate::domain::{NewParticipation, Participation, TimezoneCode, Usage};
 use crate::error::Error;
 
 #[derive(sqlx::FromRow)]
@@ -37,7 +37,7 @@ impl From<ParticipationRow> for Participation {
             id: row.id,
             user_id: row.user_id,
             session_id: row.session_id,
-            timezone_code: row.timezone_code,
+            timezone_code: TimezoneCode::from_stored(row.timezone_code),
             connected_at: row.connected_at,
             disconnected_at: row.disconnected_at,
             usage,
@@ -61,7 +61,7 @@ impl Storage {
         .bind(id)
         .bind(participation.user_id)
         .bind(participation.session_id)
-        .bind(&participation.timezone_code)
+        .bind(participation.timezone_code.as_str())
         .bind(participation.connected_at)
         .fetch_optional(&self.pool)
         .await?;

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::Storage;
-use crate::domain::{Session, SessionType, Timezone};
+use crate::domain::{Session, SessionType, Timezone, TimezoneCode};
 use crate::error::Error;
 
 #[derive(sqlx::FromRow)]
@@ -43,13 +43,13 @@ impl Storage {
              ON CONFLICT (code) DO UPDATE SET utc_offset_seconds = EXCLUDED.utc_offset_seconds \
              RETURNING code, utc_offset_seconds, (xmax = 0) AS created",
         )
-        .bind(&timezone.code)
+        .bind(timezone.code.as_str())
         .bind(timezone.utc_offset_seconds)
         .fetch_one(&self.pool)
         .await?;
         Ok((
             Timezone {
-                code,
+                code: TimezoneCode::from_stored(code),
                 utc_offset_seconds,
             },
             created,
@@ -65,7 +65,7 @@ impl Storage {
         Ok(rows
             .into_iter()
             .map(|(code, utc_offset_seconds)| Timezone {
-                code,
+                code: TimezoneCode::from_stored(code),
                 utc_offset_seconds,
             })
             .collect())

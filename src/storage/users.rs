@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Storage, call};
-use crate::domain::{NewUser, User};
+use crate::domain::{CountryCode, ExternalId, LanguageTag, NewUser, User};
 use crate::error::Error;
 
 #[derive(sqlx::FromRow)]
@@ -21,9 +21,9 @@ impl From<UserRow> for User {
     fn from(row: UserRow) -> Self {
         Self {
             id: row.id,
-            external_id: row.external_id,
-            country: row.country,
-            native_language: row.native_language,
+            external_id: ExternalId::from_stored(row.external_id),
+            country: row.country.map(CountryCode::from_stored),
+            native_language: row.native_language.map(LanguageTag::from_stored),
             region: row.region,
             created_at: row.created_at,
         }
@@ -41,7 +41,7 @@ impl Storage {
             "INSERT INTO user_external_ids (external_id, user_id) VALUES ($1, $2) \
              ON CONFLICT (user_id, external_id) DO NOTHING",
         )
-        .bind(&user.external_id)
+        .bind(user.external_id.as_str())
         .bind(id)
         .execute(&mut *tx)
         .await?;
@@ -51,9 +51,9 @@ impl Storage {
              RETURNING id, external_id, country, native_language, region, created_at",
         )
         .bind(id)
-        .bind(&user.external_id)
-        .bind(&user.country)
-        .bind(&user.native_language)
+        .bind(user.external_id.as_str())
+        .bind(user.country.as_ref().map(CountryCode::as_str))
+        .bind(user.native_language.as_ref().map(LanguageTag::as_str))
         .bind(&user.region)
         .fetch_optional(&mut *tx)
         .await?;

@@ -11,8 +11,9 @@
 //!   only.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    sync::Once,
 };
 
 use krisp_ingest::{auth, proto};
@@ -27,9 +28,15 @@ use uuid::Uuid;
 use crate::distribution::placements;
 use crate::helpers::{event_frames, frames, fresh_database, sentiments, spawn_app_on};
 
-/// Collects the SQL of every statement sqlx runs on this thread.
-#[derive(Clone, Default)]
-struct Statements(Arc<Mutex<Vec<String>>>);
+thread_local! {
+    /// The statements sqlx ran on this thread, while a test collects them.
+    static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Collects the SQL of every statement sqlx runs on a thread that is collecting. It is the
+/// process's global subscriber, installed once: a thread-local one raced with other
+/// tests registering sqlx's callsites (an event was then sometimes missed).
+struct Statements;
 
 #[derive(Default)]
 struct StatementFields {
@@ -56,18 +63,34 @@ impl<S: Subscriber> Layer<S> for Statements {
         if event.metadata().target() != "sqlx::query" {
             return;
         }
-        let mut fields = StatementFields::default();
-        event.record(&mut fields);
-        // sqlx logs short statements whole as the summary, long ones in db.statement.
-        let sql = if fields.statement.trim().is_empty() {
-            fields.summary
-        } else {
-            fields.statement.trim().to_owned()
-        };
-        if let Ok(mut all) = self.0.lock() {
-            all.push(sql);
-        }
+        CAPTURED.with(|captured| {
+            if let Some(all) = captured.borrow_mut().as_mut() {
+                let mut fields = StatementFields::default();
+                event.record(&mut fields);
+                // sqlx logs short statements whole as the summary, long ones in
+                // db.statement.
+                all.push(if fields.statement.trim().is_empty() {
+                    fields.summary
+                } else {
+                    fields.statement.trim().to_owned()
+                });
+            }
+        });
     }
+}
+
+/// Runs `work` and returns the statements sqlx ran on this thread meanwhile (the test
+/// runtime is single-threaded: the server's tasks run here too).
+async fn statements_of(work: impl std::future::Future<Output = ()>) -> Vec<String> {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(
+            tracing_subscriber::registry().with(Statements),
+        );
+    });
+    CAPTURED.with(|captured| *captured.borrow_mut() = Some(Vec::new()));
+    work.await;
+    CAPTURED.with(|captured| captured.borrow_mut().take().unwrap_or_default())
 }
 
 /// The most volatile kind of any function of each name: 'i', 's' or 'v'.
@@ -378,16 +401,8 @@ async fn workload(db: &PgPool) {
 async fn every_statement_of_the_service_keeps_to_the_citus_dml_rules() {
     let db = fresh_database().await;
     let functions = volatility(&db).await;
-    let statements = Statements::default();
-    let subscriber = tracing_subscriber::registry().with(statements.clone());
-    {
-        let _capture = tracing::subscriber::set_default(subscriber);
-        workload(&db).await;
-    }
-    let captured: BTreeSet<String> = statements
-        .0
-        .lock()
-        .unwrap()
+    let captured: BTreeSet<String> = statements_of(workload(&db))
+        .await
         .iter()
         .map(|sql| sql.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();

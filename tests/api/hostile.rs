@@ -95,8 +95,9 @@ proptest! {
         let request = proto::CreateUserRequest { external_id, country, native_language, region, request_id: String::new() };
         match convert::new_user(request) {
             Ok(convert::CreateUser { user, .. }) => {
-                prop_assert!(!user.external_id.contains('\0') && user.external_id.chars().count() <= 200);
-                prop_assert!(user.country.as_deref().is_none_or(|c| c.len() == 2));
+                let external_id = user.external_id.as_str();
+                prop_assert!(!external_id.contains('\0') && external_id.chars().count() <= 200);
+                prop_assert!(user.country.as_ref().is_none_or(|c| c.as_str().len() == 2));
             }
             Err(violations) => {
                 prop_assert!(!violations.is_empty());

@@ -30,7 +30,9 @@ use clap::{Parser, Subcommand};
 use futures_util::stream;
 use krisp_ingest::{
     app::Application,
-    domain::{self, ItemClock, NewSentiment, Participation, SentimentLabel, StreamHeader},
+    domain::{
+        self, ItemClock, NewSentiment, Participation, SentimentLabel, StreamHeader, TimezoneCode,
+    },
     local_postgres::{self, LocalPostgres},
     partitions::{self, PartitionArgs, Partitioning, PartmanMode},
     proto::to_timestamp,
@@ -402,7 +404,7 @@ impl Fixtures {
             id,
             user_id,
             session_id: self.session_id,
-            timezone_code: "UTC".into(),
+            timezone_code: TimezoneCode::parse("UTC").map_err(anyhow::Error::msg)?,
             connected_at: self.base,
             disconnected_at: None,
             usage: None,

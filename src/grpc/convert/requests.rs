@@ -10,7 +10,8 @@ use super::Violated;
 use super::enums::{event_kind, label, session_type};
 use super::scalars::{duration, request_id, signed_duration_required, timestamp, uuid};
 use crate::domain::{
-    Leave, NewEvent, NewParticipation, NewSentiment, NewUser, SessionType, Timezone,
+    CountryCode, ExternalId, LanguageTag, Leave, NewEvent, NewParticipation, NewSentiment, NewUser,
+    SessionType, Timezone, TimezoneCode,
 };
 use crate::error::{FieldViolation, Violations};
 use crate::proto;
@@ -63,12 +64,9 @@ pub struct RecordEvent {
 pub fn new_user(req: proto::CreateUserRequest) -> Violated<CreateUser> {
     let mut v = Violations::new();
     let request = v.check("request_id", request_id(&req.request_id));
-    let external_id = v.check("external_id", NewUser::parse_external_id(&req.external_id));
-    let country = v.check("country", NewUser::parse_country(&req.country));
-    let native_language = v.check(
-        "native_language",
-        NewUser::parse_language(&req.native_language),
-    );
+    let external_id = v.check("external_id", ExternalId::parse(&req.external_id));
+    let country = v.check("country", CountryCode::parse(&req.country));
+    let native_language = v.check("native_language", LanguageTag::parse(&req.native_language));
     let region = v.check("region", NewUser::parse_region(&req.region));
     let user = match (external_id, country, native_language, region) {
         (Some(external_id), Some(country), Some(native_language), Some(region)) => Some(NewUser {
@@ -90,7 +88,7 @@ pub fn timezone(value: Option<proto::Timezone>) -> Violated<Timezone> {
         return Err(vec![FieldViolation::new("timezone", "is required")]);
     };
     let mut v = Violations::new();
-    let code = v.check("timezone.code", Timezone::parse_code(&tz.code));
+    let code = v.check("timezone.code", TimezoneCode::parse(&tz.code));
     let offset = v.check(
         "timezone.utc_offset",
         signed_duration_required(tz.utc_offset.as_ref())
@@ -187,7 +185,7 @@ pub fn join(req: proto::JoinSessionRequest) -> Violated<JoinSession> {
     let request = v.check("request_id", request_id(&req.request_id));
     let user_id = v.check("user_id", uuid(&req.user_id));
     let session_id = v.check("session_id", uuid(&req.session_id));
-    let timezone_code = v.check("timezone_code", Timezone::parse_code(&req.timezone_code));
+    let timezone_code = v.check("timezone_code", TimezoneCode::parse(&req.timezone_code));
     let connected_at = v.check("connected_at", timestamp(req.connected_at.as_ref()));
     let join = match (user_id, session_id, timezone_code, connected_at) {
         (Some(user_id), Some(session_id), Some(timezone_code), Some(connected_at)) => {

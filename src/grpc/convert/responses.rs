@@ -3,15 +3,23 @@
 use chrono::TimeDelta;
 
 use super::enums::{event_kind_to_proto, label_to_proto, session_type_to_proto};
-use crate::domain::{self, Receipt, Session, TimelineEntry, Timezone, User};
+use crate::domain::{
+    self, CountryCode, LanguageTag, Receipt, Session, TimelineEntry, Timezone, User,
+};
 use crate::proto::{self, to_duration, to_timestamp};
 
 pub fn user_to_proto(user: User) -> proto::User {
     proto::User {
         id: user.id.to_string(),
-        external_id: user.external_id,
-        country: user.country.unwrap_or_default(),
-        native_language: user.native_language.unwrap_or_default(),
+        external_id: user.external_id.into_string(),
+        country: user
+            .country
+            .map(CountryCode::into_string)
+            .unwrap_or_default(),
+        native_language: user
+            .native_language
+            .map(LanguageTag::into_string)
+            .unwrap_or_default(),
         region: user.region.unwrap_or_default(),
         created_at: Some(to_timestamp(user.created_at)),
     }
@@ -19,7 +27,7 @@ pub fn user_to_proto(user: User) -> proto::User {
 
 pub fn timezone_to_proto(tz: Timezone) -> proto::Timezone {
     proto::Timezone {
-        code: tz.code,
+        code: tz.code.into_string(),
         utc_offset: Some(to_duration(TimeDelta::seconds(i64::from(
             tz.utc_offset_seconds,
         )))),
@@ -41,7 +49,7 @@ pub fn participation_to_proto(p: domain::Participation) -> proto::Participation 
         id: p.id.to_string(),
         user_id: p.user_id.to_string(),
         session_id: p.session_id.to_string(),
-        timezone_code: p.timezone_code,
+        timezone_code: p.timezone_code.into_string(),
         connected_at: Some(to_timestamp(p.connected_at)),
         disconnected_at: p.disconnected_at.map(to_timestamp),
         talked_time: p.usage.as_ref().map(|u| to_duration(u.talked_time)),
