@@ -6,7 +6,9 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY migrations migrations
 COPY src src
-RUN cargo build --release --locked --bin krisp-ingest \
+# A workspace member: cargo needs its manifest even to build only the service.
+COPY bench bench
+RUN cargo build --release --locked -p krisp-ingest --bin krisp-ingest \
     && strip target/release/krisp-ingest
 
 FROM debian:bookworm-slim

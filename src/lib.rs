@@ -23,7 +23,7 @@
 //! - [`telemetry`]: the logs (text or JSON).
 //!
 //! The command line (`src/bin/krisp-ingest/`: serve, migrate, keys, demo, feed) and the
-//! benchmark (`src/bin/krisp-bench/`) are clients of this library.
+//! benchmark (`bench/`, a package of its own) are clients of this library.
 
 pub mod app;
 pub mod auth;

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod auth;
-mod bench;
 mod binary;
 mod citus_statements;
 mod contract;

@@ -12,7 +12,11 @@ use krisp_ingest::proto::{self, ingest_service_client::IngestServiceClient};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Fixtures, Server, bench_copy, settle};
+use crate::{
+    fixtures::{Fixtures, settle},
+    scenarios::bench_copy,
+    server::Server,
+};
 
 /// Rows, users and spread of the other users' data.
 pub struct Shape {

@@ -1,0 +1,388 @@
+//! Side-by-side ingestion benchmark: on one PostgreSQL and one schema, in one run, it
+//! loads the same sentiment rows with
+//! 1. `copy`: binary `COPY ... FROM STDIN` straight into the tables (the limit),
+//! 2. `row-by-row`: one INSERT per row in one transaction (the original pipeline),
+//! 3. `grpc-stream`: krisp-ingest end to end, tonic clients streaming over loopback,
+//! 4. `grpc-unary`: RecordSentiment against the same single-row INSERT through sqlx,
+//!
+//! and reports rows/s, latencies, CPU time per process, and the server's peak RSS during
+//! one long stream; then `delete-user` ([`delete_user`]): DeleteUser in a large table,
+//! and what the schema that makes it fast costs stream ingest. It ends with
+//! `stream/copy ratio: X.XX`.
+//!
+//! Modules: [`server`] (the server under test), [`probes`] (CPU and memory from /proc),
+//! [`fixtures`] (data), [`scenarios`] (the measurements), [`delete_user`], [`report`].
+//!
+//! The server runs as a child process (this binary, `serve` subcommand), so its memory
+//! and CPU are measured on their own.
+
+mod delete_user;
+mod fixtures;
+mod probes;
+mod report;
+mod scenarios;
+mod server;
+
+use std::{fmt::Write as _, path::PathBuf, sync::Arc};
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use krisp_ingest::{
+    app::Application,
+    local_postgres::{self, LocalPostgres},
+    partitions::{self, PartitionArgs, Partitioning, PartmanMode},
+    storage,
+};
+use sqlx::{
+    Connection, Executor,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use fixtures::{Fixtures, Measurement, settle};
+use report::{chart, medians};
+use scenarios::{
+    bench_copy, bench_grpc_stream, bench_row_by_row, bench_rss, bench_sqlx_insert, bench_unary,
+};
+use server::Server;
+
+const BENCH_DATABASE: &str = "krisp_bench";
+
+#[derive(Debug, Parser)]
+#[command(name = "krisp-bench", about = "krisp-ingest ingestion benchmark")]
+struct Args {
+    /// PostgreSQL server to benchmark on (its `krisp_bench` database is recreated).
+    /// Default: the local cluster krisp-ingest uses with no configuration.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// Data directory of the local cluster (when DATABASE_URL is unset).
+    #[arg(long, env = "KRISP_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Rows per measurement of copy and grpc-stream.
+    #[arg(long, default_value_t = 200_000)]
+    rows: u64,
+    /// Rows for row-by-row (slow; rows/s is what is compared).
+    #[arg(long, default_value_t = 50_000)]
+    row_by_row_rows: u64,
+    /// Concurrent streams to measure grpc-stream with (the rows are split between them).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    streams: Vec<usize>,
+    /// Sentiments per stream message.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Requests per measurement of grpc-unary and sqlx-insert.
+    #[arg(long, default_value_t = 4000)]
+    unary_requests: usize,
+    /// Concurrency levels of grpc-unary and sqlx-insert.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    unary_concurrency: Vec<usize>,
+    /// Rows of the single stream during which the server's peak RSS is measured.
+    #[arg(long, default_value_t = 1_000_000)]
+    rss_rows: u64,
+    /// Rounds of every measurement; the report shows the median round.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// How sentiments and events are partitioned: `auto` has pg_partman make daily
+    /// partitions (rows land in the partition of their day), `off` keeps only the
+    /// default partition, as a server without pg_partman does.
+    #[arg(long, value_enum, default_value_t = PartmanMode::Auto)]
+    partitions: PartmanMode,
+    /// delete-user: rows of other users in the table (0: skip the scenario).
+    #[arg(long, default_value_t = 4_000_000)]
+    delete_table_rows: u64,
+    /// delete-user: streams of the deleted user.
+    #[arg(long, default_value_t = 400)]
+    delete_streams: u64,
+    /// delete-user: rows per stream of the deleted user.
+    #[arg(long, default_value_t = 500)]
+    delete_stream_rows: u64,
+    /// Where to write the chart (SVG) of rows/s by method.
+    #[arg(long, default_value = "docs/benchmarks.svg")]
+    chart: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// (internal) Serve krisp-ingest on the benchmark database; prints the address.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, default_value_t = 64)]
+        max_connections: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match &args.command {
+        Some(Command::Serve { max_connections }) => serve(&args, *max_connections).await,
+        None => run(&args).await,
+    }
+}
+
+/// Connect options for `database` on the benchmark's server.
+async fn server_options(args: &Args, database: &str) -> anyhow::Result<PgConnectOptions> {
+    Ok(match &args.database_url {
+        Some(url) => url.parse::<PgConnectOptions>()?.database(database),
+        None => {
+            let dir = args
+                .data_dir
+                .clone()
+                .unwrap_or_else(local_postgres::default_data_dir);
+            LocalPostgres::ensure(&dir).await?.connect_options(database)
+        }
+    })
+}
+
+async fn serve(args: &Args, max_connections: u32) -> anyhow::Result<()> {
+    let pool = krisp_ingest::app::pool_options(max_connections)
+        .connect_with(server_options(args, BENCH_DATABASE).await?)
+        .await?;
+    let app = Application::build(krisp_ingest::app::Settings::default(), pool).await?;
+    println!("listening on {}", app.local_addr());
+    app.run_until_stopped(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    if args.streams.is_empty() || args.streams.contains(&0) || args.unary_concurrency.contains(&0) {
+        bail!("--streams and --unary-concurrency take positive numbers");
+    }
+    // A fresh benchmark database with the service's migrations.
+    let admin = server_options(args, "postgres").await?;
+    let mut conn = sqlx::PgConnection::connect_with(&admin).await?;
+    conn.execute(format!("DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)").as_str())
+        .await?;
+    conn.execute(format!("CREATE DATABASE {BENCH_DATABASE}").as_str())
+        .await?;
+    conn.close().await?;
+    let options = server_options(args, BENCH_DATABASE).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options.clone())
+        .await?;
+    storage::migrate(&pool).await?;
+    // The benchmark's own database only: autovacuum waking up inside one measurement and
+    // not another would be noise. Tables, indexes and constraints stay as migrated.
+    let partitioning = partitions::configure(
+        &pool,
+        &PartitionArgs {
+            partman: args.partitions,
+            ..PartitionArgs::default()
+        },
+    )
+    .await?;
+    eprintln!("krisp-bench: partitions: {partitioning:?}");
+    if args.partitions == PartmanMode::Auto && !matches!(partitioning, Partitioning::Partman { .. })
+    {
+        bail!("--partitions auto needs pg_partman on the server (or pass --partitions off)");
+    }
+    // Every table that holds rows (the partitions, not their parents).
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.oid::regclass::text FROM pg_class c \
+         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for table in tables {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = off)"
+        ))
+        .execute(&pool)
+        .await?;
+    }
+    let span_rows = args.rows.max(args.rss_rows).max(args.row_by_row_rows);
+    let fx = Arc::new(Fixtures::new(pool.clone(), span_rows).await?);
+
+    eprintln!(
+        "krisp-bench: {} rows per load, streams {:?}, unary {:?} x {} requests, {} rounds",
+        args.rows, args.streams, args.unary_concurrency, args.unary_requests, args.repeat
+    );
+    let mut runs: Vec<Measurement> = Vec::new();
+    // The service's default pool size.
+    let server = Server::start(args, 16).await?;
+    // Warm-up, not reported.
+    bench_copy(&fx, 10_000, 1).await?;
+    bench_grpc_stream(&fx, &server, 10_000, 1, args.batch_size).await?;
+    settle(&pool).await?;
+    // Rounds interleave the methods, so that drift on the machine hits them alike.
+    for round in 1..=args.repeat {
+        for &n in &args.streams {
+            eprintln!("round {round}: copy x{n}, grpc-stream x{n} ...");
+            runs.push(bench_copy(&fx, args.rows, n).await?);
+            settle(&pool).await?;
+            runs.push(bench_grpc_stream(&fx, &server, args.rows, n, args.batch_size).await?);
+            settle(&pool).await?;
+        }
+        eprintln!("round {round}: row-by-row ...");
+        runs.push(bench_row_by_row(&fx, args.row_by_row_rows).await?);
+        settle(&pool).await?;
+    }
+    // Unary: all direct sqlx rounds, then all gRPC rounds, so that the two sides' pools
+    // (up to 64 connections each) never hold connections at the same time.
+    server.stop().await?;
+    for round in 1..=args.repeat {
+        for &c in &args.unary_concurrency {
+            eprintln!("round {round}: sqlx-insert x{c} ...");
+            runs.push(bench_sqlx_insert(&fx, &options, args.unary_requests, c).await?);
+            settle(&pool).await?;
+        }
+    }
+    // Each concurrency gets a server whose pool has as many connections as the
+    // baseline's, warmed up (connections opened, statements prepared) before timing.
+    for &c in &args.unary_concurrency {
+        let server = Server::start(args, c).await?;
+        bench_unary(&fx, &server, c * 20, c).await?;
+        for round in 1..=args.repeat {
+            eprintln!("round {round}: grpc-unary x{c} ...");
+            runs.push(bench_unary(&fx, &server, args.unary_requests, c).await?);
+            settle(&pool).await?;
+        }
+        server.stop().await?;
+    }
+    eprintln!(
+        "server memory during one stream of {} rows ...",
+        args.rss_rows
+    );
+    let (idle_kib, peak_kib, hwm_kib, rss_elapsed) = bench_rss(args, &fx, args.rss_rows).await?;
+    settle(&pool).await?;
+    eprintln!("copy with and without the stream keys ...");
+    let (copy_without_keys, copy_with_keys) =
+        delete_user::bench_stream_keys(&fx, args.rows, args.repeat).await?;
+    let delete_times = if args.delete_table_rows > 0 {
+        let shape = delete_user::Shape {
+            table_rows: args.delete_table_rows,
+            streams: args.delete_streams,
+            stream_rows: args.delete_stream_rows,
+        };
+        let server = Server::start(args, 16).await?;
+        let times = delete_user::bench_delete(&fx, &server, &shape, args.repeat).await?;
+        server.stop().await?;
+        times
+    } else {
+        Vec::new()
+    };
+    let results = medians(runs);
+
+    // Report.
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| method | concurrency | rows | seconds | rows/s (median of {}) | rows/s range | p50 | p99 | CPU s client | CPU s server | CPU s postgres |",
+        args.repeat
+    );
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for (m, low, high) in &results {
+        let (p50, p99) = m.latency.map_or_else(
+            || (String::new(), String::new()),
+            |(a, b)| {
+                (
+                    format!("{:.2} ms", a.as_secs_f64() * 1e3),
+                    format!("{:.2} ms", b.as_secs_f64() * 1e3),
+                )
+            },
+        );
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} | {:.0} | {low:.0}-{high:.0} | {p50} | {p99} | {:.2} | {:.2} | {:.2} |",
+            m.method,
+            m.concurrency,
+            m.rows,
+            m.elapsed.as_secs_f64(),
+            m.rows_per_second(),
+            m.cpu.client,
+            m.cpu.server,
+            m.cpu.postgres,
+        );
+    }
+    let results: Vec<Measurement> = results.into_iter().map(|(m, _, _)| m).collect();
+    let best = |method: &str| {
+        results
+            .iter()
+            .filter(|m| m.method == method)
+            .map(Measurement::rows_per_second)
+            .fold(0.0, f64::max)
+    };
+    let at = |method: &str, concurrency: usize| {
+        results
+            .iter()
+            .find(|m| m.method == method && m.concurrency == concurrency)
+            .map_or(0.0, Measurement::rows_per_second)
+    };
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "server RSS while streaming {} rows in one stream ({:.1} s): idle {:.1} MiB, peak sampled {:.1} MiB, high-water mark {:.1} MiB",
+        args.rss_rows,
+        rss_elapsed.as_secs_f64(),
+        idle_kib as f64 / 1024.0,
+        peak_kib as f64 / 1024.0,
+        hwm_kib as f64 / 1024.0
+    );
+    let mut ratio = |what: String, a: f64, b: f64| {
+        let _ = writeln!(out, "{what}: {:.2}", a / b.max(1e-9));
+    };
+    for &n in &args.streams {
+        ratio(
+            format!("grpc-stream/copy ratio at concurrency {n}"),
+            at("grpc-stream", n),
+            at("copy", n),
+        );
+    }
+    ratio(
+        "grpc-stream/row-by-row ratio".into(),
+        best("grpc-stream"),
+        best("row-by-row"),
+    );
+    for &c in &args.unary_concurrency {
+        ratio(
+            format!("grpc-unary/sqlx-insert ratio at concurrency {c}"),
+            at("grpc-unary", c),
+            at("sqlx-insert", c),
+        );
+    }
+    ratio(
+        format!(
+            "copy without / with the stream keys (dropped by migration 0004): {copy_without_keys:.0} / {copy_with_keys:.0} rows/s, ratio"
+        ),
+        copy_without_keys,
+        copy_with_keys,
+    );
+    if let Some(median) = delete_times.get(delete_times.len() / 2) {
+        let rounds: Vec<String> = delete_times
+            .iter()
+            .map(|t| format!("{:.3}", t.as_secs_f64()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "delete-user {}x{} in a {}M-row table: {:.3} s (median of {}; rounds {})",
+            args.delete_streams,
+            args.delete_stream_rows,
+            args.delete_table_rows as f64 / 1e6,
+            median.as_secs_f64(),
+            delete_times.len(),
+            rounds.join(", ")
+        );
+    }
+    // Each side at its best concurrency.
+    let _ = writeln!(
+        out,
+        "stream/copy ratio: {:.2}",
+        best("grpc-stream") / best("copy").max(1e-9)
+    );
+    print!("{out}");
+
+    if let Some(parent) = args.chart.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.chart, chart(&results))?;
+    eprintln!("chart written to {}", args.chart.display());
+    pool.close().await;
+    Ok(())
+}
