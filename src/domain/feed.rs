@@ -169,9 +169,15 @@ pub trait FeedItem: Send + Sync + 'static {
     const KIND: &'static str;
     /// The field path of the items in requests, e.g. `sentiments` in `sentiments[3]`.
     const FIELD: &'static str;
+    /// The field path of one item in a unary request, e.g. `sentiment`.
+    const NAME: &'static str;
     /// The fields holding the item's start and end.
     const START_FIELD: &'static str;
     const END_FIELD: &'static str;
+
+    /// The item as stored, under `id`.
+    type Stored;
+    fn into_stored(self, id: Uuid, participation_id: Uuid) -> Self::Stored;
 
     fn span(&self) -> (DateTime<Utc>, DateTime<Utc>);
 }
@@ -179,8 +185,19 @@ pub trait FeedItem: Send + Sync + 'static {
 impl FeedItem for NewSentiment {
     const KIND: &'static str = "sentiments";
     const FIELD: &'static str = "sentiments";
+    const NAME: &'static str = "sentiment";
     const START_FIELD: &'static str = "started_at";
     const END_FIELD: &'static str = "ended_at";
+    type Stored = Sentiment;
+
+    fn into_stored(self, id: Uuid, participation_id: Uuid) -> Sentiment {
+        let sentiment = self;
+        Sentiment {
+            id,
+            participation_id,
+            sentiment,
+        }
+    }
 
     fn span(&self) -> (DateTime<Utc>, DateTime<Utc>) {
         (self.started_at, self.ended_at)
@@ -190,8 +207,19 @@ impl FeedItem for NewSentiment {
 impl FeedItem for NewEvent {
     const KIND: &'static str = "events";
     const FIELD: &'static str = "events";
+    const NAME: &'static str = "event";
     const START_FIELD: &'static str = "occurred_at";
     const END_FIELD: &'static str = "occurred_at";
+    type Stored = Event;
+
+    fn into_stored(self, id: Uuid, participation_id: Uuid) -> Event {
+        let event = self;
+        Event {
+            id,
+            participation_id,
+            event,
+        }
+    }
 
     fn span(&self) -> (DateTime<Utc>, DateTime<Utc>) {
         (self.occurred_at, self.occurred_at)

@@ -208,7 +208,7 @@ impl IngestApi for IngestGrpcAdapter {
         let command = convert::record_sentiment(request.into_inner()).map_err(Error::from)?;
         let sentiment = self
             .service
-            .record_sentiment(
+            .record(
                 command.participation_id,
                 command.sentiment,
                 command.request_id,
@@ -227,7 +227,7 @@ impl IngestApi for IngestGrpcAdapter {
         let command = convert::record_event(request.into_inner()).map_err(Error::from)?;
         let event = self
             .service
-            .record_event(command.participation_id, command.event, command.request_id)
+            .record(command.participation_id, command.event, command.request_id)
             .await?;
         ok(proto::RecordEventResponse {
             event: Some(convert::event_to_proto(event)),

@@ -13,8 +13,8 @@ mod streams;
 use items::{check_clock, check_span};
 
 use crate::domain::{
-    Event, ItemClock, Leave, LeaveRefusal, NewEvent, NewParticipation, NewSentiment, NewUser,
-    Participation, Sentiment, Session, SessionType, TimelineEntry, Timezone, Usage, User,
+    ItemClock, Leave, LeaveRefusal, NewParticipation, NewUser, Participation, Session, SessionType,
+    TimelineEntry, Timezone, Usage, User,
 };
 use crate::error::Error;
 use crate::storage::{Batched, Storage};
@@ -197,36 +197,18 @@ impl IngestService {
             })
     }
 
-    pub async fn record_sentiment(
+    /// Records one sentiment or event outside any stream; with a request id, a retry
+    /// returns what the first call stored.
+    pub async fn record<T: Batched>(
         &self,
         participation_id: Uuid,
-        sentiment: NewSentiment,
+        item: T,
         request_id: Option<Uuid>,
-    ) -> Result<Sentiment, Error> {
+    ) -> Result<T::Stored, Error> {
         let id = self
-            .record_one(participation_id, "sentiment", &sentiment, request_id)
+            .record_one(participation_id, T::NAME, &item, request_id)
             .await?;
-        Ok(Sentiment {
-            id,
-            participation_id,
-            sentiment,
-        })
-    }
-
-    pub async fn record_event(
-        &self,
-        participation_id: Uuid,
-        event: NewEvent,
-        request_id: Option<Uuid>,
-    ) -> Result<Event, Error> {
-        let id = self
-            .record_one(participation_id, "event", &event, request_id)
-            .await?;
-        Ok(Event {
-            id,
-            participation_id,
-            event,
-        })
+        Ok(item.into_stored(id, participation_id))
     }
 
     async fn record_one<T: Batched>(

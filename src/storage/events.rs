@@ -8,7 +8,7 @@ use super::{
     copy::CopyEncoder,
     items::{FeedTable, Unary},
 };
-use crate::domain::{EventKind, NewEvent, Participation};
+use crate::domain::{EventKind, NewEvent};
 use crate::error::Error;
 
 impl FeedTable for NewEvent {
@@ -41,22 +41,13 @@ impl FeedTable for NewEvent {
          (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
          FROM STDIN (FORMAT binary)";
 
-    fn encode_row(
-        encoder: &mut CopyEncoder,
-        id: Uuid,
-        participation: &Participation,
-        stream_id: Uuid,
-        item: &Self,
-    ) -> Result<(), Error> {
+    const ITEM_COLUMNS: i16 = 3;
+
+    fn encode_columns(&self, encoder: &mut CopyEncoder) -> Result<(), Error> {
         encoder
-            .row(7)
-            .uuid(id)
-            .uuid(participation.user_id)
-            .uuid(participation.id)
-            .uuid(stream_id)
-            .timestamptz(item.occurred_at)
-            .text(item.kind.as_str())
-            .jsonb_of(&item.attributes)
+            .timestamptz(self.occurred_at)
+            .text(self.kind.as_str())
+            .jsonb_of(&self.attributes)
             .map_err(Error::internal)?;
         Ok(())
     }

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::copy::CopyEncoder;
-use crate::domain::{FeedItem, Participation};
+use crate::domain::FeedItem;
 use crate::error::Error;
 
 /// A feed item type with a table to write it to.
@@ -16,14 +16,12 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     /// The binary COPY statement that loads the table inside a stream.
     const COPY_STATEMENT: &'static str;
 
-    /// Encodes one item as a row of [`Self::COPY_STATEMENT`].
-    fn encode_row(
-        encoder: &mut CopyEncoder,
-        id: Uuid,
-        participation: &Participation,
-        stream_id: Uuid,
-        item: &Self,
-    ) -> Result<(), Error>;
+    /// The item's own columns in [`Self::COPY_STATEMENT`], after the four every row
+    /// starts with (id, user_id, participation_id, stream_id).
+    const ITEM_COLUMNS: i16;
+
+    /// Encodes the item's own columns of its COPY row.
+    fn encode_columns(&self, encoder: &mut CopyEncoder) -> Result<(), Error>;
 
     /// Inserts items outside any stream, each for its own participation, in one
     /// statement: an item is stored when its participation exists, the item lies inside

@@ -8,7 +8,7 @@ use super::{
     copy::CopyEncoder,
     items::{FeedTable, Unary},
 };
-use crate::domain::{NewSentiment, Participation, SentimentLabel};
+use crate::domain::{NewSentiment, SentimentLabel};
 use crate::error::Error;
 
 /// participation_id, started_at, ended_at, label, score.
@@ -44,23 +44,14 @@ impl FeedTable for NewSentiment {
          (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
          FROM STDIN (FORMAT binary)";
 
-    fn encode_row(
-        encoder: &mut CopyEncoder,
-        id: Uuid,
-        participation: &Participation,
-        stream_id: Uuid,
-        item: &Self,
-    ) -> Result<(), Error> {
+    const ITEM_COLUMNS: i16 = 4;
+
+    fn encode_columns(&self, encoder: &mut CopyEncoder) -> Result<(), Error> {
         encoder
-            .row(8)
-            .uuid(id)
-            .uuid(participation.user_id)
-            .uuid(participation.id)
-            .uuid(stream_id)
-            .timestamptz(item.started_at)
-            .timestamptz(item.ended_at)
-            .text(item.label.as_str())
-            .optional_float8(item.score);
+            .timestamptz(self.started_at)
+            .timestamptz(self.ended_at)
+            .text(self.label.as_str())
+            .optional_float8(self.score);
         Ok(())
     }
 

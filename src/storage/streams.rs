@@ -35,7 +35,13 @@ impl<'c> FeedCopy<'c> {
         stream_id: Uuid,
         item: &T,
     ) -> Result<(), Error> {
-        T::encode_row(&mut self.encoder, id, participation, stream_id, item)?;
+        self.encoder
+            .row(4 + T::ITEM_COLUMNS)
+            .uuid(id)
+            .uuid(participation.user_id)
+            .uuid(participation.id)
+            .uuid(stream_id);
+        item.encode_columns(&mut self.encoder)?;
         if self.encoder.len() >= COPY_SEND_BYTES {
             self.copy.send(self.encoder.take()).await?;
         }

@@ -126,15 +126,7 @@ async fn with_no_configuration_the_service_runs_on_its_own_postgres_and_keeps_da
 
     let (child, address, lines) = start(&data_dir);
     let mut client = IngestServiceClient::new(connect(address).await);
-    let fetched = client
-        .get_user(proto::GetUserRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let fetched = crate::helpers::fetch_user(&mut client, &user.id.clone()).await;
     assert_eq!(fetched, user);
     let status = client
         .create_user(proto::CreateUserRequest {

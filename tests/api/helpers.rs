@@ -480,6 +480,35 @@ pub mod frames {
     }
 }
 
+/// GetUser through `client`; panics unless it answers with the user.
+pub async fn fetch_user(client: &mut IngestServiceClient<Channel>, user_id: &str) -> proto::User {
+    client
+        .get_user(proto::GetUserRequest {
+            user_id: user_id.to_owned(),
+        })
+        .await
+        .expect("GetUser")
+        .into_inner()
+        .user
+        .expect("a user")
+}
+
+/// GetParticipation through `client`; panics unless it answers with the participation.
+pub async fn fetch_participation(
+    client: &mut IngestServiceClient<Channel>,
+    participation_id: &str,
+) -> proto::Participation {
+    client
+        .get_participation(proto::GetParticipationRequest {
+            participation_id: participation_id.to_owned(),
+        })
+        .await
+        .expect("GetParticipation")
+        .into_inner()
+        .participation
+        .expect("a participation")
+}
+
 /// A TCP path to the test PostgreSQL that the test can cut: connections through
 /// [`Self::options`] reach the server until [`Self::cut`], which closes the listener and
 /// every connection through it (new ones are then refused).

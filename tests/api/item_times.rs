@@ -15,7 +15,7 @@ use crate::helpers::{
     fresh_database, spawn_app_with, violations,
 };
 use crate::metrics::{scrape, value};
-use crate::partitions::{participation_since, record, require_partman};
+use crate::partitions::{event_at, participation_since, record, require_partman, sentiment_at};
 
 /// A DATABASE_URL for `db`'s database, as the role the tests connect as.
 pub(crate) async fn url_of(db: &PgPool) -> String {
@@ -32,22 +32,6 @@ async fn home_of_the_row(db: &PgPool, table: &str) -> String {
         .fetch_one(db)
         .await
         .unwrap()
-}
-
-fn sentiment_at(
-    participation_id: &str,
-    at: chrono::DateTime<Utc>,
-) -> proto::RecordSentimentRequest {
-    proto::RecordSentimentRequest {
-        participation_id: participation_id.to_owned(),
-        sentiment: Some(proto::NewSentiment {
-            started_at: Some(to_timestamp(at)),
-            ended_at: Some(to_timestamp(at + TimeDelta::seconds(1))),
-            label: proto::SentimentLabel::Neutral as i32,
-            score: None,
-        }),
-        request_id: String::new(),
-    }
 }
 
 #[tokio::test]
@@ -118,15 +102,7 @@ async fn a_future_dated_row_no_longer_stops_the_next_start() {
     let status = app
         .client
         .clone()
-        .record_event(proto::RecordEventRequest {
-            participation_id: participation.id.clone(),
-            event: Some(proto::NewEvent {
-                occurred_at: Some(to_timestamp(ahead)),
-                kind: proto::EventKind::TalkStopped as i32,
-                attributes: Default::default(),
-            }),
-            request_id: String::new(),
-        })
+        .record_event(event_at(&participation.id, ahead))
         .await
         .unwrap_err();
     assert_eq!(violations(&status)[0].0, "event.occurred_at");

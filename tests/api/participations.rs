@@ -37,15 +37,7 @@ async fn join_and_leave_record_the_participation() {
         (left.microphone_used, left.speaker_used),
         (Some(true), Some(false))
     );
-    let fetched = client
-        .get_participation(proto::GetParticipationRequest {
-            participation_id: participation.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .participation
-        .unwrap();
+    let fetched = crate::helpers::fetch_participation(&mut client, &participation.id.clone()).await;
     assert_eq!(fetched, left);
     let stored: (i64, bool, bool) =
         sqlx::query_as("SELECT talked_time_us, microphone_used, speaker_used FROM participations")

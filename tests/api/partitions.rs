@@ -101,32 +101,45 @@ pub(crate) async fn participation_since(
     app.join(&user, &session, start).await.unwrap()
 }
 
+/// A RecordSentiment of a 1 s segment starting `at`.
+pub(crate) fn sentiment_at(
+    participation_id: &str,
+    at: DateTime<Utc>,
+) -> proto::RecordSentimentRequest {
+    proto::RecordSentimentRequest {
+        participation_id: participation_id.to_owned(),
+        sentiment: Some(proto::NewSentiment {
+            started_at: Some(to_timestamp(at)),
+            ended_at: Some(to_timestamp(at + TimeDelta::seconds(1))),
+            label: proto::SentimentLabel::Positive as i32,
+            score: Some(0.5),
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// A RecordEvent of an event `at`.
+pub(crate) fn event_at(participation_id: &str, at: DateTime<Utc>) -> proto::RecordEventRequest {
+    proto::RecordEventRequest {
+        participation_id: participation_id.to_owned(),
+        event: Some(proto::NewEvent {
+            occurred_at: Some(to_timestamp(at)),
+            kind: proto::EventKind::TalkStarted as i32,
+            attributes: Default::default(),
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// Records a sentiment and an event `at`; panics unless both are stored.
 pub(crate) async fn record(app: &TestApp, participation: &proto::Participation, at: DateTime<Utc>) {
-    app.client
-        .clone()
-        .record_sentiment(proto::RecordSentimentRequest {
-            participation_id: participation.id.clone(),
-            sentiment: Some(proto::NewSentiment {
-                started_at: Some(to_timestamp(at)),
-                ended_at: Some(to_timestamp(at + TimeDelta::seconds(1))),
-                label: proto::SentimentLabel::Positive as i32,
-                score: Some(0.5),
-            }),
-            request_id: String::new(),
-        })
+    let mut client = app.client.clone();
+    client
+        .record_sentiment(sentiment_at(&participation.id, at))
         .await
         .unwrap();
-    app.client
-        .clone()
-        .record_event(proto::RecordEventRequest {
-            participation_id: participation.id.clone(),
-            event: Some(proto::NewEvent {
-                occurred_at: Some(to_timestamp(at)),
-                kind: proto::EventKind::TalkStarted as i32,
-                attributes: Default::default(),
-            }),
-            request_id: String::new(),
-        })
+    client
+        .record_event(event_at(&participation.id, at))
         .await
         .unwrap();
 }

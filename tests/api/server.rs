@@ -106,13 +106,7 @@ async fn reflection_lists_and_describes_the_services() {
         .unwrap()
         .into_inner();
 
-    let listed = responses
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .message_response
-        .unwrap();
+    let listed = next_answer(&mut responses).await;
     let MessageResponse::ListServicesResponse(list) = listed else {
         panic!("expected a service list, got {listed:?}");
     };
@@ -128,13 +122,7 @@ async fn reflection_lists_and_describes_the_services() {
         );
     }
 
-    let described = responses
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .message_response
-        .unwrap();
+    let described = next_answer(&mut responses).await;
     let MessageResponse::FileDescriptorResponse(files) = described else {
         panic!("expected file descriptors, got {described:?}");
     };
@@ -229,4 +217,17 @@ async fn every_call_gets_a_request_id_echoed_in_its_metadata() {
         response.metadata().get("x-request-id").unwrap(),
         "not usable"
     );
+}
+
+/// The next answer of a reflection stream.
+async fn next_answer(
+    responses: &mut tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
+) -> MessageResponse {
+    responses
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap()
 }

@@ -95,15 +95,7 @@ async fn a_replayed_stream_returns_the_first_receipt_and_stores_nothing_again() 
         })
         .await
         .unwrap();
-    let user = client
-        .get_user(proto::GetUserRequest {
-            user_id: participation.user_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = crate::helpers::fetch_user(&mut client, &participation.user_id.clone()).await;
     let other = app
         .join(&user, &session, t0() + chrono::TimeDelta::seconds(2000))
         .await

@@ -12,15 +12,7 @@ async fn users_are_created_read_and_deleted() {
     assert_eq!(user.country, "US");
     assert!(user.created_at.is_some());
 
-    let fetched = client
-        .get_user(proto::GetUserRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let fetched = crate::helpers::fetch_user(&mut client, &user.id.clone()).await;
     assert_eq!(fetched, user);
 
     let deleted = client

@@ -2,18 +2,12 @@
 //! answered at once with RESOURCE_EXHAUSTED and a RetryInfo detail, before it touches the
 //! database, instead of queueing without bound.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, body::Body};
 
-use super::{Hook, map_body};
+use super::{Hook, Watcher, watched};
 use crate::error::Error;
 
 /// How long a shed client is told to wait before retrying.
@@ -51,35 +45,8 @@ impl Hook for Admission {
     /// The permit lives as long as the response body: a server stream (GetTimeline)
     /// counts until its last message, not until its handler returns.
     fn after(&self, permit: Self::Carry, response: http::Response<Body>) -> http::Response<Body> {
-        map_body(response, |body| WithPermit {
-            body,
-            _permit: permit,
-        })
+        watched(response, permit)
     }
 }
 
-/// A response body that holds its call's permit until it is done (or dropped).
-struct WithPermit {
-    body: Body,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl http_body::Body for WithPermit {
-    type Data = <Body as http_body::Body>::Data;
-    type Error = <Body as http_body::Body>::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
+impl Watcher for OwnedSemaphorePermit {}

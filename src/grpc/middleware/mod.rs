@@ -15,9 +15,14 @@ pub mod request_id;
 pub mod rpc_metrics;
 pub mod transport_status;
 
-use std::task::{Context, Poll};
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use futures_util::future::BoxFuture;
+use http_body::{Frame, SizeHint};
+use hyper::body::Bytes;
 use tonic::{Status, body::Body, server::NamedService};
 use tower::{Layer, Service};
 
@@ -103,10 +108,42 @@ where
     }
 }
 
-/// The response body of `response` with `wrap` around it.
-fn map_body<W>(response: http::Response<Body>, wrap: impl FnOnce(Body) -> W) -> http::Response<Body>
-where
-    W: http_body::Body<Data = hyper::body::Bytes, Error = tonic::Status> + Send + 'static,
-{
-    response.map(|body| Body::new(wrap(body)))
+/// Something a response body carries until it is done or dropped (a permit), and
+/// that may look at each frame going out (the trailers, with the call's status).
+pub trait Watcher: Send + Unpin + 'static {
+    fn frame(&mut self, _frame: &Frame<Bytes>) {}
+}
+
+/// `response` with `watcher` attached to its body.
+fn watched<W: Watcher>(response: http::Response<Body>, watcher: W) -> http::Response<Body> {
+    response.map(|body| Body::new(Watched { body, watcher }))
+}
+
+struct Watched<W> {
+    body: Body,
+    watcher: W,
+}
+
+impl<W: Watcher> http_body::Body for Watched<W> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            self.watcher.frame(frame);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }

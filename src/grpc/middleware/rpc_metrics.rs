@@ -2,15 +2,11 @@
 //! (`krisp_rpc_requests_total`), when its status is known: at once for a trailers-only
 //! answer, otherwise when the trailers go out (a stream counts when it ends).
 
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-};
-
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
+use hyper::body::Bytes;
 use tonic::body::Body;
 
-use super::{Hook, map_body};
+use super::{Hook, Watcher, watched};
 use crate::metrics::RPC_REQUESTS;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -35,10 +31,12 @@ impl Hook for RpcMetrics {
             count(&method, code);
             return response;
         }
-        map_body(response, |body| CountedBody {
-            body,
-            method: Some(method),
-        })
+        watched(
+            response,
+            CountAtTrailers {
+                method: Some(method),
+            },
+        )
     }
 }
 
@@ -50,23 +48,14 @@ fn count(method: &str, code: &str) {
     metrics::counter!(RPC_REQUESTS, "method" => method.to_owned(), "code" => name).increment(1);
 }
 
-/// A response body that counts its call when the trailers (with the status) go out.
-struct CountedBody {
-    body: Body,
+/// Counts its call when the trailers (with the status) go out.
+struct CountAtTrailers {
     method: Option<String>,
 }
 
-impl http_body::Body for CountedBody {
-    type Data = <Body as http_body::Body>::Data;
-    type Error = <Body as http_body::Body>::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(trailers) = frame.trailers_ref()
+impl Watcher for CountAtTrailers {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(trailers) = frame.trailers_ref()
             && let Some(method) = self.method.take()
         {
             let code = trailers
@@ -75,14 +64,5 @@ impl http_body::Body for CountedBody {
                 .unwrap_or("0");
             count(&method, code);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
