@@ -10,7 +10,7 @@ use super::{
 };
 use crate::domain::{Frame, ItemClock, Participation, Receipt, StreamHeader};
 use crate::error::{Error, FieldViolation};
-use crate::storage::{self, FeedCopy, FeedTable, StreamClaim};
+use crate::storage::{self, FeedCopy, FeedTable, ItemDigest, StreamClaim};
 
 impl IngestService {
     /// Ingests one client stream in one transaction. The stream must be a header, any
@@ -53,6 +53,7 @@ impl IngestService {
                 participation_id: committed_for,
                 kind,
                 receipt,
+                digest,
             } => {
                 if committed_for != participation_id || kind != T::KIND {
                     return Err(Error::AlreadyExists(format!(
@@ -60,20 +61,20 @@ impl IngestService {
                          participation {committed_for}"
                     )));
                 }
-                tracing::info!(%stream_id, "replayed stream: returning the first receipt");
-                return Ok(receipt);
+                // The replay's items decide, read without a transaction.
+                drop(tx);
+                return self.replay(&mut frames, receipt, digest).await;
             }
         }
 
         let mut copy = FeedCopy::begin::<T>(&mut tx).await?;
-        let pumped = pump_items(
-            &mut frames,
-            &mut copy,
-            &participation,
+        let sink = Sink::Copy {
+            copy: &mut copy,
+            participation: &participation,
             stream_id,
-            self.limits,
-            &self.clock,
-        );
+            clock: &self.clock,
+        };
+        let pumped = pump_items(&mut frames, sink, self.limits);
         let outcome = tokio::select! {
             outcome = pumped => outcome,
             () = self.cancel_streams.cancelled() => Err(Error::ShuttingDown),
@@ -85,7 +86,7 @@ impl IngestService {
                 return Err(error);
             }
         };
-        let stored = copy.finish().await?;
+        let (stored, digest) = copy.finish().await?;
         if stored != received {
             return Err(Error::internal(anyhow::anyhow!(
                 "COPY stored {stored} rows of {received}"
@@ -93,7 +94,7 @@ impl IngestService {
         }
         let committing = std::time::Instant::now();
         let committed_at =
-            storage::finish_stream(&mut tx, &participation, stream_id, received).await?;
+            storage::finish_stream(&mut tx, &participation, stream_id, received, &digest).await?;
         tx.commit().await?;
         metrics::histogram!(crate::metrics::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());
@@ -109,6 +110,49 @@ impl IngestService {
     }
 }
 
+impl IngestService {
+    /// A stream whose id committed already: its items are read to the trailer (framed and
+    /// limited as any stream's) and compared with the first commit's. The same items get
+    /// the first receipt (`replayed`), other items ALREADY_EXISTS; nothing is stored.
+    async fn replay<T, S>(
+        &self,
+        frames: &mut S,
+        receipt: Receipt,
+        committed: Option<Vec<u8>>,
+    ) -> Result<Receipt, Error>
+    where
+        T: FeedTable,
+        S: Stream<Item = Result<Frame<T>, Error>> + Unpin,
+    {
+        let mut digest = ItemDigest::new();
+        let received = pump_items(frames, Sink::Digest(&mut digest), self.limits).await?;
+        let stream_id = receipt.stream_id;
+        match committed {
+            Some(committed) if committed != digest.finish() => Err(Error::AlreadyExists(format!(
+                "stream id {stream_id} committed already with other items ({} then, {received} \
+                 now): a retry must send the same items; new items need a new stream_id",
+                receipt.items_stored
+            ))),
+            _ => {
+                tracing::info!(%stream_id, "replayed stream: returning the first receipt");
+                Ok(receipt)
+            }
+        }
+    }
+}
+
+/// Where a stream's items go: checked into the COPY of a new stream, or, for a replay,
+/// only into a digest.
+enum Sink<'a, 'c> {
+    Copy {
+        copy: &'a mut FeedCopy<'c>,
+        participation: &'a Participation,
+        stream_id: Uuid,
+        clock: &'a ItemClock,
+    },
+    Digest(&'a mut ItemDigest),
+}
+
 /// Counts a stream as active until dropped, however its call ends.
 struct ActiveStream;
 
@@ -118,15 +162,12 @@ impl Drop for ActiveStream {
     }
 }
 
-/// Moves a stream's items into `copy` until its trailer, and checks the trailer; returns
+/// Moves a stream's items into `sink` until its trailer, and checks the trailer; returns
 /// the number of items. Memory stays bounded: items are encoded and sent as they come.
 async fn pump_items<T, S>(
     frames: &mut S,
-    copy: &mut FeedCopy<'_>,
-    participation: &Participation,
-    stream_id: Uuid,
+    mut sink: Sink<'_, '_>,
     limits: StreamLimits,
-    clock: &ItemClock,
 ) -> Result<u64, Error>
 where
     T: FeedTable,
@@ -160,11 +201,21 @@ where
                 }
                 let now = Utc::now();
                 for item in &items {
-                    check_clock(clock, now, item)
-                        .and_then(|()| check_span(participation, item))
-                        .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
-                    copy.push(Uuid::now_v7(), participation, stream_id, item)
-                        .await?;
+                    match &mut sink {
+                        Sink::Copy {
+                            copy,
+                            participation,
+                            stream_id,
+                            clock,
+                        } => {
+                            check_clock(clock, now, item)
+                                .and_then(|()| check_span(participation, item))
+                                .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
+                            copy.push(Uuid::now_v7(), participation, *stream_id, item)
+                                .await?;
+                        }
+                        Sink::Digest(digest) => digest.add(item)?,
+                    }
                     received += 1;
                 }
             }

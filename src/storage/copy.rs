@@ -27,6 +27,16 @@ impl CopyEncoder {
         self.buf.len()
     }
 
+    /// The bytes written since the buffer was `start` long.
+    pub fn since(&self, start: usize) -> &[u8] {
+        self.buf.get(start..).unwrap_or_default()
+    }
+
+    /// Empties the buffer, header included: for encoding values on their own.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use batch::Batcher;
 pub use items::FeedTable;
 use items::Unary;
-pub(crate) use streams::{FeedCopy, StreamClaim, claim_stream, finish_stream};
+pub(crate) use streams::{FeedCopy, ItemDigest, StreamClaim, claim_stream, finish_stream};
 
 use crate::domain::{NewEvent, NewSentiment, Participation};
 use crate::error::Error;

@@ -2,6 +2,7 @@
 //! items, and its receipt.
 
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, postgres::PgCopyIn};
 use uuid::Uuid;
 
@@ -12,10 +13,40 @@ use crate::error::Error;
 /// Bytes of COPY data buffered before they are sent: bounds a stream's memory.
 pub const COPY_SEND_BYTES: usize = 256 * 1024;
 
+/// A digest of a stream's items: SHA-256 over each item's own COPY columns, in order.
+/// Two streams carry the same items exactly when their digests are equal.
+pub struct ItemDigest {
+    hash: Sha256,
+    scratch: CopyEncoder,
+}
+
+impl ItemDigest {
+    pub fn new() -> Self {
+        Self {
+            hash: Sha256::new(),
+            scratch: CopyEncoder::new(256),
+        }
+    }
+
+    /// Adds an item that is not otherwise encoded (a replay's).
+    pub fn add<T: FeedTable>(&mut self, item: &T) -> Result<(), Error> {
+        self.scratch.clear();
+        item.encode_columns(&mut self.scratch)?;
+        self.hash.update(self.scratch.since(0));
+        Ok(())
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.hash.finalize().to_vec()
+    }
+}
+
 /// A binary COPY in progress inside a stream's transaction.
 pub struct FeedCopy<'c> {
     copy: PgCopyIn<&'c mut PgConnection>,
     encoder: CopyEncoder,
+    /// The digest of what was pushed, from the bytes pushed.
+    digest: Sha256,
 }
 
 impl<'c> FeedCopy<'c> {
@@ -24,6 +55,7 @@ impl<'c> FeedCopy<'c> {
         Ok(Self {
             copy,
             encoder: CopyEncoder::new(COPY_SEND_BYTES + 4096),
+            digest: Sha256::new(),
         })
     }
 
@@ -41,18 +73,22 @@ impl<'c> FeedCopy<'c> {
             .uuid(participation.user_id)
             .uuid(participation.id)
             .uuid(stream_id);
+        let start = self.encoder.len();
         item.encode_columns(&mut self.encoder)?;
+        self.digest.update(self.encoder.since(start));
         if self.encoder.len() >= COPY_SEND_BYTES {
             self.copy.send(self.encoder.take()).await?;
         }
         Ok(())
     }
 
-    /// Sends the rest and ends the COPY; the database checks its constraints here.
-    pub async fn finish(mut self) -> Result<u64, Error> {
+    /// Sends the rest and ends the COPY (the database checks its constraints here);
+    /// returns the rows stored and the digest of the items ([`ItemDigest`]).
+    pub async fn finish(mut self) -> Result<(u64, Vec<u8>), Error> {
         let rest = std::mem::replace(&mut self.encoder, CopyEncoder::new(0)).finish();
         self.copy.send(rest).await?;
-        self.copy.finish().await.map_err(Error::from)
+        let rows = self.copy.finish().await?;
+        Ok((rows, self.digest.finalize().to_vec()))
     }
 
     /// Abandons the COPY, leaving the connection usable (the transaction then rolls back).
@@ -73,10 +109,20 @@ pub enum StreamClaim {
         participation_id: Uuid,
         kind: String,
         receipt: Receipt,
+        /// The digest of its items ([`ItemDigest`]); none for streams committed before
+        /// migration 0005.
+        digest: Option<Vec<u8>>,
     },
 }
 
-type StreamRow = (Uuid, String, i64, Option<DateTime<Utc>>);
+#[derive(sqlx::FromRow)]
+struct StreamRow {
+    participation_id: Uuid,
+    kind: String,
+    items_stored: i64,
+    committed_at: Option<DateTime<Utc>>,
+    items_digest: Option<Vec<u8>>,
+}
 
 /// Records `stream_id` inside the stream's transaction. A concurrent claim of the same id
 /// waits for this transaction, then finds the committed stream (or claims it, if this
@@ -102,8 +148,8 @@ pub async fn claim_stream(
         return Ok(StreamClaim::New);
     }
     let row: Option<StreamRow> = sqlx::query_as(
-        "SELECT participation_id, kind, items_stored, committed_at FROM ingest_streams \
-         WHERE user_id = $1 AND stream_id = $2",
+        "SELECT participation_id, kind, items_stored, committed_at, items_digest \
+         FROM ingest_streams WHERE user_id = $1 AND stream_id = $2",
     )
     .bind(participation.user_id)
     .bind(stream_id)
@@ -116,17 +162,17 @@ pub async fn claim_stream(
             "stream record {stream_id}: {what} after its claim conflicted"
         ))
     };
-    let (participation_id, kind, items_stored, committed_at) =
-        row.ok_or_else(|| broken("not found"))?;
+    let row = row.ok_or_else(|| broken("not found"))?;
     Ok(StreamClaim::Committed {
-        participation_id,
-        kind,
+        participation_id: row.participation_id,
+        kind: row.kind,
         receipt: Receipt {
             stream_id,
-            items_stored: u64::try_from(items_stored).map_err(|_| broken("negative count"))?,
-            committed_at: committed_at.ok_or_else(|| broken("no commit time"))?,
+            items_stored: u64::try_from(row.items_stored).map_err(|_| broken("negative count"))?,
+            committed_at: row.committed_at.ok_or_else(|| broken("no commit time"))?,
             replayed: true,
         },
+        digest: row.items_digest,
     })
 }
 
@@ -136,6 +182,7 @@ pub async fn finish_stream(
     participation: &Participation,
     stream_id: Uuid,
     items_stored: u64,
+    digest: &[u8],
 ) -> Result<DateTime<Utc>, Error> {
     let items = i64::try_from(items_stored).map_err(Error::internal)?;
     sqlx::query_scalar(
@@ -143,12 +190,14 @@ pub async fn finish_stream(
         // an UPDATE of a distributed table; a STABLE one without column arguments it
         // evaluates once, on the coordinator. This is the stream's last statement before
         // COMMIT, so the two differ by microseconds.
-        "UPDATE ingest_streams SET items_stored = $3, committed_at = statement_timestamp() \
+        "UPDATE ingest_streams SET items_stored = $3, items_digest = $4, \
+             committed_at = statement_timestamp() \
          WHERE user_id = $1 AND stream_id = $2 RETURNING committed_at",
     )
     .bind(participation.user_id)
     .bind(stream_id)
     .bind(items)
+    .bind(digest)
     .fetch_one(conn)
     .await
     .map_err(Error::from)

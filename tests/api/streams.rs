@@ -426,3 +426,63 @@ async fn event_streams_commit_whole_or_not_at_all() {
     assert_eq!(violated_fields(&status), ["events[2500].kind"]);
     assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 2510);
 }
+
+#[tokio::test]
+async fn a_replay_with_other_items_is_already_exists_and_stores_nothing() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let stream_id = Uuid::new_v4().to_string();
+    let first = send(
+        &app,
+        frames::stream(&stream_id, &participation.id, vec![sentiments(0, 500)]),
+    )
+    .await
+    .unwrap();
+    // The case: 7 items where 500 were committed; and the same count, one item
+    // changed.
+    let mut changed = sentiments(0, 500);
+    changed[499].score = Some(-0.25);
+    for batches in [vec![sentiments(0, 7)], vec![changed]] {
+        let status = send(&app, frames::stream(&stream_id, &participation.id, batches))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("committed already with other items"),
+            "{status:?}"
+        );
+    }
+    // The same items still get the first receipt.
+    let again = send(
+        &app,
+        frames::stream(&stream_id, &participation.id, vec![sentiments(0, 500)]),
+    )
+    .await
+    .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.committed_at, first.committed_at);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 500);
+    // A replay is framed and checked like any stream: a wrong trailer is refused.
+    let mut short = frames::stream(&stream_id, &participation.id, vec![sentiments(0, 500)]);
+    short.pop();
+    short.push(frames::trailer(499));
+    let status = send(&app, short).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // A receipt from before migration 0005 has no digest: its replays are answered as
+    // they were, with the first receipt.
+    sqlx::query("UPDATE ingest_streams SET items_digest = NULL")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let old = send(
+        &app,
+        frames::stream(&stream_id, &participation.id, vec![sentiments(0, 7)]),
+    )
+    .await
+    .unwrap();
+    assert!(old.replayed);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 500);
+}
