@@ -10,7 +10,7 @@ mod tls;
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -296,15 +296,31 @@ async fn monitor_database(
 ) {
     let service_name = <IngestServiceServer<IngestGrpcAdapter> as NamedService>::NAME;
     let mut last = None;
+    // A connection of its own, outside the pool: a pool busy with calls is load, not an
+    // outage, and must not make health say NOT_SERVING (a load balancer would eject every
+    // busy replica at once).
+    let mut probe: Option<sqlx::PgConnection> = None;
     loop {
-        let status = match tokio::time::timeout(HEALTH_TIMEOUT, storage.ping()).await {
+        let probed = tokio::time::timeout(HEALTH_TIMEOUT, async {
+            let conn = match &mut probe {
+                Some(conn) => conn,
+                None => probe.insert(
+                    sqlx::PgConnection::connect_with(&storage.pool().connect_options()).await?,
+                ),
+            };
+            sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
+        })
+        .await;
+        let status = match probed {
             Ok(Ok(())) => ServingStatus::Serving,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "database health probe failed");
+                probe = None;
                 ServingStatus::NotServing
             }
             Err(_) => {
                 tracing::warn!("database health probe timed out");
+                probe = None;
                 ServingStatus::NotServing
             }
         };
