@@ -46,6 +46,15 @@ impl IngestService {
 
         metrics::gauge!(crate::metrics::ACTIVE_STREAMS).increment(1.0);
         let _active = ActiveStream;
+        // A turn to hold a connection: streams never take the connections unary calls
+        // and the timeline need.
+        // With a deadline, the answer (RESOURCE_EXHAUSTED and RetryInfo) must leave before
+        // it: a tenth of what is left, up to 100 ms, is kept for that.
+        let wait = crate::deadline::remaining().map_or(self.limits.max_duration, |left| {
+            let margin = (left / 10).min(std::time::Duration::from_millis(100));
+            left.saturating_sub(margin).min(self.limits.max_duration)
+        });
+        let slot = self.storage.stream_slot(wait).await?;
         let mut tx = self.storage.begin().await?;
         match storage::claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
             StreamClaim::New => {}
@@ -61,8 +70,9 @@ impl IngestService {
                          participation {committed_for}"
                     )));
                 }
-                // The replay's items decide, read without a transaction.
+                // The replay's items decide, read without a transaction or a connection.
                 drop(tx);
+                drop(slot);
                 return self.replay(&mut frames, receipt, digest).await;
             }
         }

@@ -17,6 +17,8 @@ mod users;
 
 use std::sync::Arc;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -132,7 +134,20 @@ pub struct Storage {
     pool: PgPool,
     sentiments: Arc<Batcher<NewSentiment>>,
     events: Arc<Batcher<NewEvent>>,
+    /// The pool's connections streams may hold at once ([`stream_share`]); the rest stay
+    /// for unary calls and the timeline, whatever the stream load.
+    stream_slots: Arc<Semaphore>,
 }
+
+/// Of a pool of `connections`, how many streams may hold at once: all but a quarter
+/// (at least one) kept for everything else, and at least one.
+pub fn stream_share(connections: u32) -> usize {
+    let reserved = (connections / 4).max(1);
+    usize::try_from(connections.saturating_sub(reserved).max(1)).unwrap_or(1)
+}
+
+/// How long a stream waiting for a connection is told to wait before retrying.
+const STREAM_SLOT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A feed table with a group-commit writer in [`Storage`].
 pub trait Batched: FeedTable {
@@ -155,13 +170,33 @@ impl Storage {
     /// Wraps `pool` and starts the unary writers (half the pool's connections at most,
     /// so that streams always find connections too). Needs a tokio runtime.
     pub fn new(pool: PgPool) -> Self {
-        let writers = usize::try_from(pool.options().get_max_connections() / 2)
-            .unwrap_or(1)
-            .max(1);
+        let connections = pool.options().get_max_connections();
+        let writers = usize::try_from(connections / 2).unwrap_or(1).max(1);
         Self {
             sentiments: Arc::new(Batcher::spawn(pool.clone(), writers)),
             events: Arc::new(Batcher::spawn(pool.clone(), writers)),
+            stream_slots: Arc::new(Semaphore::new(stream_share(connections))),
             pool,
+        }
+    }
+
+    /// A turn for a stream to hold a connection, waiting up to `wait` for one (the stream
+    /// reads no further meanwhile, so HTTP/2 flow control holds its client back). Past
+    /// `wait`: RESOURCE_EXHAUSTED with RetryInfo, nothing stored.
+    pub async fn stream_slot(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<OwnedSemaphorePermit, Error> {
+        let slots = Arc::clone(&self.stream_slots);
+        match tokio::time::timeout(wait, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(closed)) => Err(Error::internal(closed)),
+            Err(_) => Err(Error::ResourceExhausted {
+                message: "every connection the server gives streams is in use; nothing was \
+                          stored, retry after the delay in RetryInfo"
+                    .to_owned(),
+                retry_after: Some(STREAM_SLOT_RETRY),
+            }),
         }
     }
 

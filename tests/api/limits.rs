@@ -384,3 +384,90 @@ async fn a_timeline_being_streamed_holds_its_slot_until_its_last_message() {
     })
     .await;
 }
+
+/// Streams never take the connections unary calls need: with a pool of 4, streams hold
+/// at most 3; a 4th waits (reading nothing), a unary call still answers at once, and a
+/// stream whose deadline passes while it waits gets RESOURCE_EXHAUSTED with RetryInfo.
+#[tokio::test]
+async fn silent_streams_leave_unary_calls_their_connections() {
+    let db = fresh_database().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with((*db.connect_options()).clone())
+        .await
+        .unwrap();
+    let app = crate::helpers::spawn_app_on(pool).await;
+    let participation = app.participation().await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(frames::header(
+            &Uuid::new_v4().to_string(),
+            &participation.id,
+        ))
+        .await
+        .unwrap();
+        let mut client = app.client.clone();
+        let call =
+            tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
+        open.push((tx, call));
+    }
+    eventually("three streams hold a connection", || async {
+        open_transactions(&app.db).await == 3
+    })
+    .await;
+    let started = std::time::Instant::now();
+    app.client
+        .clone()
+        .get_user(proto::GetUserRequest {
+            user_id: participation.user_id.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut request = tonic::Request::new(tokio_stream::iter(frames::stream(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+        vec![sentiments(0, 5)],
+    )));
+    request.set_timeout(Duration::from_millis(1500));
+    let status = app
+        .client
+        .clone()
+        .stream_sentiments(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.get_error_details().retry_info().is_some(),
+        "{status:?}"
+    );
+
+    // The waiting 4th stream gets its turn when one ends, and commits.
+    let (tx, first) = open.remove(0);
+    tx.send(frames::batch(sentiments(0, 2))).await.unwrap();
+    tx.send(frames::trailer(2)).await.unwrap();
+    drop(tx);
+    assert!(first.await.unwrap().is_ok());
+    let (tx, last) = open.pop().unwrap();
+    tx.send(frames::batch(sentiments(10, 3))).await.unwrap();
+    tx.send(frames::trailer(3)).await.unwrap();
+    drop(tx);
+    assert_eq!(
+        last.await
+            .unwrap()
+            .unwrap()
+            .into_inner()
+            .receipt
+            .unwrap()
+            .items_stored,
+        3
+    );
+    drop(open);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 5);
+}
