@@ -10,7 +10,7 @@ use super::{
 };
 use crate::domain::{Frame, ItemClock, Participation, Receipt, StreamHeader};
 use crate::error::{Error, FieldViolation};
-use crate::storage::{self, FeedCopy, FeedTable, ItemDigest, StreamClaim};
+use crate::storage::{self, FeedCopy, FeedTable, ItemDigest, StreamClaim, StreamConnection};
 
 impl IngestService {
     /// Ingests one client stream in one transaction. The stream must be a header, any
@@ -55,7 +55,8 @@ impl IngestService {
             left.saturating_sub(margin).min(self.limits.max_duration)
         });
         let slot = self.storage.stream_slot(wait).await?;
-        let mut tx = self.storage.begin().await?;
+        let mut conn = StreamConnection::acquire(self.storage.pool()).await?;
+        let mut tx = storage::begin_on(conn.conn()?).await?;
         match storage::claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
             StreamClaim::New => {}
             StreamClaim::Committed {
@@ -72,6 +73,8 @@ impl IngestService {
                 }
                 // The replay's items decide, read without a transaction or a connection.
                 drop(tx);
+                conn.ended_cleanly();
+                drop(conn);
                 drop(slot);
                 return self.replay(&mut frames, receipt, digest).await;
             }
@@ -92,7 +95,11 @@ impl IngestService {
         let received = match outcome {
             Ok(received) => received,
             Err(error) => {
-                copy.abort("the stream failed").await;
+                let aborted = copy.abort("the stream failed").await;
+                drop(tx);
+                if aborted {
+                    conn.ended_cleanly();
+                }
                 return Err(error);
             }
         };
@@ -106,6 +113,7 @@ impl IngestService {
         let committed_at =
             storage::finish_stream(&mut tx, &participation, stream_id, received, &digest).await?;
         tx.commit().await?;
+        conn.ended_cleanly();
         metrics::histogram!(crate::metrics::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());
         metrics::histogram!(crate::metrics::STREAM_ROWS).record(received as f64);

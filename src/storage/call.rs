@@ -11,6 +11,18 @@ use crate::error::Error;
 /// deadline passes (`statement_timeout`, local to the transaction).
 pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, Error> {
     let mut tx = pool.begin().await?;
+    limit_to_deadline(&mut tx).await?;
+    Ok(tx)
+}
+
+/// [`begin`] on a connection the caller holds.
+pub async fn begin_on(conn: &mut PgConnection) -> Result<Transaction<'_, Postgres>, Error> {
+    let mut tx = conn.begin().await?;
+    limit_to_deadline(&mut tx).await?;
+    Ok(tx)
+}
+
+async fn limit_to_deadline(tx: &mut PgConnection) -> Result<(), Error> {
     if let Some(left) = crate::deadline::remaining() {
         if left.is_zero() {
             return Err(Error::DeadlineExceeded);
@@ -21,7 +33,7 @@ pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, Erro
             .execute(&mut *tx)
             .await?;
     }
-    Ok(tx)
+    Ok(())
 }
 
 /// Runs `work` on `conn`; if the call is dropped before `work` finishes (the client

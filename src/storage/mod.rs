@@ -23,9 +23,12 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use batch::Batcher;
+pub(crate) use call::begin_on;
 pub use items::FeedTable;
 use items::Unary;
-pub(crate) use streams::{FeedCopy, ItemDigest, StreamClaim, claim_stream, finish_stream};
+pub(crate) use streams::{
+    FeedCopy, ItemDigest, StreamClaim, StreamConnection, claim_stream, finish_stream,
+};
 
 use crate::domain::{NewEvent, NewSentiment, Participation};
 use crate::error::Error;

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, postgres::PgCopyIn};
+use sqlx::{PgConnection, PgPool, Postgres, pool::PoolConnection, postgres::PgCopyIn};
 use uuid::Uuid;
 
 use super::{copy::CopyEncoder, items::FeedTable};
@@ -91,10 +91,54 @@ impl<'c> FeedCopy<'c> {
         Ok((rows, self.digest.finalize().to_vec()))
     }
 
-    /// Abandons the COPY, leaving the connection usable (the transaction then rolls back).
-    pub async fn abort(self, reason: &str) {
-        if let Err(error) = self.copy.abort(reason).await {
-            tracing::debug!(%error, "aborting a COPY failed; the connection will be discarded");
+    /// Abandons the COPY (the transaction then rolls back); `true` when the connection
+    /// is usable afterwards.
+    pub async fn abort(self, reason: &str) -> bool {
+        match self.copy.abort(reason).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(%error, "aborting a COPY failed; the connection will be discarded");
+                false
+            }
+        }
+    }
+}
+
+/// The pooled connection of one stream's transaction. A stream whose call is dropped
+/// mid-way (the client reset it) abandons its COPY where it stood, and a connection in
+/// that state is not known to be clean: unless the stream ended through a commit or a
+/// completed abort ([`StreamConnection::ended_cleanly`]), the connection is closed
+/// instead of going back to the pool, where it could fail the next call that drew it.
+pub struct StreamConnection {
+    conn: Option<PoolConnection<Postgres>>,
+    clean: bool,
+}
+
+impl StreamConnection {
+    pub async fn acquire(pool: &PgPool) -> Result<Self, Error> {
+        Ok(Self {
+            conn: Some(pool.acquire().await?),
+            clean: false,
+        })
+    }
+
+    pub fn conn(&mut self) -> Result<&mut PgConnection, Error> {
+        self.conn
+            .as_deref_mut()
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("the stream's connection is gone")))
+    }
+
+    /// The stream's transaction ended through a commit, or a rollback after a completed
+    /// abort of its COPY: the connection may serve others.
+    pub fn ended_cleanly(&mut self) {
+        self.clean = true;
+    }
+}
+
+impl Drop for StreamConnection {
+    fn drop(&mut self) {
+        if let (false, Some(conn)) = (self.clean, self.conn.as_mut()) {
+            conn.close_on_drop();
         }
     }
 }
