@@ -4,7 +4,9 @@
 //! - `krisp_items_ingested_total{kind}`: sentiments and events stored;
 //! - `krisp_stream_commit_seconds`: time to finish and commit a stream's transaction;
 //! - `krisp_stream_rows`: rows per committed stream;
-//! - `krisp_active_streams`: client streams in progress;
+//! - `krisp_active_streams`: client streams in progress; `krisp_streams_waiting`: of
+//!   them, those waiting for their turn at a connection; `krisp_stream_connections`:
+//!   connections held by streams (at most their share of the pool);
 //! - `krisp_db_pool_connections{state}`: pooled connections in use and idle;
 //! - `krisp_load_shed_total`: calls refused by the concurrency limit;
 //! - `krisp_partition_maintenance_total{outcome}`: partition maintenance rounds, `ok` or
@@ -29,6 +31,24 @@ pub const STREAM_ROWS: &str = "krisp_stream_rows";
 pub const ACTIVE_STREAMS: &str = "krisp_active_streams";
 pub const POOL_CONNECTIONS: &str = "krisp_db_pool_connections";
 pub const LOAD_SHED: &str = "krisp_load_shed_total";
+pub const STREAMS_WAITING: &str = "krisp_streams_waiting";
+pub const STREAM_CONNECTIONS: &str = "krisp_stream_connections";
+
+/// Holds a gauge one higher while it lives, however what it counts ends.
+pub struct Gauged(&'static str);
+
+impl Gauged {
+    pub fn up(name: &'static str) -> Self {
+        metrics::gauge!(name).increment(1.0);
+        Self(name)
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).decrement(1.0);
+    }
+}
 
 /// How long the metrics listener waits after a failed accept.
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -67,6 +87,8 @@ pub async fn serve(address: SocketAddr, pool: PgPool) -> anyhow::Result<SocketAd
     // Series that exist from the start, so that dashboards and alerts see zeros.
     metrics::counter!(LOAD_SHED).increment(0);
     metrics::gauge!(ACTIVE_STREAMS).increment(0.0);
+    metrics::gauge!(STREAMS_WAITING).increment(0.0);
+    metrics::gauge!(STREAM_CONNECTIONS).increment(0.0);
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen for metrics on {address}"))?;

@@ -44,8 +44,7 @@ impl IngestService {
         } = header;
         let participation = self.get_participation(participation_id).await?;
 
-        metrics::gauge!(crate::metrics::ACTIVE_STREAMS).increment(1.0);
-        let _active = ActiveStream;
+        let _active = crate::metrics::Gauged::up(crate::metrics::ACTIVE_STREAMS);
         // A turn to hold a connection: streams never take the connections unary calls
         // and the timeline need.
         // With a deadline, the answer (RESOURCE_EXHAUSTED and RetryInfo) must leave before
@@ -169,15 +168,6 @@ enum Sink<'a, 'c> {
         clock: &'a ItemClock,
     },
     Digest(&'a mut ItemDigest),
-}
-
-/// Counts a stream as active until dropped, however its call ends.
-struct ActiveStream;
-
-impl Drop for ActiveStream {
-    fn drop(&mut self) {
-        metrics::gauge!(crate::metrics::ACTIVE_STREAMS).decrement(1.0);
-    }
 }
 
 /// Moves a stream's items into `sink` until its trailer, and checks the trailer; returns

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::Gauged;
+
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -149,6 +151,12 @@ pub fn stream_share(connections: u32) -> usize {
     usize::try_from(connections.saturating_sub(reserved).max(1)).unwrap_or(1)
 }
 
+/// A stream's turn to hold one of the pool's connections, until dropped.
+pub struct StreamSlot {
+    _permit: OwnedSemaphorePermit,
+    _counted: Gauged,
+}
+
 /// How long a stream waiting for a connection is told to wait before retrying.
 const STREAM_SLOT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -186,13 +194,16 @@ impl Storage {
     /// A turn for a stream to hold a connection, waiting up to `wait` for one (the stream
     /// reads no further meanwhile, so HTTP/2 flow control holds its client back). Past
     /// `wait`: RESOURCE_EXHAUSTED with RetryInfo, nothing stored.
-    pub async fn stream_slot(
-        &self,
-        wait: std::time::Duration,
-    ) -> Result<OwnedSemaphorePermit, Error> {
+    pub async fn stream_slot(&self, wait: std::time::Duration) -> Result<StreamSlot, Error> {
         let slots = Arc::clone(&self.stream_slots);
-        match tokio::time::timeout(wait, slots.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
+        let waiting = Gauged::up(crate::metrics::STREAMS_WAITING);
+        let acquired = tokio::time::timeout(wait, slots.acquire_owned()).await;
+        drop(waiting);
+        match acquired {
+            Ok(Ok(permit)) => Ok(StreamSlot {
+                _permit: permit,
+                _counted: Gauged::up(crate::metrics::STREAM_CONNECTIONS),
+            }),
             Ok(Err(closed)) => Err(Error::internal(closed)),
             Err(_) => Err(Error::ResourceExhausted {
                 message: "every connection the server gives streams is in use; nothing was \

@@ -89,6 +89,8 @@ async fn a_scrape_shows_the_counters_move() {
         "krisp_stream_rows_bucket",
         "krisp_active_streams",
         "krisp_load_shed_total",
+        "krisp_streams_waiting",
+        "krisp_stream_connections",
         "krisp_db_pool_connections{state=\"idle\"}",
         "krisp_db_pool_connections{state=\"in_use\"}",
     ] {
