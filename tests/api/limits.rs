@@ -448,26 +448,18 @@ async fn silent_streams_leave_unary_calls_their_connections() {
         "{status:?}"
     );
 
-    // The waiting 4th stream gets its turn when one ends, and commits.
-    let (tx, first) = open.remove(0);
-    tx.send(frames::batch(sentiments(0, 2))).await.unwrap();
-    tx.send(frames::trailer(2)).await.unwrap();
-    drop(tx);
-    assert!(first.await.unwrap().is_ok());
-    let (tx, last) = open.pop().unwrap();
-    tx.send(frames::batch(sentiments(10, 3))).await.unwrap();
-    tx.send(frames::trailer(3)).await.unwrap();
-    drop(tx);
-    assert_eq!(
-        last.await
-            .unwrap()
-            .unwrap()
-            .into_inner()
-            .receipt
-            .unwrap()
-            .items_stored,
-        3
-    );
-    drop(open);
-    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 5);
+    // All four finish: those holding a connection commit and free it, and the one that
+    // waited (whichever it was) gets its turn and commits too.
+    for (i, (tx, _)) in open.iter().enumerate() {
+        tx.send(frames::batch(sentiments(10 * i as i64, 2)))
+            .await
+            .unwrap();
+        tx.send(frames::trailer(2)).await.unwrap();
+    }
+    for (tx, call) in open {
+        drop(tx);
+        let receipt = call.await.unwrap().unwrap().into_inner().receipt.unwrap();
+        assert_eq!(receipt.items_stored, 2);
+    }
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 8);
 }
