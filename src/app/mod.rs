@@ -10,7 +10,7 @@ mod tls;
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -296,31 +296,19 @@ async fn monitor_database(
 ) {
     let service_name = <IngestServiceServer<IngestGrpcAdapter> as NamedService>::NAME;
     let mut last = None;
-    // A connection of its own, outside the pool: a pool busy with calls is load, not an
-    // outage, and must not make health say NOT_SERVING (a load balancer would eject every
-    // busy replica at once).
-    let mut probe: Option<sqlx::PgConnection> = None;
+    // Not through the pool: a pool busy with calls must not make health say NOT_SERVING
+    // (a load balancer would eject every busy replica at once).
+    let mut probe = storage.health_probe();
     loop {
-        let probed = tokio::time::timeout(HEALTH_TIMEOUT, async {
-            let conn = match &mut probe {
-                Some(conn) => conn,
-                None => probe.insert(
-                    sqlx::PgConnection::connect_with(&storage.pool().connect_options()).await?,
-                ),
-            };
-            sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
-        })
-        .await;
-        let status = match probed {
+        let status = match tokio::time::timeout(HEALTH_TIMEOUT, probe.check()).await {
             Ok(Ok(())) => ServingStatus::Serving,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "database health probe failed");
-                probe = None;
                 ServingStatus::NotServing
             }
             Err(_) => {
                 tracing::warn!("database health probe timed out");
-                probe = None;
+                probe.reset();
                 ServingStatus::NotServing
             }
         };

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 
-use super::{PARTITIONED, Partitioning, REGISTRATION_LOCK, Settings, quote_ident, settle};
+use super::{
+    PARTITIONED, Partitioning, REGISTRATION_LOCK, Settings, quote_ident, settle_and_maintain,
+};
 
 /// `krisp_partition_maintenance_total{outcome="ok"|"failed"}`: maintenance rounds.
 pub const MAINTENANCE_RUNS: &str = "krisp_partition_maintenance_total";
@@ -112,14 +114,7 @@ impl Maintenance {
     /// One round: registration and settings ([`settle`]), then [`maintain`]. Its outcome
     /// is logged and counted; `None` when it failed.
     pub async fn run_once(&self) -> Option<Partitioning> {
-        let round = async {
-            let partitioning = settle(&self.pool, &self.settings).await?;
-            if let Partitioning::Partman { schema, .. } = &partitioning {
-                maintain(&self.pool, schema).await?;
-            }
-            anyhow::Ok(partitioning)
-        };
-        match round.await {
+        match settle_and_maintain(&self.pool, &self.settings).await {
             Ok(partitioning) => {
                 metrics::counter!(MAINTENANCE_RUNS, "outcome" => "ok").increment(1);
                 if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)

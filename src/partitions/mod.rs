@@ -203,11 +203,18 @@ impl Partitioning {
 /// Registers sentiments and events with pg_partman if it can be used, brings its
 /// settings up to date, runs one maintenance, and reports how the tables are
 /// partitioned. Runs as the schema owner (after the migrations). Any failure is an
-/// error here; the service calls [`settle`] and [`maintain`] itself so that a failed
-/// maintenance does not stop it.
+/// error here; the service runs [`settle_and_maintain`] through [`Maintenance`], which
+/// logs and counts a failure instead of stopping.
 pub async fn configure(pool: &PgPool, args: &PartitionArgs) -> anyhow::Result<Partitioning> {
-    let settings = args.check(pool).await?;
-    let partitioning = settle(pool, &settings).await?;
+    settle_and_maintain(pool, &args.check(pool).await?).await
+}
+
+/// [`settle`], then [`maintain`] when pg_partman manages the tables.
+pub async fn settle_and_maintain(
+    pool: &PgPool,
+    settings: &Settings,
+) -> anyhow::Result<Partitioning> {
+    let partitioning = settle(pool, settings).await?;
     if let Partitioning::Partman { schema, .. } = &partitioning {
         maintain(pool, schema).await?;
     }

@@ -160,6 +160,38 @@ pub struct StreamSlot {
 /// How long a stream waiting for a connection is told to wait before retrying.
 const STREAM_SLOT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Asks the database a trivial query over a connection of its own, outside the pool: a
+/// pool busy with calls is load, not an outage. The connection is kept between probes and
+/// opened again after a failure.
+pub struct HealthProbe {
+    options: Arc<sqlx::postgres::PgConnectOptions>,
+    conn: Option<sqlx::PgConnection>,
+}
+
+impl HealthProbe {
+    /// Whether the database answers now.
+    pub async fn check(&mut self) -> Result<(), Error> {
+        use sqlx::Connection;
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self
+                .conn
+                .insert(sqlx::PgConnection::connect_with(&self.options).await?),
+        };
+        let answered = sqlx::query("SELECT 1").execute(conn).await;
+        if answered.is_err() {
+            self.conn = None;
+        }
+        answered?;
+        Ok(())
+    }
+
+    /// Drops the connection (after a probe that took too long).
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+}
+
 /// A feed table with a group-commit writer in [`Storage`].
 pub trait Batched: FeedTable {
     fn batcher(storage: &Storage) -> &Batcher<Self>;
@@ -218,10 +250,12 @@ impl Storage {
         &self.pool
     }
 
-    /// Whether the database answers a trivial query.
-    pub async fn ping(&self) -> Result<(), Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+    /// A probe of whether the database answers, over a connection of its own.
+    pub fn health_probe(&self) -> HealthProbe {
+        HealthProbe {
+            options: self.pool.connect_options(),
+            conn: None,
+        }
     }
 
     /// Opens a transaction bounded by the current call's deadline.
