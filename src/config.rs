@@ -8,6 +8,7 @@ use chrono::TimeDelta;
 use clap::{Args, ValueEnum};
 
 use crate::domain::ItemClock;
+use crate::storage::SpoolSettings;
 
 /// The server's limits (docs/GUARANTEES.md says what a client sees at each).
 #[derive(Debug, Clone, Args)]
@@ -25,17 +26,30 @@ pub struct LimitArgs {
     )]
     pub max_stream_items: u64,
 
-    /// Longest a client stream may stay open, in seconds: its transaction is open as long
-    /// (RESOURCE_EXHAUSTED past it; nothing stored).
+    /// Longest a client stream may stay open, in seconds (RESOURCE_EXHAUSTED past it;
+    /// nothing stored). An open stream holds no database connection: its items wait in
+    /// the spool (--spool-*).
     #[arg(
         long,
         env = "KRISP_MAX_STREAM_SECONDS",
-        default_value_t = 600,
+        default_value_t = 4 * 3600,
         global = true
     )]
     pub max_stream_seconds: u64,
 
-    /// Calls served at once; more are refused with RESOURCE_EXHAUSTED and RetryInfo.
+    /// Milliseconds the client of a stream being written as it arrives (a bulk upload)
+    /// may stay silent before the stream gives its database connection back and spools
+    /// the rest until its trailer.
+    #[arg(
+        long,
+        env = "KRISP_STREAM_WRITER_IDLE_MS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub stream_writer_idle_ms: u64,
+
+    /// Unary and server-streaming calls served at once; more are refused with
+    /// RESOURCE_EXHAUSTED and RetryInfo.
     #[arg(
         long,
         env = "KRISP_MAX_CONCURRENT_CALLS",
@@ -43,6 +57,16 @@ pub struct LimitArgs {
         global = true
     )]
     pub max_concurrent_calls: usize,
+
+    /// Client streams open at once (live feeds, uploads); more are refused with
+    /// RESOURCE_EXHAUSTED and RetryInfo.
+    #[arg(
+        long,
+        env = "KRISP_MAX_OPEN_STREAMS",
+        default_value_t = 20_000,
+        global = true
+    )]
+    pub max_open_streams: usize,
 
     /// Seconds between HTTP/2 keepalive pings to each client.
     #[arg(
@@ -134,7 +158,9 @@ impl LimitArgs {
             max_message_bytes: self.max_message_bytes,
             max_stream_items: self.max_stream_items,
             max_stream_duration: seconds(self.max_stream_seconds),
+            stream_writer_idle: Duration::from_millis(self.stream_writer_idle_ms.max(1)),
             max_concurrent_calls: self.max_concurrent_calls.max(1),
+            max_open_streams: self.max_open_streams.max(1),
             keepalive_interval: seconds(self.keepalive_interval_seconds.max(1)),
             keepalive_timeout: seconds(self.keepalive_timeout_seconds.max(1)),
             shutdown_grace: seconds(self.shutdown_grace_seconds),
@@ -169,7 +195,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_stream_items: u64,
     pub max_stream_duration: Duration,
+    pub stream_writer_idle: Duration,
     pub max_concurrent_calls: usize,
+    pub max_open_streams: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -202,15 +230,53 @@ impl Default for Limits {
         Self {
             max_message_bytes: 4 * 1024 * 1024,
             max_stream_items: 10_000_000,
-            max_stream_duration: seconds(600),
+            max_stream_duration: seconds(4 * 3600),
+            stream_writer_idle: Duration::from_millis(1000),
             max_concurrent_calls: 512,
+            max_open_streams: 20_000,
             keepalive_interval: seconds(30),
             keepalive_timeout: seconds(10),
             shutdown_grace: seconds(10),
             max_connection_age: Some(seconds(1800)),
             max_connection_age_jitter_percent: 10,
-            max_connection_age_grace: seconds(600),
+            max_connection_age_grace: seconds(4 * 3600),
             item_clock: ItemClock::default(),
+        }
+    }
+}
+
+/// Where open streams keep their items until they are written, and how much.
+#[derive(Debug, Clone, Args)]
+pub struct SpoolArgs {
+    /// Directory for the spill files of open streams (each server uses a directory of
+    /// its own inside it, and removes those of servers that are gone when it starts).
+    /// Default: the system's temporary directory.
+    #[arg(long, env = "KRISP_SPOOL_DIR", global = true)]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Bytes of items all open streams together keep in memory; past it they spill to
+    /// disk at once.
+    #[arg(long, env = "KRISP_SPOOL_MEMORY_BYTES", default_value_t = 512 << 20, global = true)]
+    pub spool_memory_bytes: u64,
+
+    /// Bytes all spill files together may hold; a stream that needs more is refused with
+    /// RESOURCE_EXHAUSTED and RetryInfo, nothing stored.
+    #[arg(long, env = "KRISP_SPOOL_DISK_BYTES", default_value_t = 8 << 30, global = true)]
+    pub spool_disk_bytes: u64,
+
+    /// Bytes of items one stream may carry (RESOURCE_EXHAUSTED above it; nothing stored).
+    #[arg(long, env = "KRISP_MAX_STREAM_BYTES", default_value_t = 2 << 30, global = true)]
+    pub max_stream_bytes: u64,
+}
+
+impl SpoolArgs {
+    pub fn settings(&self) -> SpoolSettings {
+        let default = SpoolSettings::default();
+        SpoolSettings {
+            dir: self.spool_dir.clone().unwrap_or(default.dir),
+            memory_bytes: self.spool_memory_bytes,
+            disk_bytes: self.spool_disk_bytes,
+            max_stream_bytes: self.max_stream_bytes,
         }
     }
 }

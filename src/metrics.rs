@@ -6,7 +6,9 @@
 //! - `krisp_stream_rows`: rows per committed stream;
 //! - `krisp_active_streams`: client streams in progress; `krisp_streams_waiting`: of
 //!   them, those waiting for their turn at a connection; `krisp_stream_connections`:
-//!   connections held by streams (at most their share of the pool);
+//!   connections held by streams to write (at most their share of the pool);
+//! - `krisp_spool_bytes{medium}`: bytes of open streams' items waiting to be written, in
+//!   `memory` and on `disk` (spill files);
 //! - `krisp_db_pool_connections{state}`: pooled connections in use and idle;
 //! - `krisp_load_shed_total`: calls refused by the concurrency limit;
 //! - `krisp_partition_maintenance_total{outcome}`: partition maintenance rounds, `ok` or
@@ -33,6 +35,7 @@ pub const POOL_CONNECTIONS: &str = "krisp_db_pool_connections";
 pub const LOAD_SHED: &str = "krisp_load_shed_total";
 pub const STREAMS_WAITING: &str = "krisp_streams_waiting";
 pub const STREAM_CONNECTIONS: &str = "krisp_stream_connections";
+pub const SPOOL_BYTES: &str = "krisp_spool_bytes";
 
 /// Holds a gauge one higher while it lives, however what it counts ends.
 pub struct Gauged(&'static str);

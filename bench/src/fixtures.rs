@@ -1,7 +1,7 @@
 //! The benchmark's data (users, a session, participations, the rows to load), and the
 //! reset between measurements.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -9,7 +9,7 @@ use krisp_ingest::{
     domain::{ItemClock, NewSentiment, Participation, SentimentLabel, TimezoneCode},
     proto::{self, to_timestamp},
     service::{IngestService, StreamLimits},
-    storage::Storage,
+    storage::{SpoolSettings, Spooler, Storage},
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -62,9 +62,11 @@ impl Fixtures {
             .await?;
         let service = IngestService::new(
             Storage::new(pool.clone()),
+            Arc::new(Spooler::open(&SpoolSettings::default())?),
             StreamLimits {
                 max_items: u64::MAX,
                 max_duration: Duration::from_secs(24 * 3600),
+                writer_idle: Duration::from_secs(1),
             },
             ItemClock::default(),
             tokio_util::sync::CancellationToken::new(),

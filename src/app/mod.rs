@@ -7,7 +7,7 @@
 mod database;
 mod tls;
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use sqlx::PgPool;
@@ -35,7 +35,7 @@ use crate::{
     },
     proto::{self, ingest_service_server::IngestServiceServer},
     service::{IngestService, StreamLimits},
-    storage::Storage,
+    storage::{SpoolSettings, Spooler, Storage},
 };
 
 /// What an application is built from: what `serve` takes from its flags.
@@ -44,6 +44,8 @@ pub struct Settings {
     /// Where to serve gRPC; port 0 picks a free port ([`Application::local_addr`]).
     pub listen: SocketAddr,
     pub limits: Limits,
+    /// Where and how much open streams spool.
+    pub spool: SpoolSettings,
     /// Where to serve Prometheus metrics, if anywhere (port 0 picks one).
     pub metrics: Option<SocketAddr>,
     /// Serve beyond loopback although no API keys exist.
@@ -59,6 +61,7 @@ impl Default for Settings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             limits: Limits::default(),
+            spool: SpoolSettings::default(),
             metrics: None,
             insecure: false,
             tls: None,
@@ -105,6 +108,7 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     storage: Storage,
+    spooler: Arc<Spooler>,
     limits: Limits,
     metrics_addr: Option<SocketAddr>,
     keys: Option<KeyStore>,
@@ -128,6 +132,8 @@ impl Application {
                 tracing::info!("no API keys exist: calls are not authenticated (loopback only)")
             }
         }
+        let spooler = Arc::new(Spooler::open(&settings.spool)?);
+        tracing::info!(dir = %spooler.dir().display(), "open streams spool here");
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -144,6 +150,7 @@ impl Application {
             listener,
             local_addr,
             storage: Storage::new(pool),
+            spooler,
             limits: settings.limits,
             metrics_addr,
             keys,
@@ -180,16 +187,21 @@ impl Application {
         let cancel_calls = CancellationToken::new();
         let service = IngestService::new(
             self.storage.clone(),
+            Arc::clone(&self.spooler),
             StreamLimits {
                 max_items: limits.max_stream_items,
                 max_duration: limits.max_stream_duration,
+                writer_idle: limits.stream_writer_idle,
             },
             limits.item_clock,
             cancel_calls.clone(),
         );
         let api = IngestServiceServer::new(IngestGrpcAdapter::new(service))
             .max_decoding_message_size(limits.max_message_bytes);
-        let api = HookLayer(Admission::new(limits.max_concurrent_calls)).layer(api);
+        let api = HookLayer(Admission::new(
+            limits.max_concurrent_calls,
+            limits.max_open_streams,
+        )).layer(api);
 
         // Not serving until the first database probe says otherwise.
         let ingest_name = <IngestServiceServer<IngestGrpcAdapter> as NamedService>::NAME;

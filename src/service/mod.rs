@@ -2,6 +2,8 @@
 //! rules that need stored state and drive storage. A client stream becomes exactly one
 //! database transaction here.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,18 +19,25 @@ use crate::domain::{
     TimelineEntry, Timezone, Usage, User,
 };
 use crate::error::Error;
-use crate::storage::{Batched, Storage};
+use crate::storage::{Batched, Spooler, Storage};
 
-/// Bounds on one client stream: its transaction stays open as long as the stream does.
+/// Bounds on one client stream (its bytes are bounded by the spool, [`SpoolSettings`]).
+///
+/// [`SpoolSettings`]: crate::storage::SpoolSettings
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {
     pub max_items: u64,
     pub max_duration: std::time::Duration,
+    /// How long the client of a stream being written may stay silent before the stream
+    /// gives its connection back.
+    pub writer_idle: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct IngestService {
     storage: Storage,
+    /// Where streams keep their items until they are written.
+    spooler: Arc<Spooler>,
     limits: StreamLimits,
     /// How far from the server's clock item times may lie.
     clock: ItemClock,
@@ -39,12 +48,14 @@ pub struct IngestService {
 impl IngestService {
     pub fn new(
         storage: Storage,
+        spooler: Arc<Spooler>,
         limits: StreamLimits,
         clock: ItemClock,
         cancel_streams: CancellationToken,
     ) -> Self {
         Self {
             storage,
+            spooler,
             limits,
             clock,
             cancel_streams,

@@ -1,98 +1,150 @@
 //! The client-stream use case: one stream, one transaction, all or nothing.
+//!
+//! A stream spools its items as they arrive, each checked at once, and holds no database
+//! connection while it waits for its client. It takes a connection only to write: at
+//! its trailer (one short transaction: claim the stream id, COPY the spool, receipt,
+//! commit), or as soon as it sends as fast as a bulk upload, which is then written as it
+//! arrives (pipelined COPY). A bulk stream whose client then falls silent for
+//! [`StreamLimits::writer_idle`] gives its connection back (the COPY is abandoned, the spool still
+//! holds every item) and spools to its trailer.
+
+use std::{marker::PhantomData, pin::Pin, time::Duration};
 
 use chrono::Utc;
 use futures_util::{Stream, StreamExt};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
     IngestService, StreamLimits,
     items::{check_clock, check_span},
 };
-use crate::domain::{Frame, ItemClock, Participation, Receipt, StreamHeader};
+use crate::domain::{Frame, Participation, Receipt, StreamHeader};
 use crate::error::{Error, FieldViolation};
-use crate::storage::{self, FeedCopy, FeedTable, ItemDigest, StreamClaim, StreamConnection};
+use crate::metrics::{self as names, Gauged};
+use crate::storage::{
+    self, FeedCopy, FeedTable, Spool, StreamClaim, StreamConnection, claim_stream, finish_stream,
+};
 
 impl IngestService {
     /// Ingests one client stream in one transaction. The stream must be a header, any
     /// number of batches, and a trailer whose count matches, followed by the end of the
     /// stream. Anything else (including a stream that merely stops, which is what a
-    /// cancelled or broken-off client looks like) rolls the transaction back.
+    /// cancelled or broken-off client looks like) stores nothing.
     pub async fn ingest_stream<T, S>(&self, frames: S) -> Result<Receipt, Error>
     where
         T: FeedTable,
         S: Stream<Item = Result<Frame<T>, Error>> + Send,
     {
         let mut frames = std::pin::pin!(frames);
-        let header = match frames.next().await.transpose()? {
-            Some(Frame::Header(header)) => header,
-            Some(_) => {
-                return Err(Error::invalid(
-                    "header",
-                    "the first message of a stream must be its header",
-                ));
-            }
-            None => {
-                return Err(Error::invalid(
-                    "header",
-                    "the stream ended before its header",
-                ));
-            }
-        };
         let StreamHeader {
             stream_id,
             participation_id,
-        } = header;
+        } = header(&mut frames).await?;
         let participation = self.get_participation(participation_id).await?;
+        let _open = Gauged::up(names::ACTIVE_STREAMS);
+        let mut feed = Feed {
+            frames,
+            spool: self.spooler.spool(),
+            participation,
+            stream_id,
+            received: 0,
+            ended: false,
+            ends_at: Instant::now() + self.limits.max_duration,
+            service: self,
+            _items: PhantomData,
+        };
+        tokio::select! {
+            outcome = self.run(&mut feed) => outcome,
+            () = self.cancel_streams.cancelled() => Err(Error::ShuttingDown),
+        }
+    }
 
-        let _active = crate::metrics::Gauged::up(crate::metrics::ACTIVE_STREAMS);
-        // A turn to hold a connection: streams never take the connections unary calls
-        // and the timeline need.
+    async fn run<T: FeedTable, S>(&self, feed: &mut Feed<'_, T, S>) -> Result<Receipt, Error>
+    where
+        S: Stream<Item = Result<Frame<T>, Error>>,
+    {
+        // A stream is written through at most once before its trailer: one that fell
+        // silent after a burst spools the rest.
+        let mut may_write_through = true;
+        loop {
+            let write_through = |feed: &Feed<'_, T, S>| may_write_through && feed.spool.is_bulk();
+            while !feed.ended && !write_through(feed) {
+                feed.take(None).await?;
+                feed.spool.spill_if_due(None).await?;
+            }
+            may_write_through = false;
+            match self.write(feed).await? {
+                Written::Committed(receipt) => return Ok(receipt),
+                Written::Idle => {}
+                Written::Replay { receipt, digest } => {
+                    return feed.replay(receipt, digest).await;
+                }
+            }
+        }
+    }
+
+    /// Takes a connection and writes the stream: what it has spooled, then, if its
+    /// trailer has not come yet, its items as they arrive. Commits once the trailer is
+    /// in; gives the connection back if the client falls silent first.
+    async fn write<T: FeedTable, S>(&self, feed: &mut Feed<'_, T, S>) -> Result<Written, Error>
+    where
+        S: Stream<Item = Result<Frame<T>, Error>>,
+    {
         // With a deadline, the answer (RESOURCE_EXHAUSTED and RetryInfo) must leave before
         // it: a tenth of what is left, up to 100 ms, is kept for that.
-        let wait = crate::deadline::remaining().map_or(self.limits.max_duration, |left| {
-            let margin = (left / 10).min(std::time::Duration::from_millis(100));
-            left.saturating_sub(margin).min(self.limits.max_duration)
+        let left = feed.ends_at.saturating_duration_since(Instant::now());
+        let wait = crate::deadline::remaining().map_or(left, |call| {
+            let margin = (call / 10).min(Duration::from_millis(100));
+            call.saturating_sub(margin).min(left)
         });
-        let slot = self.storage.stream_slot(wait).await?;
+        let _slot = self.storage.stream_slot(wait).await?;
         let mut conn = StreamConnection::acquire(self.storage.pool()).await?;
         let mut tx = storage::begin_on(conn.conn()?).await?;
-        match storage::claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
+        let (participation, stream_id) = (feed.participation.clone(), feed.stream_id);
+        match claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
             StreamClaim::New => {}
             StreamClaim::Committed {
-                participation_id: committed_for,
+                participation_id,
                 kind,
                 receipt,
                 digest,
             } => {
-                if committed_for != participation_id || kind != T::KIND {
+                if participation_id != participation.id || kind != T::KIND {
                     return Err(Error::AlreadyExists(format!(
                         "stream id {stream_id} was used already for a stream of {kind} of \
-                         participation {committed_for}"
+                         participation {participation_id}"
                     )));
                 }
-                // The replay's items decide, read without a transaction or a connection.
                 drop(tx);
                 conn.ended_cleanly();
-                drop(conn);
-                drop(slot);
-                return self.replay(&mut frames, receipt, digest).await;
+                return Ok(Written::Replay { receipt, digest });
             }
         }
 
         let mut copy = FeedCopy::begin::<T>(&mut tx).await?;
-        let sink = Sink::Copy {
-            copy: &mut copy,
-            participation: &participation,
-            stream_id,
-            clock: &self.clock,
+        let piped = async {
+            feed.spool.send_spooled(&mut copy, !feed.ended).await?;
+            while !feed.ended {
+                if !feed.take(Some(self.limits.writer_idle)).await? {
+                    return Ok(false);
+                }
+                feed.spool.spill_if_due(Some(&mut copy)).await?;
+            }
+            feed.spool.send_rest(&mut copy).await?;
+            Ok(true)
         };
-        let pumped = pump_items(&mut frames, sink, self.limits);
-        let outcome = tokio::select! {
-            outcome = pumped => outcome,
-            () = self.cancel_streams.cancelled() => Err(Error::ShuttingDown),
-        };
-        let received = match outcome {
-            Ok(received) => received,
+        match piped.await {
+            Ok(true) => {}
+            Ok(false) => {
+                let aborted = copy.abort("the client fell silent").await;
+                drop(tx);
+                if aborted {
+                    conn.ended_cleanly();
+                }
+                tracing::debug!(%stream_id, "a silent stream gave its connection back");
+                return Ok(Written::Idle);
+            }
             Err(error) => {
                 let aborted = copy.abort("the stream failed").await;
                 drop(tx);
@@ -101,133 +153,105 @@ impl IngestService {
                 }
                 return Err(error);
             }
-        };
-        let (stored, digest) = copy.finish().await?;
+        }
+        let stored = copy.finish().await?;
+        let received = feed.received;
         if stored != received {
             return Err(Error::internal(anyhow::anyhow!(
                 "COPY stored {stored} rows of {received}"
             )));
         }
         let committing = std::time::Instant::now();
+        let digest = feed.spool.digest();
         let committed_at =
-            storage::finish_stream(&mut tx, &participation, stream_id, received, &digest).await?;
+            finish_stream(&mut tx, &participation, stream_id, received, &digest).await?;
         tx.commit().await?;
         conn.ended_cleanly();
-        metrics::histogram!(crate::metrics::STREAM_COMMIT_SECONDS)
+        metrics::histogram!(names::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());
-        metrics::histogram!(crate::metrics::STREAM_ROWS).record(received as f64);
-        metrics::counter!(crate::metrics::ITEMS_INGESTED, "kind" => T::KIND).increment(received);
+        metrics::histogram!(names::STREAM_ROWS).record(received as f64);
+        metrics::counter!(names::ITEMS_INGESTED, "kind" => T::KIND).increment(received);
         tracing::info!(%stream_id, items = received, kind = T::KIND, "stream committed");
-        Ok(Receipt {
+        Ok(Written::Committed(Receipt {
             stream_id,
             items_stored: received,
             committed_at,
             replayed: false,
-        })
+        }))
     }
 }
 
-impl IngestService {
-    /// A stream whose id committed already: its items are read to the trailer (framed and
-    /// limited as any stream's) and compared with the first commit's. The same items get
-    /// the first receipt (`replayed`), other items ALREADY_EXISTS; nothing is stored.
-    async fn replay<T, S>(
-        &self,
-        frames: &mut S,
+/// How a write ended.
+enum Written {
+    Committed(Receipt),
+    /// The client fell silent: the connection went back, the spool has every item.
+    Idle,
+    /// The stream id committed before, with this receipt and digest.
+    Replay {
         receipt: Receipt,
-        committed: Option<Vec<u8>>,
-    ) -> Result<Receipt, Error>
-    where
-        T: FeedTable,
-        S: Stream<Item = Result<Frame<T>, Error>> + Unpin,
-    {
-        let mut digest = ItemDigest::new();
-        let received = pump_items(frames, Sink::Digest(&mut digest), self.limits).await?;
-        let stream_id = receipt.stream_id;
-        match committed {
-            Some(committed) if committed != digest.finish() => Err(Error::AlreadyExists(format!(
-                "stream id {stream_id} committed already with other items ({} then, {received} \
-                 now): a retry must send the same items; new items need a new stream_id",
-                receipt.items_stored
-            ))),
-            _ => {
-                tracing::info!(%stream_id, "replayed stream: returning the first receipt");
-                Ok(receipt)
-            }
-        }
-    }
-}
-
-/// Where a stream's items go: checked into the COPY of a new stream, or, for a replay,
-/// only into a digest.
-enum Sink<'a, 'c> {
-    Copy {
-        copy: &'a mut FeedCopy<'c>,
-        participation: &'a Participation,
-        stream_id: Uuid,
-        clock: &'a ItemClock,
+        digest: Option<Vec<u8>>,
     },
-    Digest(&'a mut ItemDigest),
 }
 
-/// Moves a stream's items into `sink` until its trailer, and checks the trailer; returns
-/// the number of items. Memory stays bounded: items are encoded and sent as they come.
-async fn pump_items<T, S>(
-    frames: &mut S,
-    mut sink: Sink<'_, '_>,
-    limits: StreamLimits,
-) -> Result<u64, Error>
+/// One stream being received: its frames and its spool.
+struct Feed<'a, T, S> {
+    frames: Pin<&'a mut S>,
+    spool: Spool,
+    participation: Participation,
+    stream_id: Uuid,
+    /// Items received so far.
+    received: u64,
+    /// The trailer came, and the end of the stream after it.
+    ended: bool,
+    /// When the stream's time is up.
+    ends_at: Instant,
+    service: &'a IngestService,
+    _items: PhantomData<T>,
+}
+
+impl<T: FeedTable, S> Feed<'_, T, S>
 where
-    T: FeedTable,
-    S: Stream<Item = Result<Frame<T>, Error>> + Unpin,
+    S: Stream<Item = Result<Frame<T>, Error>>,
 {
-    let deadline = tokio::time::Instant::now() + limits.max_duration;
-    let too_long = || Error::ResourceExhausted {
-        message: format!(
-            "the stream was open longer than the server's limit of {} s, so nothing was \
-             stored: send shorter streams",
-            limits.max_duration.as_secs()
-        ),
-        retry_after: None,
-    };
-    let mut received: u64 = 0;
-    let item_count = loop {
-        let frame = tokio::time::timeout_at(deadline, frames.next())
-            .await
-            .map_err(|_| too_long())?;
+    fn limits(&self) -> StreamLimits {
+        self.service.limits
+    }
+
+    /// Reads and takes in the next message: a batch is checked and spooled, a trailer
+    /// checked against the count and followed by the end of the stream. With `idle`,
+    /// `false` when nothing came within it.
+    async fn take(&mut self, idle: Option<Duration>) -> Result<bool, Error> {
+        let until = idle.map_or(self.ends_at, |idle| {
+            (Instant::now() + idle).min(self.ends_at)
+        });
+        let frame = match tokio::time::timeout_at(until, self.frames.next()).await {
+            Ok(frame) => frame,
+            Err(_) if Instant::now() < self.ends_at => return Ok(false),
+            Err(_) => return Err(self.too_long()),
+        };
         match frame.transpose()? {
-            Some(Frame::Batch(items)) => {
-                if received + items.len() as u64 > limits.max_items {
-                    return Err(Error::ResourceExhausted {
-                        message: format!(
-                            "the stream carries more than the server's limit of {} items, so \
-                             nothing was stored: split it into several streams",
-                            limits.max_items
+            Some(Frame::Batch(items)) => self.accept(&items)?,
+            Some(Frame::Trailer { item_count }) => {
+                if item_count != self.received {
+                    return Err(Error::InvalidArgument(vec![FieldViolation::new(
+                        "trailer.item_count",
+                        format!(
+                            "the trailer counts {item_count} items but the stream carried {}",
+                            self.received
                         ),
-                        retry_after: None,
-                    });
+                    )]));
                 }
-                let now = Utc::now();
-                for item in &items {
-                    match &mut sink {
-                        Sink::Copy {
-                            copy,
-                            participation,
-                            stream_id,
-                            clock,
-                        } => {
-                            check_clock(clock, now, item)
-                                .and_then(|()| check_span(participation, item))
-                                .map_err(|e| e.under(&format!("{}[{received}]", T::FIELD)))?;
-                            copy.push(Uuid::now_v7(), participation, *stream_id, item)
-                                .await?;
-                        }
-                        Sink::Digest(digest) => digest.add(item)?,
-                    }
-                    received += 1;
+                let end = tokio::time::timeout_at(self.ends_at, self.frames.next())
+                    .await
+                    .map_err(|_| self.too_long())?;
+                if end.transpose()?.is_some() {
+                    return Err(Error::invalid(
+                        "trailer",
+                        "the trailer must be the last message of a stream",
+                    ));
                 }
+                self.ended = true;
             }
-            Some(Frame::Trailer { item_count }) => break item_count,
             Some(Frame::Header(_)) => {
                 return Err(Error::invalid(
                     "header",
@@ -242,21 +266,88 @@ where
                 ));
             }
         }
-    };
-    if item_count != received {
-        return Err(Error::InvalidArgument(vec![FieldViolation::new(
-            "trailer.item_count",
-            format!("the trailer counts {item_count} items but the stream carried {received}"),
-        )]));
+        Ok(true)
     }
-    let end = tokio::time::timeout_at(deadline, frames.next())
-        .await
-        .map_err(|_| too_long())?;
-    if end.transpose()?.is_some() {
-        return Err(Error::invalid(
-            "trailer",
-            "the trailer must be the last message of a stream",
-        ));
+
+    /// Checks a batch's items and spools them.
+    fn accept(&mut self, items: &[T]) -> Result<(), Error> {
+        let limits = self.limits();
+        if self.received + items.len() as u64 > limits.max_items {
+            return Err(Error::ResourceExhausted {
+                message: format!(
+                    "the stream carries more than the server's limit of {} items, so \
+                     nothing was stored: split it into several streams",
+                    limits.max_items
+                ),
+                retry_after: None,
+            });
+        }
+        let now = Utc::now();
+        for item in items {
+            check_clock(&self.service.clock, now, item)
+                .and_then(|()| check_span(&self.participation, item))
+                .map_err(|e| e.under(&format!("{}[{}]", T::FIELD, self.received)))?;
+            self.spool
+                .push(Uuid::now_v7(), &self.participation, self.stream_id, item)?;
+            self.received += 1;
+        }
+        Ok(())
     }
-    Ok(received)
+
+    fn too_long(&self) -> Error {
+        Error::ResourceExhausted {
+            message: format!(
+                "the stream was open longer than the server's limit of {} s, so nothing was \
+                 stored: send shorter streams",
+                self.limits().max_duration.as_secs()
+            ),
+            retry_after: None,
+        }
+    }
+
+    /// A stream whose id committed already: its items are read to the trailer and
+    /// compared with the first commit's. The same items get the first receipt
+    /// (`replayed`), other items ALREADY_EXISTS; nothing is stored.
+    async fn replay(
+        &mut self,
+        receipt: Receipt,
+        committed: Option<Vec<u8>>,
+    ) -> Result<Receipt, Error> {
+        self.spool.discard();
+        while !self.ended {
+            self.take(None).await?;
+        }
+        let stream_id = receipt.stream_id;
+        match committed {
+            Some(committed) if committed != self.spool.digest() => {
+                Err(Error::AlreadyExists(format!(
+                    "stream id {stream_id} committed already with other items ({} then, {} \
+                     now): a retry must send the same items; new items need a new stream_id",
+                    receipt.items_stored, self.received
+                )))
+            }
+            _ => {
+                tracing::info!(%stream_id, "replayed stream: returning the first receipt");
+                Ok(receipt)
+            }
+        }
+    }
+}
+
+/// Reads a stream's first message, which must be its header.
+async fn header<T, S>(frames: &mut Pin<&mut S>) -> Result<StreamHeader, Error>
+where
+    S: Stream<Item = Result<Frame<T>, Error>>,
+{
+    match frames.next().await.transpose()? {
+        Some(Frame::Header(header)) => Ok(header),
+        Some(_) => Err(Error::invalid(
+            "header",
+            "the first message of a stream must be its header",
+        )),
+        None => Err(Error::invalid(
+            "header",
+            "the stream ended before its header",
+        )),
+    }
 }

@@ -7,6 +7,12 @@ use uuid::Uuid;
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
+/// The binary COPY header: signature, flags, header extension length.
+pub const HEADER: [u8; 19] = *b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// The end-of-data marker.
+pub const TRAILER: [u8; 2] = (-1_i16).to_be_bytes();
+
 /// A buffer of binary COPY data: the header, rows, and (on [`CopyEncoder::finish`]) the
 /// trailer. Sent to the server in pieces with [`CopyEncoder::take`].
 #[derive(Debug)]
@@ -17,10 +23,15 @@ pub struct CopyEncoder {
 impl CopyEncoder {
     pub fn new(capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity);
-        buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-        buf.extend_from_slice(&0_i32.to_be_bytes()); // flags
-        buf.extend_from_slice(&0_i32.to_be_bytes()); // header extension length
+        buf.extend_from_slice(&HEADER);
         Self { buf }
+    }
+
+    /// A buffer for rows only: the header and trailer are sent apart from them.
+    pub fn rows(capacity: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(capacity),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -105,7 +116,7 @@ impl CopyEncoder {
 
     /// Appends the end-of-data marker and returns the remaining bytes.
     pub fn finish(mut self) -> Vec<u8> {
-        self.buf.extend_from_slice(&(-1_i16).to_be_bytes());
+        self.buf.extend_from_slice(&TRAILER);
         self.buf
     }
 }

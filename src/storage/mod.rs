@@ -11,6 +11,7 @@ mod items;
 mod participations;
 mod sentiments;
 mod sessions;
+mod spool;
 mod streams;
 mod timeline;
 mod users;
@@ -28,8 +29,9 @@ use batch::Batcher;
 pub(crate) use call::begin_on;
 pub use items::FeedTable;
 use items::Unary;
+pub use spool::{Spool, SpoolSettings, Spooler};
 pub(crate) use streams::{
-    FeedCopy, ItemDigest, StreamClaim, StreamConnection, claim_stream, finish_stream,
+    FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream,
 };
 
 use crate::domain::{NewEvent, NewSentiment, Participation};

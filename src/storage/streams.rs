@@ -2,93 +2,41 @@
 //! items, and its receipt.
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool, Postgres, pool::PoolConnection, postgres::PgCopyIn};
 use uuid::Uuid;
 
-use super::{copy::CopyEncoder, items::FeedTable};
+use super::{
+    copy::{HEADER, TRAILER},
+    items::FeedTable,
+};
 use crate::domain::{Participation, Receipt};
 use crate::error::Error;
 
-/// Bytes of COPY data buffered before they are sent: bounds a stream's memory.
-pub const COPY_SEND_BYTES: usize = 256 * 1024;
-
-/// A digest of a stream's items: SHA-256 over each item's own COPY columns, in order.
-/// Two streams carry the same items exactly when their digests are equal.
-pub struct ItemDigest {
-    hash: Sha256,
-    scratch: CopyEncoder,
-}
-
-impl ItemDigest {
-    pub fn new() -> Self {
-        Self {
-            hash: Sha256::new(),
-            scratch: CopyEncoder::new(256),
-        }
-    }
-
-    /// Adds an item that is not otherwise encoded (a replay's).
-    pub fn add<T: FeedTable>(&mut self, item: &T) -> Result<(), Error> {
-        self.scratch.clear();
-        item.encode_columns(&mut self.scratch)?;
-        self.hash.update(self.scratch.since(0));
-        Ok(())
-    }
-
-    pub fn finish(self) -> Vec<u8> {
-        self.hash.finalize().to_vec()
-    }
-}
-
-/// A binary COPY in progress inside a stream's transaction.
+/// A binary COPY in progress inside a stream's transaction: the rows come encoded from
+/// the stream's spool ([`super::spool::Spool`]).
 pub struct FeedCopy<'c> {
     copy: PgCopyIn<&'c mut PgConnection>,
-    encoder: CopyEncoder,
-    /// The digest of what was pushed, from the bytes pushed.
-    digest: Sha256,
 }
 
 impl<'c> FeedCopy<'c> {
     pub async fn begin<T: FeedTable>(conn: &'c mut PgConnection) -> Result<Self, Error> {
-        let copy = conn.copy_in_raw(T::COPY_STATEMENT).await?;
-        Ok(Self {
-            copy,
-            encoder: CopyEncoder::new(COPY_SEND_BYTES + 4096),
-            digest: Sha256::new(),
-        })
+        let mut copy = conn.copy_in_raw(T::COPY_STATEMENT).await?;
+        copy.send(&HEADER[..]).await?;
+        Ok(Self { copy })
     }
 
-    /// Encodes one item; sends the buffer to the server once it is full.
-    pub async fn push<T: FeedTable>(
-        &mut self,
-        id: Uuid,
-        participation: &Participation,
-        stream_id: Uuid,
-        item: &T,
-    ) -> Result<(), Error> {
-        self.encoder
-            .row(4 + T::ITEM_COLUMNS)
-            .uuid(id)
-            .uuid(participation.user_id)
-            .uuid(participation.id)
-            .uuid(stream_id);
-        let start = self.encoder.len();
-        item.encode_columns(&mut self.encoder)?;
-        self.digest.update(self.encoder.since(start));
-        if self.encoder.len() >= COPY_SEND_BYTES {
-            self.copy.send(self.encoder.take()).await?;
+    /// Sends encoded rows.
+    pub async fn send(&mut self, rows: &[u8]) -> Result<(), Error> {
+        if !rows.is_empty() {
+            self.copy.send(rows).await?;
         }
         Ok(())
     }
 
-    /// Sends the rest and ends the COPY (the database checks its constraints here);
-    /// returns the rows stored and the digest of the items ([`ItemDigest`]).
-    pub async fn finish(mut self) -> Result<(u64, Vec<u8>), Error> {
-        let rest = std::mem::replace(&mut self.encoder, CopyEncoder::new(0)).finish();
-        self.copy.send(rest).await?;
-        let rows = self.copy.finish().await?;
-        Ok((rows, self.digest.finalize().to_vec()))
+    /// Ends the COPY (the database checks its constraints here); returns the rows stored.
+    pub async fn finish(mut self) -> Result<u64, Error> {
+        self.copy.send(&TRAILER[..]).await?;
+        Ok(self.copy.finish().await?)
     }
 
     /// Abandons the COPY (the transaction then rolls back); `true` when the connection
@@ -153,7 +101,7 @@ pub enum StreamClaim {
         participation_id: Uuid,
         kind: String,
         receipt: Receipt,
-        /// The digest of its items ([`ItemDigest`]); none for streams committed before
+        /// The digest of its items ([`super::spool::Spool::digest`]); none for streams committed before
         /// migration 0005.
         digest: Option<Vec<u8>>,
     },

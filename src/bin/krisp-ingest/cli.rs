@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use krisp_ingest::{
     app::{Settings, Tls},
-    config::{DatabaseArgs, LimitArgs, LogFormat},
+    config::{DatabaseArgs, LimitArgs, LogFormat, SpoolArgs},
 };
 
 #[derive(Debug, Parser)]
@@ -31,6 +31,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub spool: SpoolArgs,
 
     /// Serve a non-loopback address even though no API keys exist (anyone who can reach
     /// it can then read and write). Logged as a warning at startup.
@@ -89,6 +92,7 @@ impl Cli {
         Ok(Settings {
             listen: self.listen,
             limits: self.limits.limits()?,
+            spool: self.spool.settings(),
             metrics: self.metrics_listen.0,
             insecure: self.insecure,
             tls,
@@ -232,6 +236,15 @@ mod tests {
         assert_eq!(
             cli.limits.limits().unwrap(),
             krisp_ingest::config::Limits::default()
+        );
+    }
+
+    #[test]
+    fn default_spool_settings_match_the_flags() {
+        let cli = parse(&["krisp-ingest"]);
+        assert_eq!(
+            cli.spool.settings(),
+            krisp_ingest::storage::SpoolSettings::default()
         );
     }
 

@@ -1,6 +1,8 @@
-//! Load shedding: at most N calls of the ingest service at once. A call beyond that is
-//! answered at once with RESOURCE_EXHAUSTED and a RetryInfo detail, before it touches the
-//! database, instead of queueing without bound.
+//! Load shedding: at most N unary and server-streaming calls of the ingest service at
+//! once, and apart from them at most M open client streams (which wait on their clients,
+//! not on the database, and cost a spool each). A call beyond its limit is answered at
+//! once with RESOURCE_EXHAUSTED and a RetryInfo detail, before it touches the database,
+//! instead of queueing without bound.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,16 +15,24 @@ use crate::error::Error;
 /// How long a shed client is told to wait before retrying.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
-/// At most a number of calls at once; the rest are shed.
+/// The client-streaming methods: counted apart from the other calls.
+const CLIENT_STREAMS: [&str; 2] = [
+    "/krisp.ingest.v1.IngestService/StreamSentiments",
+    "/krisp.ingest.v1.IngestService/StreamEvents",
+];
+
+/// At most a number of calls, and of client streams, at once; the rest are shed.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    permits: Arc<Semaphore>,
+    calls: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
 }
 
 impl Admission {
-    pub fn new(max_concurrent_calls: usize) -> Self {
+    pub fn new(max_concurrent_calls: usize, max_open_streams: usize) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max_concurrent_calls)),
+            calls: Arc::new(Semaphore::new(max_concurrent_calls)),
+            streams: Arc::new(Semaphore::new(max_open_streams)),
         }
     }
 }
@@ -30,13 +40,18 @@ impl Admission {
 impl Hook for Admission {
     type Carry = OwnedSemaphorePermit;
 
-    fn before<B>(&self, _: &http::Request<B>) -> Result<Self::Carry, Box<Status>> {
-        Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+    fn before<B>(&self, request: &http::Request<B>) -> Result<Self::Carry, Box<Status>> {
+        let (permits, what) = if CLIENT_STREAMS.contains(&request.uri().path()) {
+            (&self.streams, "open client streams")
+        } else {
+            (&self.calls, "concurrent calls")
+        };
+        Arc::clone(permits).try_acquire_owned().map_err(|_| {
             metrics::counter!(crate::metrics::LOAD_SHED).increment(1);
             Box::new(Status::from(Error::ResourceExhausted {
-                message: "the server is at its limit of concurrent calls; retry after the \
-                          delay in RetryInfo"
-                    .to_owned(),
+                message: format!(
+                    "the server is at its limit of {what}; retry after the delay in RetryInfo"
+                ),
                 retry_after: Some(RETRY_AFTER),
             }))
         })
