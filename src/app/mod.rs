@@ -201,7 +201,8 @@ impl Application {
         let api = HookLayer(Admission::new(
             limits.max_concurrent_calls,
             limits.max_open_streams,
-        )).layer(api);
+        ))
+        .layer(api);
 
         // Not serving until the first database probe says otherwise.
         let ingest_name = <IngestServiceServer<IngestGrpcAdapter> as NamedService>::NAME;

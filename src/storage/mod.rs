@@ -30,9 +30,7 @@ pub(crate) use call::begin_on;
 pub use items::FeedTable;
 use items::Unary;
 pub use spool::{Spool, SpoolSettings, Spooler};
-pub(crate) use streams::{
-    FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream,
-};
+pub(crate) use streams::{FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream};
 
 use crate::domain::{NewEvent, NewSentiment, Participation};
 use crate::error::Error;

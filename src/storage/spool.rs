@@ -372,7 +372,9 @@ impl Spool {
     }
 
     fn release_memory(&mut self) {
-        self.spooler.memory.give(std::mem::take(&mut self.in_memory));
+        self.spooler
+            .memory
+            .give(std::mem::take(&mut self.in_memory));
     }
 }
 

@@ -194,6 +194,25 @@ pub async fn spawn_app_configured(db: PgPool, configure: impl FnOnce(&mut Settin
     TestApp::connect(address, db).await
 }
 
+/// Items in one batch enough to make a stream a bulk upload (about 780 KB of rows at
+/// once), which the server writes as they arrive instead of spooling to the trailer.
+pub const BULK_ITEMS: usize = 6000;
+
+/// Starts the server over a fresh database with streams written as they arrive kept
+/// writing for a minute of client silence: tests that act while a stream's transaction
+/// is open use it, instead of racing the default second.
+pub async fn spawn_writing_app() -> TestApp {
+    spawn_app_with(fresh_database().await, writing_limits()).await
+}
+
+/// The default limits with a minute of writer idle.
+pub fn writing_limits() -> Limits {
+    Limits {
+        stream_writer_idle: Duration::from_secs(60),
+        ..Limits::default()
+    }
+}
+
 /// A new connection (its own HTTP/2 connection) to the server.
 pub async fn connect(address: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{address}"))

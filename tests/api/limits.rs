@@ -23,8 +23,8 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 use crate::helpers::{
-    TestApp, connect, count, eventually, frames, fresh_database, open_transactions, sentiments,
-    spawn_app_with,
+    BULK_ITEMS, TestApp, connect, count, eventually, frames, fresh_database, open_transactions,
+    sentiments, spawn_app_with, writing_limits,
 };
 
 async fn app_with(limits: Limits) -> TestApp {
@@ -145,37 +145,21 @@ async fn a_stream_open_too_long_is_cut_and_stores_nothing() {
     assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
 }
 
-#[tokio::test]
-async fn calls_beyond_the_concurrency_limit_are_shed_with_retry_info() {
-    let app = app_with(Limits {
-        max_concurrent_calls: 1,
-        ..Limits::default()
-    })
-    .await;
-    let participation = app.participation().await;
-    // One stream holds the only slot.
-    let (tx, rx) = mpsc::channel(4);
-    let stream_id = Uuid::new_v4().to_string();
-    tx.send(frames::header(&stream_id, &participation.id))
+/// Waits until `n` backends of the server wait for a lock the test holds.
+async fn waiting_on_the_lock(db: &sqlx::PgPool, n: i64) {
+    eventually(&format!("{n} calls wait on the test's lock"), || async {
+        count(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
         .await
-        .unwrap();
-    let mut client = app.client.clone();
-    let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
-    eventually("the stream is admitted", || async {
-        open_transactions(&app.db).await > 0
+            == n
     })
     .await;
+}
 
-    let users_before = count(&app.db, "SELECT count(*) FROM users").await;
-    let status = app
-        .client
-        .clone()
-        .create_user(proto::CreateUserRequest {
-            external_id: "shed".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+fn assert_shed(status: &tonic::Status) {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let retry = status
         .get_error_details()
@@ -186,29 +170,92 @@ async fn calls_beyond_the_concurrency_limit_are_shed_with_retry_info() {
         retry.retry_delay.is_some_and(|d| d > Duration::ZERO),
         "{retry:?}"
     );
-    assert_eq!(
-        count(&app.db, "SELECT count(*) FROM users").await,
-        users_before
-    );
+}
 
-    // Once the slot is free again, calls go through.
-    tx.send(frames::batch(sentiments(0, 5))).await.unwrap();
-    tx.send(frames::trailer(5)).await.unwrap();
-    drop(tx);
-    assert_eq!(
-        call.await
-            .unwrap()
-            .unwrap()
-            .into_inner()
-            .receipt
-            .unwrap()
-            .items_stored,
-        5
-    );
+#[tokio::test]
+async fn calls_beyond_the_concurrency_limit_are_shed_with_retry_info() {
+    let app = app_with(Limits {
+        max_concurrent_calls: 1,
+        max_open_streams: 1,
+        ..Limits::default()
+    })
+    .await;
+    let participation = app.participation().await;
+    // Calls that read participations wait while the test holds this lock.
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE participations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    // One stream holds the only stream slot (it waits on the lock to look up its
+    // participation).
+    let (tx, rx) = mpsc::channel(4);
+    let stream_id = Uuid::new_v4().to_string();
+    tx.send(frames::header(&stream_id, &participation.id))
+        .await
+        .unwrap();
+    let mut client = app.client.clone();
+    let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
+    waiting_on_the_lock(&app.db, 1).await;
+    let second = app
+        .client
+        .clone()
+        .stream_sentiments(tokio_stream::iter(frames::stream(
+            &Uuid::new_v4().to_string(),
+            &participation.id,
+            vec![sentiments(0, 1)],
+        )))
+        .await
+        .unwrap_err();
+    assert_shed(&second);
+    // Open streams do not count against the other calls.
+    let users_before = count(&app.db, "SELECT count(*) FROM users").await;
     app.client
         .clone()
         .create_user(proto::CreateUserRequest {
             external_id: "admitted".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // A unary call holds the only call slot (it waits on the lock too).
+    let mut client = app.client.clone();
+    let participation_id = participation.id.clone();
+    let lookup = tokio::spawn(async move {
+        client
+            .get_participation(proto::GetParticipationRequest { participation_id })
+            .await
+    });
+    waiting_on_the_lock(&app.db, 2).await;
+    let status = app
+        .client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: "shed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_shed(&status);
+    assert_eq!(
+        count(&app.db, "SELECT count(*) FROM users").await,
+        users_before + 1
+    );
+
+    // Once the slots are free again, calls go through.
+    lock.rollback().await.unwrap();
+    lookup.await.unwrap().unwrap();
+    tx.send(frames::batch(sentiments(0, 5))).await.unwrap();
+    tx.send(frames::trailer(5)).await.unwrap();
+    drop(tx);
+    let receipt = call.await.unwrap().unwrap().into_inner().receipt.unwrap();
+    assert_eq!(receipt.items_stored, 5);
+    app.client
+        .clone()
+        .create_user(proto::CreateUserRequest {
+            external_id: "after".into(),
             ..Default::default()
         })
         .await
@@ -290,7 +337,7 @@ async fn keepalive_drops_a_dead_peer_and_its_stream_stores_nothing() {
     let app = app_with(Limits {
         keepalive_interval: Duration::from_millis(300),
         keepalive_timeout: Duration::from_millis(500),
-        ..Limits::default()
+        ..writing_limits()
     })
     .await;
     let participation = app.participation().await;
@@ -303,15 +350,18 @@ async fn keepalive_drops_a_dead_peer_and_its_stream_stores_nothing() {
     ))
     .await
     .unwrap();
-    tx.send(frames::batch(sentiments(0, 2500))).await.unwrap();
+    // A bulk upload: written as it arrives, so its transaction is open.
+    tx.send(frames::batch(sentiments(0, BULK_ITEMS)))
+        .await
+        .unwrap();
     let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
     eventually("the stream is open", || async {
         open_transactions(&app.db).await > 0
     })
     .await;
 
-    // The peer goes silent. The stream's own limit (600 s) is far away: only keepalive
-    // can end this transaction within the wait below.
+    // The peer goes silent. The stream's own limit (4 h) and its writer idle (a minute)
+    // are far away: only keepalive can end this transaction within the wait below.
     frozen.store(true, Ordering::Relaxed);
     eventually("the server drops the dead peer's stream", || async {
         open_transactions(&app.db).await == 0
@@ -388,52 +438,95 @@ async fn a_timeline_being_streamed_holds_its_slot_until_its_last_message() {
 /// Streams never take the connections unary calls need: with a pool of 4, streams hold
 /// at most 3; a 4th waits (reading nothing), a unary call still answers at once, and a
 /// stream whose deadline passes while it waits gets RESOURCE_EXHAUSTED with RetryInfo.
-#[tokio::test]
-async fn silent_streams_leave_unary_calls_their_connections() {
+/// A server over a pool of four connections (three for streams to write with).
+async fn app_on_four_connections(limits: Limits) -> TestApp {
     let db = fresh_database().await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect_with((*db.connect_options()).clone())
         .await
         .unwrap();
-    let app = crate::helpers::spawn_app_on(pool).await;
+    spawn_app_with(pool, limits).await
+}
+
+/// Opens a stream with its header and one batch of `items`, leaving it open.
+async fn open_stream(
+    app: &TestApp,
+    participation_id: &str,
+    items: Vec<proto::NewSentiment>,
+) -> (
+    mpsc::Sender<proto::StreamSentimentsRequest>,
+    tokio::task::JoinHandle<
+        Result<tonic::Response<proto::StreamSentimentsResponse>, tonic::Status>,
+    >,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(frames::header(
+        &Uuid::new_v4().to_string(),
+        participation_id,
+    ))
+    .await
+    .unwrap();
+    tx.send(frames::batch(items)).await.unwrap();
+    let mut client = app.client.clone();
+    let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
+    (tx, call)
+}
+
+#[tokio::test]
+async fn silent_streams_hold_no_connection_and_leave_unary_calls_alone() {
+    let app = app_on_four_connections(Limits::default()).await;
     let participation = app.participation().await;
     let mut open = Vec::new();
-    for _ in 0..4 {
-        let (tx, rx) = mpsc::channel(1);
-        tx.send(frames::header(
-            &Uuid::new_v4().to_string(),
-            &participation.id,
-        ))
+    for i in 0..16 {
+        open.push(open_stream(&app, &participation.id, sentiments(10 * i, 2)).await);
+    }
+    // Sixteen silent streams on a pool of four: none holds a connection or transaction.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(open_transactions(&app.db).await, 0);
+    let mut request = tonic::Request::new(proto::GetUserRequest {
+        user_id: participation.user_id.clone(),
+    });
+    request.set_timeout(Duration::from_secs(2));
+    app.client.clone().get_user(request).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
         .await
-        .unwrap();
-        let mut client = app.client.clone();
-        let call =
-            tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
-        open.push((tx, call));
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    for (tx, call) in open {
+        tx.send(frames::trailer(2)).await.unwrap();
+        drop(tx);
+        let receipt = call.await.unwrap().unwrap().into_inner().receipt.unwrap();
+        assert_eq!(receipt.items_stored, 2);
+    }
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 32);
+}
+
+#[tokio::test]
+async fn a_stream_that_cannot_get_a_writer_before_its_deadline_is_resource_exhausted() {
+    let app = app_on_four_connections(writing_limits()).await;
+    let participation = app.participation().await;
+    // Three bulk uploads hold the three connections streams may write with.
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let items = sentiments(i * BULK_ITEMS as i64, BULK_ITEMS);
+        open.push(open_stream(&app, &participation.id, items).await);
     }
     eventually("three streams hold a connection", || async {
         open_transactions(&app.db).await == 3
     })
     .await;
-    let started = std::time::Instant::now();
-    app.client
-        .clone()
-        .get_user(proto::GetUserRequest {
-            user_id: participation.user_id.clone(),
-        })
-        .await
-        .unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
-
     let mut request = tonic::Request::new(tokio_stream::iter(frames::stream(
         &Uuid::new_v4().to_string(),
         &participation.id,
-        vec![sentiments(0, 5)],
+        vec![sentiments(100_000, 5)],
     )));
     request.set_timeout(Duration::from_millis(1500));
     let status = app
@@ -442,24 +535,23 @@ async fn silent_streams_leave_unary_calls_their_connections() {
         .stream_sentiments(request)
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(
-        status.get_error_details().retry_info().is_some(),
-        "{status:?}"
-    );
-
-    // All four finish: those holding a connection commit and free it, and the one that
-    // waited (whichever it was) gets its turn and commits too.
-    for (i, (tx, _)) in open.iter().enumerate() {
-        tx.send(frames::batch(sentiments(10 * i as i64, 2)))
-            .await
-            .unwrap();
-        tx.send(frames::trailer(2)).await.unwrap();
-    }
+    assert_shed(&status);
+    // Unary calls still have their share of the pool.
+    app.client
+        .clone()
+        .get_user(proto::GetUserRequest {
+            user_id: participation.user_id.clone(),
+        })
+        .await
+        .unwrap();
     for (tx, call) in open {
+        tx.send(frames::trailer(BULK_ITEMS as u64)).await.unwrap();
         drop(tx);
         let receipt = call.await.unwrap().unwrap().into_inner().receipt.unwrap();
-        assert_eq!(receipt.items_stored, 2);
+        assert_eq!(receipt.items_stored, BULK_ITEMS as u64);
     }
-    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 8);
+    assert_eq!(
+        count(&app.db, "SELECT count(*) FROM sentiments").await,
+        3 * BULK_ITEMS as i64
+    );
 }

@@ -16,8 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TestApp, connect, count, eventually, frames, fresh_database, open_transactions, sentiments,
-    spawn_app_configured,
+    BULK_ITEMS, TestApp, connect, count, eventually, frames, fresh_database, open_transactions,
+    sentiments, spawn_app_configured, writing_limits,
 };
 
 /// A replica: its own pool (tagged with its name) and its own listener; the returned
@@ -69,7 +69,7 @@ async fn three_replicas_share_the_load_and_a_stream_id_commits_once_across_them(
     audit_replicas(&db).await;
     let mut replicas = Vec::new();
     for name in ["replica-a", "replica-b", "replica-c"] {
-        replicas.push(replica(&db, name, Limits::default()).await);
+        replicas.push(replica(&db, name, writing_limits()).await);
     }
     let addresses: Vec<SocketAddr> = replicas.iter().map(|r| r.address).collect();
     let setup = &replicas[0];
@@ -128,7 +128,8 @@ async fn three_replicas_share_the_load_and_a_stream_id_commits_once_across_them(
         tx.send(frames::header(&stream_id, &participation.id))
             .await
             .unwrap();
-        tx.send(frames::batch(sentiments(2000, 2500)))
+        // A bulk batch: each replica writes it as it arrives, claiming the stream id.
+        tx.send(frames::batch(sentiments(2000, BULK_ITEMS)))
             .await
             .unwrap();
     }
@@ -147,7 +148,7 @@ async fn three_replicas_share_the_load_and_a_stream_id_commits_once_across_them(
     )
     .await;
     for tx in [&a, &b] {
-        tx.send(frames::trailer(2500)).await.unwrap();
+        tx.send(frames::trailer(BULK_ITEMS as u64)).await.unwrap();
     }
     drop((a, b));
     let first = call_a.await.unwrap().unwrap();
@@ -162,7 +163,7 @@ async fn three_replicas_share_the_load_and_a_stream_id_commits_once_across_them(
         "exactly one commit: {first:?} {second:?}"
     );
     assert_eq!(first.stream_id, second.stream_id);
-    assert_eq!(first.items_stored, 2500);
+    assert_eq!(first.items_stored, BULK_ITEMS as u64);
     assert_eq!(first.items_stored, second.items_stored);
     assert_eq!(first.committed_at, second.committed_at);
     assert_eq!(
@@ -171,11 +172,11 @@ async fn three_replicas_share_the_load_and_a_stream_id_commits_once_across_them(
             &format!("SELECT count(*) FROM sentiments WHERE stream_id = '{stream_id}'")
         )
         .await,
-        2500
+        BULK_ITEMS as i64
     );
     assert_eq!(
         count(&db, "SELECT count(*) FROM sentiments").await,
-        expected + 2500
+        expected + BULK_ITEMS as i64
     );
 }
 
@@ -184,7 +185,7 @@ fn aging(age: Duration, grace: Duration) -> Limits {
         max_connection_age: Some(age),
         max_connection_age_jitter_percent: 0,
         max_connection_age_grace: grace,
-        ..Limits::default()
+        ..writing_limits()
     }
 }
 
@@ -207,7 +208,9 @@ async fn a_stream_cut_by_the_connection_age_rolls_back_and_its_retry_commits_onc
     tx.send(frames::header(&stream_id, &participation.id))
         .await
         .unwrap();
-    tx.send(frames::batch(sentiments(0, 3000))).await.unwrap();
+    tx.send(frames::batch(sentiments(0, BULK_ITEMS)))
+        .await
+        .unwrap();
     eventually(
         "the server writes rows in the stream's transaction",
         || async { open_transactions(&db).await == 1 },
@@ -230,7 +233,11 @@ async fn a_stream_cut_by_the_connection_age_rolls_back_and_its_retry_commits_onc
     // The retry, with the same stream id, on the same channel (which reconnects).
     let retry = || {
         let mut client = IngestServiceClient::new(channel.clone());
-        let stream = frames::stream(&stream_id, &participation.id, vec![sentiments(0, 3000)]);
+        let stream = frames::stream(
+            &stream_id,
+            &participation.id,
+            vec![sentiments(0, BULK_ITEMS)],
+        );
         async move {
             client
                 .stream_sentiments(tokio_stream::iter(stream))
@@ -246,7 +253,10 @@ async fn a_stream_cut_by_the_connection_age_rolls_back_and_its_retry_commits_onc
     let again = retry().await;
     assert!(again.replayed, "{again:?}");
     assert_eq!(again.committed_at, first.committed_at);
-    assert_eq!(count(&db, "SELECT count(*) FROM sentiments").await, 3000);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM sentiments").await,
+        BULK_ITEMS as i64
+    );
 }
 
 #[tokio::test]

@@ -8,8 +8,8 @@ use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TestApp, at, connect, count, eventually, frames, refuse_sentiments_scored, sentiments,
-    spawn_app, t0, violated_fields,
+    BULK_ITEMS, TestApp, at, connect, count, eventually, frames, refuse_sentiments_scored,
+    sentiments, spawn_app, spawn_writing_app, t0, violated_fields,
 };
 
 async fn send(
@@ -173,7 +173,7 @@ async fn open_stream(
     (tx, call)
 }
 
-/// Sends a header and 3000 items, and waits until the server has written rows inside
+/// Sends a header and a bulk batch, and waits until the server has written rows inside
 /// the stream's open transaction.
 async fn stream_with_rows_in_flight(
     app: &TestApp,
@@ -187,7 +187,9 @@ async fn stream_with_rows_in_flight(
     tx.send(frames::header(stream_id, &participation.id))
         .await
         .unwrap();
-    tx.send(frames::batch(sentiments(0, 3000))).await.unwrap();
+    tx.send(frames::batch(sentiments(0, BULK_ITEMS)))
+        .await
+        .unwrap();
     eventually(
         "the server writes rows in the stream's transaction",
         || async { writers(&app.db).await > 0 },
@@ -220,7 +222,7 @@ async fn assert_nothing_stored(app: &TestApp, stream_id: &str) {
 
 #[tokio::test]
 async fn a_stream_the_client_cancels_stores_nothing() {
-    let app = spawn_app().await;
+    let app = spawn_writing_app().await;
     let stream_id = Uuid::new_v4().to_string();
     let (tx, call) = stream_with_rows_in_flight(&app, &stream_id).await;
     // Cancel the call while the request stream is still open (the sender is alive):
@@ -244,7 +246,7 @@ async fn a_stream_the_client_cancels_stores_nothing() {
 
 #[tokio::test]
 async fn a_stream_whose_connection_is_lost_stores_nothing() {
-    let app = spawn_app().await;
+    let app = spawn_writing_app().await;
     let stream_id = Uuid::new_v4().to_string();
     let (tx, call) = stream_with_rows_in_flight(&app, &stream_id).await;
     // Dropping the client's only channel closes its TCP connection.
@@ -256,7 +258,7 @@ async fn a_stream_whose_connection_is_lost_stores_nothing() {
 
 #[tokio::test]
 async fn a_stream_that_ends_without_a_trailer_stores_nothing() {
-    let app = spawn_app().await;
+    let app = spawn_writing_app().await;
     let stream_id = Uuid::new_v4().to_string();
     let (tx, call) = stream_with_rows_in_flight(&app, &stream_id).await;
     // A clean half-close, which is also what the server sees of some cancellations.
