@@ -79,6 +79,8 @@ pub async fn serve(settings: Settings, database: &DatabaseArgs) -> anyhow::Resul
         crate::metrics::install()?;
     }
     let database = Database::connect(database).await?;
+    // Before the address is announced: whoever read it may signal at once.
+    let stop = shutdown_signal();
     let served = async {
         let settings = Settings {
             limits: settings.limits.within_retention(database.retention),
@@ -87,7 +89,7 @@ pub async fn serve(settings: Settings, database: &DatabaseArgs) -> anyhow::Resul
         let application = Application::build(settings, database.pool.clone()).await?;
         database.maintain_partitions();
         tracing::info!("listening on {}", application.local_addr());
-        application.run_until_stopped(shutdown_signal()).await
+        application.run_until_stopped(stop).await
     }
     .await;
     let stopped = database.stop().await;
@@ -344,30 +346,24 @@ async fn monitor_database(
         .await;
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
+/// Listens for SIGINT and SIGTERM from now on (a signal that comes before the returned
+/// future is first polled still counts; until this call, either stops the process), and
+/// completes on the first.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listening = signal(SignalKind::interrupt()).and_then(|interrupt| {
+        signal(SignalKind::terminate()).map(|terminate| (interrupt, terminate))
+    });
+    async move {
+        match listening {
+            Ok((mut interrupt, mut terminate)) => tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            },
             Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
+                tracing::error!(%error, "cannot listen for SIGINT and SIGTERM");
                 std::future::pending::<()>().await;
             }
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }

@@ -23,6 +23,7 @@ mod participations;
 mod partitions;
 mod replicas;
 mod server;
+mod spool;
 mod streams;
 mod tls;
 mod unary_feed;
