@@ -299,7 +299,9 @@ pub struct DatabaseArgs {
     #[arg(long, env = "KRISP_SKIP_MIGRATIONS", global = true)]
     pub skip_migrations: bool,
 
-    /// Maximum number of database connections in the pool.
+    /// Database connections the service opens at most: its pool (one less) and the
+    /// health probe's. Client streams write with at most three quarters of the pool and
+    /// hold none while they wait for their clients.
     #[arg(
         long,
         env = "KRISP_DB_MAX_CONNECTIONS",

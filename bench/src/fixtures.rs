@@ -113,6 +113,38 @@ impl Fixtures {
         })
     }
 
+    /// `n` new users with an open participation each in the benchmark session, made in
+    /// one statement.
+    pub(crate) async fn participations(&self, n: usize) -> anyhow::Result<Vec<Participation>> {
+        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "WITH claimed AS (INSERT INTO user_external_ids (external_id, user_id) \
+                              SELECT 'live-' || gen_random_uuid(), gen_random_uuid() \
+                              FROM generate_series(1, $1) RETURNING external_id, user_id), \
+                  users AS (INSERT INTO users (id, external_id) \
+                            SELECT user_id, external_id FROM claimed RETURNING id) \
+             INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
+             SELECT gen_random_uuid(), id, $2, 'UTC', $3 FROM users RETURNING id, user_id",
+        )
+        .bind(i64::try_from(n)?)
+        .bind(self.session_id)
+        .bind(self.base)
+        .fetch_all(&self.pool)
+        .await?;
+        let timezone = TimezoneCode::parse("UTC").map_err(anyhow::Error::msg)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, user_id)| Participation {
+                id,
+                user_id,
+                session_id: self.session_id,
+                timezone_code: timezone.clone(),
+                connected_at: self.base,
+                disconnected_at: None,
+                usage: None,
+            })
+            .collect())
+    }
+
     /// The i-th sentiment: 100 ms segments, back to back.
     pub(crate) fn sentiment(&self, i: u64) -> NewSentiment {
         let ms = i64::try_from(i).unwrap_or(i64::MAX / 1000) * 100;

@@ -18,6 +18,7 @@
 
 mod delete_user;
 mod fixtures;
+mod live;
 mod probes;
 mod report;
 mod scenarios;
@@ -34,7 +35,7 @@ use krisp_ingest::{
     storage,
 };
 use sqlx::{
-    Connection, Executor,
+    Connection, Executor, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -46,6 +47,8 @@ use scenarios::{
 use server::Server;
 
 const BENCH_DATABASE: &str = "krisp_bench";
+/// The application_name of the benchmark's own connections (not the server's).
+const PROBE_APPLICATION: &str = "krisp-bench";
 
 #[derive(Debug, Parser)]
 #[command(name = "krisp-bench", about = "krisp-ingest ingestion benchmark")]
@@ -110,6 +113,9 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_connections: u32,
     },
+    /// Live feeds at voice-service scale (docs/BENCHMARKS.md, "Live feeds"): many
+    /// long client streams at once, each sending a small batch a second.
+    Live(live::LiveArgs),
 }
 
 #[tokio::main]
@@ -117,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match &args.command {
         Some(Command::Serve { max_connections }) => serve(&args, *max_connections).await,
+        Some(Command::Live(live)) => live::run(&args, live).await,
         None => run(&args).await,
     }
 }
@@ -136,6 +143,7 @@ async fn server_options(args: &Args, database: &str) -> anyhow::Result<PgConnect
 }
 
 async fn serve(args: &Args, max_connections: u32) -> anyhow::Result<()> {
+    krisp_ingest::telemetry::init(krisp_ingest::config::LogFormat::Text);
     let pool = krisp_ingest::app::pool_options(max_connections)
         .connect_with(server_options(args, BENCH_DATABASE).await?)
         .await?;
@@ -147,10 +155,9 @@ async fn serve(args: &Args, max_connections: u32) -> anyhow::Result<()> {
     .await
 }
 
-async fn run(args: &Args) -> anyhow::Result<()> {
-    if args.streams.is_empty() || args.streams.contains(&0) || args.unary_concurrency.contains(&0) {
-        bail!("--streams and --unary-concurrency take positive numbers");
-    }
+/// A fresh benchmark database with the service's migrations and partitions, autovacuum
+/// off on its tables; a pool of the benchmark's own (application_name `krisp-bench`).
+async fn bench_database(args: &Args) -> anyhow::Result<(PgPool, PgConnectOptions)> {
     // A fresh benchmark database with the service's migrations.
     let admin = server_options(args, "postgres").await?;
     let mut conn = sqlx::PgConnection::connect_with(&admin).await?;
@@ -159,7 +166,9 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     conn.execute(format!("CREATE DATABASE {BENCH_DATABASE}").as_str())
         .await?;
     conn.close().await?;
-    let options = server_options(args, BENCH_DATABASE).await?;
+    let options = server_options(args, BENCH_DATABASE)
+        .await?
+        .application_name(PROBE_APPLICATION);
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect_with(options.clone())
@@ -194,6 +203,14 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
     }
+    Ok((pool, options))
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    if args.streams.is_empty() || args.streams.contains(&0) || args.unary_concurrency.contains(&0) {
+        bail!("--streams and --unary-concurrency take positive numbers");
+    }
+    let (pool, options) = bench_database(args).await?;
     let span_rows = args.rows.max(args.rss_rows).max(args.row_by_row_rows);
     let fx = Arc::new(Fixtures::new(pool.clone(), span_rows).await?);
 

@@ -30,7 +30,11 @@ impl Server {
             .arg("serve")
             .arg("--max-connections")
             .arg(max_connections.to_string())
-            .env("RUST_LOG", "warn")
+            // KRISP_BENCH_SERVER_LOG=info shows each stream's commit with its timings.
+            .env(
+                "RUST_LOG",
+                std::env::var("KRISP_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;

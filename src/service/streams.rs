@@ -98,29 +98,35 @@ impl IngestService {
             let margin = (call / 10).min(Duration::from_millis(100));
             call.saturating_sub(margin).min(left)
         });
+        let asked = std::time::Instant::now();
         let _slot = self.storage.stream_slot(wait).await?;
         let mut conn = StreamConnection::acquire(self.storage.pool()).await?;
+        let waited = asked.elapsed();
         let mut tx = storage::begin_on(conn.conn()?).await?;
         let (participation, stream_id) = (feed.participation.clone(), feed.stream_id);
-        match claim_stream(&mut tx, &participation, stream_id, T::KIND).await? {
-            StreamClaim::New => {}
-            StreamClaim::Committed {
-                participation_id,
-                kind,
-                receipt,
-                digest,
-            } => {
-                if participation_id != participation.id || kind != T::KIND {
-                    return Err(Error::AlreadyExists(format!(
-                        "stream id {stream_id} was used already for a stream of {kind} of \
+        // A stream whose trailer is in is claimed and recorded complete in one statement.
+        let digest = feed.ended.then(|| feed.spool.digest());
+        let finished = digest.as_deref().map(|digest| (feed.received, digest));
+        let recorded =
+            match claim_stream(&mut tx, &participation, stream_id, T::KIND, finished).await? {
+                StreamClaim::New { committed_at } => committed_at,
+                StreamClaim::Committed {
+                    participation_id,
+                    kind,
+                    receipt,
+                    digest,
+                } => {
+                    if participation_id != participation.id || kind != T::KIND {
+                        return Err(Error::AlreadyExists(format!(
+                            "stream id {stream_id} was used already for a stream of {kind} of \
                          participation {participation_id}"
-                    )));
+                        )));
+                    }
+                    drop(tx);
+                    conn.ended_cleanly();
+                    return Ok(Written::Replay { receipt, digest });
                 }
-                drop(tx);
-                conn.ended_cleanly();
-                return Ok(Written::Replay { receipt, digest });
-            }
-        }
+            };
 
         let mut copy = FeedCopy::begin::<T>(&mut tx).await?;
         let piped = async {
@@ -162,16 +168,27 @@ impl IngestService {
             )));
         }
         let committing = std::time::Instant::now();
-        let digest = feed.spool.digest();
-        let committed_at =
-            finish_stream(&mut tx, &participation, stream_id, received, &digest).await?;
+        let committed_at = match recorded {
+            Some(committed_at) => committed_at,
+            None => {
+                let digest = feed.spool.digest();
+                finish_stream(&mut tx, &participation, stream_id, received, &digest).await?
+            }
+        };
         tx.commit().await?;
         conn.ended_cleanly();
         metrics::histogram!(names::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());
         metrics::histogram!(names::STREAM_ROWS).record(received as f64);
         metrics::counter!(names::ITEMS_INGESTED, "kind" => T::KIND).increment(received);
-        tracing::info!(%stream_id, items = received, kind = T::KIND, "stream committed");
+        tracing::info!(
+            %stream_id,
+            items = received,
+            kind = T::KIND,
+            waited_ms = waited.as_millis() as u64,
+            wrote_ms = asked.elapsed().as_millis() as u64,
+            "stream committed"
+        );
         Ok(Written::Committed(Receipt {
             stream_id,
             items_stored: received,

@@ -23,7 +23,6 @@ use std::{
 
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt as _;
 use uuid::Uuid;
 
 use super::{copy::CopyEncoder, items::FeedTable, streams::FeedCopy};
@@ -34,6 +33,8 @@ use crate::error::Error;
 const MEMORY_CHUNK: usize = 8 * 1024;
 /// Bytes of rows a stream being written sends to the database (and spills) at once.
 const WRITE_CHUNK: usize = 256 * 1024;
+/// Bytes of a spill file read (in one blocking call) and sent at once.
+const READ_CHUNK: u64 = 1 << 20;
 /// Arriving this fast makes a stream a bulk upload, written as it arrives: this many
 /// bytes within [`BULK_WINDOW`]. A live feed sends a few hundred bytes a second.
 const BULK_BYTES: u64 = 512 * 1024;
@@ -314,14 +315,16 @@ impl Spool {
     /// in memory otherwise ([`Spool::send_rest`] sends them).
     pub async fn send_spooled(&mut self, copy: &mut FeedCopy<'_>, more: bool) -> Result<(), Error> {
         if let Some(path) = &self.file {
-            let mut file = tokio::fs::File::open(path).await.map_err(spool_failed)?;
-            let mut buf = vec![0; WRITE_CHUNK];
-            loop {
-                let read = file.read(&mut buf).await.map_err(spool_failed)?;
-                if read == 0 {
-                    break;
-                }
-                copy.send(buf.get(..read).unwrap_or_default()).await?;
+            let mut offset = 0;
+            while offset < self.on_disk {
+                let len = (self.on_disk - offset).min(READ_CHUNK);
+                let path = path.clone();
+                let chunk = tokio::task::spawn_blocking(move || read_at(&path, offset, len))
+                    .await
+                    .map_err(Error::internal)?
+                    .map_err(spool_failed)?;
+                copy.send(&chunk).await?;
+                offset += len;
             }
         }
         if more && !self.rows.is_empty() {
@@ -389,6 +392,16 @@ impl Drop for Spool {
         }
         self.spooler.disk.give(self.on_disk);
     }
+}
+
+/// `len` bytes of the file at `path` from `offset`.
+fn read_at(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut chunk = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
+    file.read_exact(&mut chunk)?;
+    Ok(chunk)
 }
 
 /// A spill file that cannot be written or read: the server's disk, not the client.

@@ -94,8 +94,9 @@ impl Drop for StreamConnection {
 /// What claiming a stream id found.
 #[derive(Debug)]
 pub enum StreamClaim {
-    /// The id is new: this transaction owns it until it commits or rolls back.
-    New,
+    /// The id is new: this transaction owns it until it commits or rolls back; the
+    /// commit time it recorded, when the claim recorded the stream complete.
+    New { committed_at: Option<DateTime<Utc>> },
     /// A stream with this id committed before.
     Committed {
         participation_id: Uuid,
@@ -118,26 +119,39 @@ struct StreamRow {
 
 /// Records `stream_id` inside the stream's transaction. A concurrent claim of the same id
 /// waits for this transaction, then finds the committed stream (or claims it, if this
-/// one rolled back): a stream id commits once.
+/// one rolled back): a stream id commits once. A stream whose items are all in already
+/// (`finished`: their count and digest) is recorded complete in the same statement; any
+/// other is completed by [`finish_stream`].
 pub async fn claim_stream(
     conn: &mut PgConnection,
     participation: &Participation,
     stream_id: Uuid,
     kind: &str,
+    finished: Option<(u64, &[u8])>,
 ) -> Result<StreamClaim, Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO ingest_streams (user_id, stream_id, participation_id, kind) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, stream_id) DO NOTHING",
+    let (items, digest) = finished.unzip();
+    let items = items
+        .map(i64::try_from)
+        .transpose()
+        .map_err(Error::internal)?;
+    // statement_timestamp(): see finish_stream.
+    let inserted: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+        "INSERT INTO ingest_streams \
+             (user_id, stream_id, participation_id, kind, items_stored, items_digest, committed_at) \
+         VALUES ($1, $2, $3, $4, coalesce($5, 0), $6, \
+                 CASE WHEN $5 IS NOT NULL THEN statement_timestamp() END) \
+         ON CONFLICT (user_id, stream_id) DO NOTHING RETURNING committed_at",
     )
     .bind(participation.user_id)
     .bind(stream_id)
     .bind(participation.id)
     .bind(kind)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(StreamClaim::New);
+    .bind(items)
+    .bind(digest)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(committed_at) = inserted {
+        return Ok(StreamClaim::New { committed_at });
     }
     let row: Option<StreamRow> = sqlx::query_as(
         "SELECT participation_id, kind, items_stored, committed_at, items_digest \

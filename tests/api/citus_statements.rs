@@ -348,6 +348,16 @@ async fn workload(db: &PgPool) {
             .await
             .unwrap();
     }
+    // A bulk upload, written as it arrives: its record is completed after its COPY.
+    let bulk = frames::stream(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+        vec![sentiments(100, crate::helpers::BULK_ITEMS)],
+    );
+    client
+        .stream_sentiments(tokio_stream::iter(bulk))
+        .await
+        .unwrap();
     let events = event_frames::stream(
         &Uuid::new_v4().to_string(),
         &participation.id,

@@ -1,0 +1,385 @@
+//! `krisp-bench live`: live feeds at voice-service scale. N feeds (one client stream each,
+//! one participation each) over a few HTTP/2 connections to a server process with the
+//! default pool; each sends one batch of sentiments a second for a random 20-60 s, then
+//! its trailer. They start spread over the ramp, so that all N are open at once at the
+//! peak and end at different times, as calls do. Reported: feeds committed and failed
+//! by code, rows verified in PostgreSQL, the server's RSS (idle, peak, per open feed),
+//! the server's peak database backends, commit latency after the trailer, and the bulk
+//! stream/copy ratio measured in the same run.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Args as ClapArgs;
+use krisp_ingest::{
+    domain::Participation,
+    proto::{self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame},
+};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::{
+    Args, PROBE_APPLICATION,
+    fixtures::{Fixtures, Measurement, settle},
+    probes::{CpuProbe, rss_kib},
+    report::medians,
+    scenarios::{bench_copy, bench_grpc_stream, percentile},
+    server::Server,
+};
+
+#[derive(Debug, Clone, ClapArgs)]
+pub(crate) struct LiveArgs {
+    /// Feeds open at once at the peak.
+    #[arg(long, default_value_t = 10_000)]
+    feeds: usize,
+    /// HTTP/2 connections the feeds share.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Sentiments per batch (one batch a second per feed).
+    #[arg(long, default_value_t = 5)]
+    batch: usize,
+    /// Shortest and longest feed, in seconds (each picks its length at random).
+    #[arg(long, default_value_t = 20)]
+    min_seconds: u64,
+    #[arg(long, default_value_t = 60)]
+    max_seconds: u64,
+    /// Seconds over which the feeds start (at most --min-seconds, so that all are open
+    /// at once).
+    #[arg(long, default_value_t = 15)]
+    ramp_seconds: u64,
+    /// Rows of each bulk stream and COPY measured after the feeds (0: skip).
+    #[arg(long, default_value_t = 200_000)]
+    bulk_rows: u64,
+}
+
+/// What the feeds saw, counted as they go.
+#[derive(Default)]
+struct Counters {
+    open: AtomicUsize,
+    peak_open: AtomicUsize,
+}
+
+/// How one feed ended.
+enum Ended {
+    Committed { items: u64, latency: Duration },
+    Failed(String),
+}
+
+pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        live.feeds > 0 && live.connections > 0 && live.min_seconds <= live.max_seconds,
+        "--feeds and --connections must be positive, --min-seconds at most --max-seconds"
+    );
+    let (pool, _) = crate::bench_database(args).await?;
+    let items_per_feed = live.max_seconds * live.batch as u64;
+    let fx = Arc::new(Fixtures::new(pool.clone(), items_per_feed.max(live.bulk_rows)).await?);
+    eprintln!("live: creating {} participations ...", live.feeds);
+    let participations = fx.participations(live.feeds).await?;
+    // The service's defaults, its pool of 16 included.
+    let server = Server::start(args, 16).await?;
+    let mut channels = Vec::new();
+    for _ in 0..live.connections {
+        channels.push(server.channel().await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_kib = rss_kib(server.pid, "VmRSS:");
+
+    let counters = Arc::new(Counters::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn(sample(
+        pool.clone(),
+        server.pid,
+        Arc::clone(&counters),
+        Arc::clone(&done),
+    ));
+    eprintln!(
+        "live: {} feeds over {} connections, {} sentiments/s each for {}-{} s, started over {} s ...",
+        live.feeds,
+        live.connections,
+        live.batch,
+        live.min_seconds,
+        live.max_seconds,
+        live.ramp_seconds
+    );
+    let probe = CpuProbe::start(Some(server.pid));
+    let started = Instant::now();
+    let mut random = Random(0x9e37_79b9_7f4a_7c15);
+    let ramp = Duration::from_secs(live.ramp_seconds.min(live.min_seconds));
+    let tasks: Vec<_> = participations
+        .into_iter()
+        .enumerate()
+        .map(|(i, participation)| {
+            let starts_after = ramp.mul_f64(i as f64 / live.feeds as f64);
+            let seconds = live.min_seconds + random.below(live.max_seconds - live.min_seconds + 1);
+            tokio::spawn(feed(
+                Arc::clone(&fx),
+                channels[i % channels.len()].clone(),
+                participation,
+                starts_after,
+                seconds,
+                live.batch,
+                Arc::clone(&counters),
+            ))
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    let mut items_committed = 0;
+    for task in tasks {
+        match task.await? {
+            Ended::Committed { items, latency } => {
+                items_committed += items;
+                latencies.push(latency);
+            }
+            Ended::Failed(code) => *failures.entry(code).or_default() += 1,
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu = probe.stop();
+    done.store(true, Ordering::Relaxed);
+    let peaks = sampler.await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sentiments")
+        .fetch_one(&pool)
+        .await?;
+    let streams: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_streams")
+        .fetch_one(&pool)
+        .await?;
+    latencies.sort();
+    settle(&pool).await?;
+
+    let bulk = if live.bulk_rows > 0 {
+        bulk_ratio(args, &fx, &server, live.bulk_rows).await?
+    } else {
+        Vec::new()
+    };
+    server.stop().await?;
+
+    let mut out = String::new();
+    let committed = latencies.len();
+    let peak_open = counters.peak_open.load(Ordering::Relaxed);
+    let _ = writeln!(out, "| live feeds | value |");
+    let _ = writeln!(out, "| --- | ---: |");
+    let mut row = |what: &str, value: String| {
+        let _ = writeln!(out, "| {what} | {value} |");
+    };
+    row("feeds", live.feeds.to_string());
+    row("feeds open at once (peak)", peak_open.to_string());
+    row("committed", committed.to_string());
+    row(
+        "failed, by code",
+        if failures.is_empty() {
+            "none".into()
+        } else {
+            format!("{failures:?}")
+        },
+    );
+    row(
+        "rows in PostgreSQL / items committed",
+        format!("{rows} / {items_committed}"),
+    );
+    row(
+        "stream records / feeds committed",
+        format!("{streams} / {committed}"),
+    );
+    row("server RSS idle", mib(idle_kib));
+    row("server RSS peak", mib(peaks.rss_kib));
+    row(
+        "server RSS per open feed ((peak - idle) / peak open)",
+        format!(
+            "{:.1} KiB",
+            peaks.rss_kib.saturating_sub(idle_kib) as f64 / peak_open.max(1) as f64
+        ),
+    );
+    row(
+        "server's database backends, peak (pool of 16, + 1 health probe)",
+        peaks.backends.to_string(),
+    );
+    row(
+        "commit latency after the trailer, p50 / p99 / max",
+        format!(
+            "{} / {} / {}",
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99)),
+            ms(latencies.last().copied().unwrap_or_default())
+        ),
+    );
+    row("run", format!("{:.1} s", elapsed.as_secs_f64()));
+    row(
+        "CPU s client / server / postgres",
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            cpu.client, cpu.server, cpu.postgres
+        ),
+    );
+    print!("{out}");
+    if !bulk.is_empty() {
+        let at = |method: &str| {
+            bulk.iter()
+                .find(|m| m.method == method)
+                .map_or(0.0, Measurement::rows_per_second)
+        };
+        println!(
+            "bulk (same run, {} rows, medians of {} rounds): copy {:.0} rows/s, grpc-stream {:.0} rows/s, stream/copy ratio: {:.2}",
+            live.bulk_rows,
+            args.repeat,
+            at("copy"),
+            at("grpc-stream"),
+            at("grpc-stream") / at("copy").max(1e-9)
+        );
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// One feed: header, one batch a second for `seconds`, trailer; the commit latency is
+/// from the trailer to the receipt.
+async fn feed(
+    fx: Arc<Fixtures>,
+    channel: Channel,
+    participation: Participation,
+    starts_after: Duration,
+    seconds: u64,
+    batch: usize,
+    counters: Arc<Counters>,
+) -> Ended {
+    tokio::time::sleep(starts_after).await;
+    let (tx, rx) = mpsc::channel(4);
+    let mut client = IngestServiceClient::new(channel);
+    let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
+    let message = |frame| proto::StreamSentimentsRequest { frame: Some(frame) };
+    let open = counters.open.fetch_add(1, Ordering::Relaxed) + 1;
+    counters.peak_open.fetch_max(open, Ordering::Relaxed);
+    let sent = async {
+        tx.send(message(Frame::Header(proto::StreamHeader {
+            stream_id: Uuid::new_v4().to_string(),
+            participation_id: participation.id.to_string(),
+        })))
+        .await?;
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        let mut items = 0;
+        for _ in 0..seconds {
+            ticks.tick().await;
+            let sentiments = (items..items + batch as u64)
+                .map(|i| fx.proto_sentiment(i))
+                .collect();
+            tx.send(message(Frame::Batch(proto::SentimentBatch { sentiments })))
+                .await?;
+            items += batch as u64;
+        }
+        tx.send(message(Frame::Trailer(proto::StreamTrailer {
+            item_count: items,
+        })))
+        .await?;
+        Ok::<_, mpsc::error::SendError<proto::StreamSentimentsRequest>>(items)
+    }
+    .await;
+    let trailer_sent = Instant::now();
+    drop(tx);
+    let answer = call.await;
+    let latency = trailer_sent.elapsed();
+    counters.open.fetch_sub(1, Ordering::Relaxed);
+    match (sent, answer) {
+        (_, Ok(Err(status))) => Ended::Failed(format!("{:?}", status.code())),
+        (Ok(items), Ok(Ok(response))) => match response.into_inner().receipt {
+            Some(receipt) if receipt.items_stored == items => Ended::Committed { items, latency },
+            other => Ended::Failed(format!("wrong receipt {other:?}")),
+        },
+        (Err(_), Ok(Ok(_))) => Ended::Failed("answered before the trailer".into()),
+        (_, Err(join)) => Ended::Failed(format!("client task: {join}")),
+    }
+}
+
+/// Peaks seen by [`sample`].
+struct Peaks {
+    rss_kib: u64,
+    backends: i64,
+}
+
+/// Samples the server's RSS and its database backends until `done`.
+async fn sample(pool: PgPool, pid: u32, counters: Arc<Counters>, done: Arc<AtomicBool>) -> Peaks {
+    let mut peaks = Peaks {
+        rss_kib: 0,
+        backends: 0,
+    };
+    let mut last_report = Instant::now();
+    let mut last_cpu = CpuProbe::start(Some(pid));
+    while !done.load(Ordering::Relaxed) {
+        peaks.rss_kib = peaks.rss_kib.max(rss_kib(pid, "VmRSS:"));
+        let backends: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND backend_type = 'client backend' AND application_name <> $1",
+        )
+        .bind(PROBE_APPLICATION)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
+        peaks.backends = peaks.backends.max(backends);
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            let cpu = last_cpu.stop();
+            let seconds = last_report.elapsed().as_secs_f64();
+            eprintln!(
+                "live: {} feeds open, server RSS {}, backends {backends}, CPU % client {:.0} server {:.0} postgres {:.0}",
+                counters.open.load(Ordering::Relaxed),
+                mib(rss_kib(pid, "VmRSS:")),
+                100.0 * cpu.client / seconds,
+                100.0 * cpu.server / seconds,
+                100.0 * cpu.postgres / seconds,
+            );
+            last_report = Instant::now();
+            last_cpu = CpuProbe::start(Some(pid));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    peaks
+}
+
+/// Bulk grpc-stream and copy, alternating, one stream each, `--repeat` rounds; medians.
+async fn bulk_ratio(
+    args: &Args,
+    fx: &Arc<Fixtures>,
+    server: &Server,
+    rows: u64,
+) -> anyhow::Result<Vec<Measurement>> {
+    let mut runs = Vec::new();
+    bench_copy(fx, 10_000, 1).await?;
+    bench_grpc_stream(fx, server, 10_000, 1, 1000).await?;
+    settle(&fx.pool).await?;
+    for round in 1..=args.repeat {
+        eprintln!("round {round}: bulk copy, grpc-stream ...");
+        runs.push(bench_copy(fx, rows, 1).await?);
+        settle(&fx.pool).await?;
+        runs.push(bench_grpc_stream(fx, server, rows, 1, 1000).await?);
+        settle(&fx.pool).await?;
+    }
+    Ok(medians(runs).into_iter().map(|(m, _, _)| m).collect())
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.1} ms", duration.as_secs_f64() * 1e3)
+}
+
+/// A small deterministic generator (xorshift64*), so that runs are alike.
+struct Random(u64);
+
+impl Random {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
