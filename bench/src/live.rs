@@ -75,6 +75,29 @@ enum Ended {
     Failed(String),
 }
 
+/// One round's results.
+struct Round {
+    peak_open: usize,
+    committed: usize,
+    failures: BTreeMap<String, usize>,
+    rows: i64,
+    items_committed: u64,
+    stream_records: i64,
+    idle_kib: u64,
+    peak_kib: u64,
+    backends: i64,
+    /// Sorted.
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+    cpu: crate::probes::Cpu,
+}
+
+impl Round {
+    fn kib_per_feed(&self) -> f64 {
+        self.peak_kib.saturating_sub(self.idle_kib) as f64 / self.peak_open.max(1) as f64
+    }
+}
+
 pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         live.feeds > 0 && live.connections > 0 && live.min_seconds <= live.max_seconds,
@@ -83,9 +106,45 @@ pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
     let (pool, _) = crate::bench_database(args).await?;
     let items_per_feed = live.max_seconds * live.batch as u64;
     let fx = Arc::new(Fixtures::new(pool.clone(), items_per_feed.max(live.bulk_rows)).await?);
-    eprintln!("live: creating {} participations ...", live.feeds);
+    let mut rounds = Vec::new();
+    for number in 1..=args.repeat {
+        eprintln!("live: round {number} of {}", args.repeat);
+        settle(&pool).await?;
+        rounds.push(round(args, live, &fx).await?);
+    }
+    settle(&pool).await?;
+    let bulk = if live.bulk_rows > 0 {
+        let server = Server::start(args, 16).await?;
+        let bulk = bulk_ratio(args, &fx, &server, live.bulk_rows).await?;
+        server.stop().await?;
+        bulk
+    } else {
+        Vec::new()
+    };
+    print!("{}", report(live, &rounds));
+    if !bulk.is_empty() {
+        let at = |method: &str| {
+            bulk.iter()
+                .find(|m| m.method == method)
+                .map_or(0.0, Measurement::rows_per_second)
+        };
+        println!(
+            "bulk (same run, {} rows, medians of {} rounds): copy {:.0} rows/s, grpc-stream {:.0} rows/s, stream/copy ratio: {:.2}",
+            live.bulk_rows,
+            args.repeat,
+            at("copy"),
+            at("grpc-stream"),
+            at("grpc-stream") / at("copy").max(1e-9)
+        );
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// One round: a new server (the service's defaults, its 16 connections included), new
+/// participations, every feed to its end.
+async fn round(args: &Args, live: &LiveArgs, fx: &Arc<Fixtures>) -> anyhow::Result<Round> {
     let participations = fx.participations(live.feeds).await?;
-    // The service's defaults, its pool of 16 included.
     let server = Server::start(args, 16).await?;
     let mut channels = Vec::new();
     for _ in 0..live.connections {
@@ -97,7 +156,7 @@ pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let done = Arc::new(AtomicBool::new(false));
     let sampler = tokio::spawn(sample(
-        pool.clone(),
+        fx.pool.clone(),
         server.pid,
         Arc::clone(&counters),
         Arc::clone(&done),
@@ -122,7 +181,7 @@ pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
             let starts_after = ramp.mul_f64(i as f64 / live.feeds as f64);
             let seconds = live.min_seconds + random.below(live.max_seconds - live.min_seconds + 1);
             tokio::spawn(feed(
-                Arc::clone(&fx),
+                Arc::clone(fx),
                 channels[i % channels.len()].clone(),
                 participation,
                 starts_after,
@@ -148,97 +207,91 @@ pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
     let cpu = probe.stop();
     done.store(true, Ordering::Relaxed);
     let peaks = sampler.await?;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sentiments")
-        .fetch_one(&pool)
-        .await?;
-    let streams: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_streams")
-        .fetch_one(&pool)
-        .await?;
-    latencies.sort();
-    settle(&pool).await?;
-
-    let bulk = if live.bulk_rows > 0 {
-        bulk_ratio(args, &fx, &server, live.bulk_rows).await?
-    } else {
-        Vec::new()
-    };
     server.stop().await?;
+    let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(&fx.pool);
+    latencies.sort();
+    Ok(Round {
+        peak_open: counters.peak_open.load(Ordering::Relaxed),
+        committed: latencies.len(),
+        failures,
+        rows: count("SELECT count(*) FROM sentiments").await?,
+        items_committed,
+        stream_records: count("SELECT count(*) FROM ingest_streams").await?,
+        idle_kib,
+        peak_kib: peaks.rss_kib,
+        backends: peaks.backends,
+        latencies,
+        elapsed,
+        cpu,
+    })
+}
 
+/// The rounds side by side, with the median of each number.
+fn report(live: &LiveArgs, rounds: &[Round]) -> String {
     let mut out = String::new();
-    let committed = latencies.len();
-    let peak_open = counters.peak_open.load(Ordering::Relaxed);
-    let _ = writeln!(out, "| live feeds | value |");
-    let _ = writeln!(out, "| --- | ---: |");
-    let mut row = |what: &str, value: String| {
-        let _ = writeln!(out, "| {what} | {value} |");
+    let header: Vec<String> = (1..=rounds.len()).map(|r| format!("round {r}")).collect();
+    let _ = writeln!(
+        out,
+        "| {} feeds | {} | median |",
+        live.feeds,
+        header.join(" | ")
+    );
+    let _ = writeln!(out, "| --- |{} ---: |", " ---: |".repeat(rounds.len()));
+    let mut row = |what: &str, value: &dyn Fn(&Round) -> f64, show: &dyn Fn(f64) -> String| {
+        let mut values: Vec<f64> = rounds.iter().map(value).collect();
+        let cells: Vec<String> = values.iter().map(|v| show(*v)).collect();
+        values.sort_by(f64::total_cmp);
+        let median = values.get(values.len() / 2).copied().unwrap_or_default();
+        let _ = writeln!(out, "| {what} | {} | {} |", cells.join(" | "), show(median));
     };
-    row("feeds", live.feeds.to_string());
-    row("feeds open at once (peak)", peak_open.to_string());
-    row("committed", committed.to_string());
+    let count = |v: f64| format!("{v:.0}");
+    let ms = |v: f64| format!("{v:.1} ms");
+    let mib = |v: f64| format!("{:.1} MiB", v / 1024.0);
+    let millis = |d: Duration| d.as_secs_f64() * 1e3;
+    row("feeds open at once (peak)", &|r| r.peak_open as f64, &count);
+    row("committed", &|r| r.committed as f64, &count);
     row(
-        "failed, by code",
-        if failures.is_empty() {
-            "none".into()
-        } else {
-            format!("{failures:?}")
-        },
+        "failed",
+        &|r| r.failures.values().sum::<usize>() as f64,
+        &count,
+    );
+    row("rows in PostgreSQL", &|r| r.rows as f64, &count);
+    row("items committed (receipts)", &|r| r.items_committed as f64, &count);
+    row("stream records", &|r| r.stream_records as f64, &count);
+    row("server RSS idle", &|r| r.idle_kib as f64, &mib);
+    row("server RSS peak", &|r| r.peak_kib as f64, &mib);
+    row(
+        "server RSS per open feed, KiB ((peak - idle) / peak open)",
+        &Round::kib_per_feed,
+        &|v| format!("{v:.1}"),
     );
     row(
-        "rows in PostgreSQL / items committed",
-        format!("{rows} / {items_committed}"),
+        "server's database backends, peak (pool 15 + health probe 1)",
+        &|r| r.backends as f64,
+        &count,
     );
-    row(
-        "stream records / feeds committed",
-        format!("{streams} / {committed}"),
-    );
-    row("server RSS idle", mib(idle_kib));
-    row("server RSS peak", mib(peaks.rss_kib));
-    row(
-        "server RSS per open feed ((peak - idle) / peak open)",
-        format!(
-            "{:.1} KiB",
-            peaks.rss_kib.saturating_sub(idle_kib) as f64 / peak_open.max(1) as f64
-        ),
-    );
-    row(
-        "server's database backends, peak (pool of 16, + 1 health probe)",
-        peaks.backends.to_string(),
-    );
-    row(
-        "commit latency after the trailer, p50 / p99 / max",
-        format!(
-            "{} / {} / {}",
-            ms(percentile(&latencies, 0.5)),
-            ms(percentile(&latencies, 0.99)),
-            ms(latencies.last().copied().unwrap_or_default())
-        ),
-    );
-    row("run", format!("{:.1} s", elapsed.as_secs_f64()));
-    row(
-        "CPU s client / server / postgres",
-        format!(
-            "{:.1} / {:.1} / {:.1}",
-            cpu.client, cpu.server, cpu.postgres
-        ),
-    );
-    print!("{out}");
-    if !bulk.is_empty() {
-        let at = |method: &str| {
-            bulk.iter()
-                .find(|m| m.method == method)
-                .map_or(0.0, Measurement::rows_per_second)
-        };
-        println!(
-            "bulk (same run, {} rows, medians of {} rounds): copy {:.0} rows/s, grpc-stream {:.0} rows/s, stream/copy ratio: {:.2}",
-            live.bulk_rows,
-            args.repeat,
-            at("copy"),
-            at("grpc-stream"),
-            at("grpc-stream") / at("copy").max(1e-9)
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        row(
+            &format!("commit latency after the trailer, {name}"),
+            &|r| millis(percentile(&r.latencies, p)),
+            &ms,
         );
     }
-    pool.close().await;
-    Ok(())
+    row(
+        "commit latency after the trailer, max",
+        &|r| millis(r.latencies.last().copied().unwrap_or_default()),
+        &ms,
+    );
+    row("run, s", &|r| r.elapsed.as_secs_f64(), &|v| format!("{v:.1}"));
+    row("CPU s client", &|r| r.cpu.client, &|v| format!("{v:.1}"));
+    row("CPU s server", &|r| r.cpu.server, &|v| format!("{v:.1}"));
+    row("CPU s postgres", &|r| r.cpu.postgres, &|v| format!("{v:.1}"));
+    for (i, r) in rounds.iter().enumerate() {
+        if !r.failures.is_empty() {
+            let _ = writeln!(out, "round {}: failed by code: {:?}", i + 1, r.failures);
+        }
+    }
+    out
 }
 
 /// One feed: header, one batch a second for `seconds`, trailer; the commit latency is
@@ -366,10 +419,6 @@ async fn bulk_ratio(
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
-fn ms(duration: Duration) -> String {
-    format!("{:.1} ms", duration.as_secs_f64() * 1e3)
 }
 
 /// A small deterministic generator (xorshift64*), so that runs are alike.
