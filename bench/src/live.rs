@@ -256,7 +256,11 @@ fn report(live: &LiveArgs, rounds: &[Round]) -> String {
         &count,
     );
     row("rows in PostgreSQL", &|r| r.rows as f64, &count);
-    row("items committed (receipts)", &|r| r.items_committed as f64, &count);
+    row(
+        "items committed (receipts)",
+        &|r| r.items_committed as f64,
+        &count,
+    );
     row("stream records", &|r| r.stream_records as f64, &count);
     row("server RSS idle", &|r| r.idle_kib as f64, &mib);
     row("server RSS peak", &|r| r.peak_kib as f64, &mib);
@@ -282,10 +286,14 @@ fn report(live: &LiveArgs, rounds: &[Round]) -> String {
         &|r| millis(r.latencies.last().copied().unwrap_or_default()),
         &ms,
     );
-    row("run, s", &|r| r.elapsed.as_secs_f64(), &|v| format!("{v:.1}"));
+    row("run, s", &|r| r.elapsed.as_secs_f64(), &|v| {
+        format!("{v:.1}")
+    });
     row("CPU s client", &|r| r.cpu.client, &|v| format!("{v:.1}"));
     row("CPU s server", &|r| r.cpu.server, &|v| format!("{v:.1}"));
-    row("CPU s postgres", &|r| r.cpu.postgres, &|v| format!("{v:.1}"));
+    row("CPU s postgres", &|r| r.cpu.postgres, &|v| {
+        format!("{v:.1}")
+    });
     for (i, r) in rounds.iter().enumerate() {
         if !r.failures.is_empty() {
             let _ = writeln!(out, "round {}: failed by code: {:?}", i + 1, r.failures);

@@ -239,6 +239,15 @@ impl Application {
                 grace = ?limits.max_connection_age_grace,
                 "client connections are recycled (GOAWAY) after their age"
             );
+            if limits.max_connection_age_grace < limits.max_stream_duration {
+                tracing::warn!(
+                    grace = ?limits.max_connection_age_grace,
+                    max_stream = ?limits.max_stream_duration,
+                    "the connection age grace is shorter than the stream limit: streams \
+                     older than the grace are cut (nothing of them stored) when their \
+                     connection ages out"
+                );
+            }
             builder = builder
                 .max_connection_age(age)
                 .max_connection_age_grace(limits.max_connection_age_grace);
