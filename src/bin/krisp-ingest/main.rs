@@ -4,6 +4,12 @@
 mod cli;
 mod client;
 
+/// mimalloc rather than the system allocator: with thousands of open streams, glibc's
+/// malloc fragmented (RSS stayed at its peak after the streams ended) and showed in the
+/// server's CPU profile (docs/BENCHMARKS.md, "Live feeds").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;
