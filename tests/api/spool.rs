@@ -185,6 +185,44 @@ async fn a_cancelled_spilled_stream_stores_nothing_and_its_file_is_removed() {
     );
 }
 
+#[tokio::test]
+async fn a_spilled_stream_whose_connection_is_lost_stores_nothing_and_its_file_is_removed() {
+    let (app, dir) = spooled_app(|_| {}).await;
+    let participation = app.participation().await;
+    // A client of its own connection, which goes away with it.
+    let channel = crate::helpers::connect(app.address).await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(frames::header(
+        &Uuid::new_v4().to_string(),
+        &participation.id,
+    ))
+    .await
+    .unwrap();
+    tx.send(frames::batch(sentiments(0, 300))).await.unwrap();
+    let call = tokio::spawn(async move {
+        proto::ingest_service_client::IngestServiceClient::new(channel)
+            .stream_sentiments(ReceiverStream::new(rx))
+            .await
+    });
+    eventually("the stream spills to a file", || async {
+        spill_files(dir.path()) == 1
+    })
+    .await;
+    // Dropping the call's task drops the only handle on its connection: it closes.
+    call.abort();
+    let _ = call.await;
+    drop(tx);
+    eventually("the lost stream's file is removed", || async {
+        spill_files(dir.path()) == 0
+    })
+    .await;
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
+    assert_eq!(
+        count(&app.db, "SELECT count(*) FROM ingest_streams").await,
+        0
+    );
+}
+
 fn assert_refused(status: &Status, says: &str, retry: bool) {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains(says), "{}", status.message());
