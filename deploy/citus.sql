@@ -27,6 +27,7 @@ SELECT create_reference_table('user_external_ids');
 SELECT create_distributed_table('users', 'id');
 SELECT create_distributed_table('participations', 'user_id', colocate_with => 'users');
 SELECT create_distributed_table('ingest_streams', 'user_id', colocate_with => 'users');
+SELECT create_distributed_table('live_feeds', 'user_id', colocate_with => 'users');
 SELECT create_distributed_table('sentiments', 'user_id', colocate_with => 'users');
 SELECT create_distributed_table('events', 'user_id', colocate_with => 'users');
 

@@ -24,6 +24,9 @@ pub enum Error {
     /// `ABORTED`: a concurrency conflict (serialization failure, deadlock); retry.
     #[error("the transaction was aborted by a concurrent one; nothing was stored, retry")]
     Aborted(#[source] sqlx::Error),
+    /// `ABORTED`: a live feed was opened by a newer stream; this one may write no more.
+    #[error("{0}")]
+    Superseded(String),
     /// `CANCELLED`: the client's request stream broke off.
     #[error("the request stream broke off ({0}); nothing was stored")]
     StreamBroken(String),
@@ -93,7 +96,7 @@ impl Error {
             Self::NotFound(_) => Code::NotFound,
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::Aborted(_) => Code::Aborted,
+            Self::Aborted(_) | Self::Superseded(_) => Code::Aborted,
             Self::StreamBroken(_) => Code::Cancelled,
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,
             Self::DeadlineExceeded => Code::DeadlineExceeded,

@@ -24,6 +24,7 @@ macro_rules! stored_enum {
 
 mod clock;
 mod feed;
+mod live;
 mod names;
 mod session;
 mod user;
@@ -31,6 +32,7 @@ mod violation;
 
 pub use clock::*;
 pub use feed::*;
+pub use live::*;
 pub use names::{CountryCode, ExternalId, LanguageTag, TimezoneCode};
 pub use session::*;
 pub use user::*;

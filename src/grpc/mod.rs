@@ -252,6 +252,25 @@ impl IngestApi for IngestGrpcAdapter {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    type LiveFeedStream =
+        Pin<Box<dyn Stream<Item = Result<proto::LiveFeedResponse, Status>> + Send>>;
+
+    #[tracing::instrument(name = "LiveFeed", skip_all)]
+    async fn live_feed(
+        &self,
+        request: Request<Streaming<proto::LiveFeedRequest>>,
+    ) -> ApiResult<Self::LiveFeedStream> {
+        let messages = request
+            .into_inner()
+            .map(|message| convert::feed_message(message.map_err(stream_error)?));
+        let replies = self.service.live_feed(messages).map(|reply| {
+            reply
+                .map(convert::feed_reply_to_proto)
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
     #[tracing::instrument(name = "StreamSentiments", skip_all)]
     async fn stream_sentiments(
         &self,

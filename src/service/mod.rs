@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 mod items;
+mod live;
 mod streams;
 
 use items::{check_clock, check_span};

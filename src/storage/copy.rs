@@ -81,6 +81,10 @@ impl CopyEncoder {
         self.field(value.as_bytes())
     }
 
+    pub fn int8(&mut self, value: i64) -> &mut Self {
+        self.field(&value.to_be_bytes())
+    }
+
     pub fn timestamptz(&mut self, value: DateTime<Utc>) -> &mut Self {
         let micros = value.timestamp_micros() - PG_EPOCH_OFFSET_MICROS;
         self.field(&micros.to_be_bytes())

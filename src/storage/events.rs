@@ -41,6 +41,10 @@ impl FeedTable for NewEvent {
          (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
          FROM STDIN (FORMAT binary)";
 
+    const FEED_COPY_STATEMENT: &'static str = "COPY events \
+         (id, user_id, participation_id, stream_id, feed_seq, occurred_at, kind, attributes) \
+         FROM STDIN (FORMAT binary)";
+
     const ITEM_COLUMNS: i16 = 3;
 
     fn encode_columns(&self, encoder: &mut CopyEncoder) -> Result<(), Error> {

@@ -16,6 +16,10 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     /// The binary COPY statement that loads the table inside a stream.
     const COPY_STATEMENT: &'static str;
 
+    /// The binary COPY statement that loads the table from a live feed: the same
+    /// columns, with `feed_seq` after `stream_id` (the feed's id).
+    const FEED_COPY_STATEMENT: &'static str;
+
     /// The item's own columns in [`Self::COPY_STATEMENT`], after the four every row
     /// starts with (id, user_id, participation_id, stream_id).
     const ITEM_COLUMNS: i16;

@@ -7,6 +7,7 @@ mod call;
 mod copy;
 mod errors;
 mod events;
+mod feeds;
 mod items;
 mod participations;
 mod sentiments;
@@ -27,6 +28,7 @@ use uuid::Uuid;
 
 use batch::Batcher;
 pub(crate) use call::begin_on;
+pub use feeds::OpenFeed;
 pub use items::FeedTable;
 use items::Unary;
 pub use spool::{Spool, SpoolSettings, Spooler};
@@ -51,6 +53,7 @@ const RUNTIME_TABLES: &[&str] = &[
     "sessions",
     "participations",
     "ingest_streams",
+    "live_feeds",
     "sentiments",
     "events",
 ];
@@ -248,6 +251,41 @@ impl Storage {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Opens (or takes over) a live feed for a new stream.
+    pub async fn open_feed(
+        &self,
+        participation: &Participation,
+        feed_id: Uuid,
+    ) -> Result<OpenFeed, Error> {
+        feeds::open_feed(&self.pool, participation, feed_id).await
+    }
+
+    /// Stores an append of a live feed and advances its position from `from`, in one
+    /// transaction, with one of the streams' writer connections (`wait`: as for a
+    /// stream's write).
+    pub async fn append_feed(
+        &self,
+        feed: &OpenFeed,
+        from: u64,
+        items: &[crate::domain::FeedEntry],
+        wait: std::time::Duration,
+    ) -> Result<(), Error> {
+        let _slot = self.stream_slot(wait).await?;
+        let mut tx = self.begin().await?;
+        feeds::append_feed(&mut tx, feed, from, items).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Closes a live feed at `final_seq`.
+    pub async fn close_feed(
+        &self,
+        feed: &OpenFeed,
+        final_seq: u64,
+    ) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+        feeds::close_feed(&self.pool, feed, final_seq).await
     }
 
     /// A probe of whether the database answers, over a connection of its own.

@@ -44,6 +44,10 @@ impl FeedTable for NewSentiment {
          (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
          FROM STDIN (FORMAT binary)";
 
+    const FEED_COPY_STATEMENT: &'static str = "COPY sentiments \
+         (id, user_id, participation_id, stream_id, feed_seq, started_at, ended_at, label, \
+         score) FROM STDIN (FORMAT binary)";
+
     const ITEM_COLUMNS: i16 = 4;
 
     fn encode_columns(&self, encoder: &mut CopyEncoder) -> Result<(), Error> {

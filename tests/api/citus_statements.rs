@@ -371,6 +371,14 @@ async fn workload(db: &PgPool) {
         .stream_events(tokio_stream::iter(events))
         .await
         .unwrap();
+    // A live feed: open, append, a takeover, close.
+    let feed_id = Uuid::new_v4().to_string();
+    let (mut feed, _) =
+        crate::live::FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(feed.ack(crate::live::append(1, 6)).await, 6);
+    let (mut feed, _) =
+        crate::live::FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    feed.send(crate::live::close(6)).await.unwrap();
     let mut timeline = client
         .get_timeline(proto::GetTimelineRequest {
             participation_id: participation.id.clone(),
@@ -427,6 +435,9 @@ async fn every_statement_of_the_service_keeps_to_the_citus_dml_rules() {
         "INSERT INTO events",
         "INSERT INTO timezones",
         "INSERT INTO ingest_streams",
+        "INSERT INTO live_feeds",
+        "UPDATE live_feeds SET committed_seq",
+        "UPDATE live_feeds SET closed_at",
         "SELECT set_config('statement_timeout'",
     ] {
         assert!(

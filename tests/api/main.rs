@@ -16,6 +16,7 @@ mod idempotency;
 mod item_times;
 mod least_privilege;
 mod limits;
+mod live;
 mod metrics;
 mod migrations;
 mod outage;

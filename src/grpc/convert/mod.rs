@@ -5,14 +5,17 @@
 //! - [`enums`]: enums both ways;
 //! - [`requests`]: requests -> domain values and named commands;
 //! - [`responses`]: domain values -> responses;
-//! - [`stream`]: the framing of client streams.
+//! - [`stream`]: the framing of client streams;
+//! - [`live`]: the messages of live feeds.
 
 mod enums;
+mod live;
 mod requests;
 mod responses;
 mod scalars;
 mod stream;
 
+pub use live::{feed_message, feed_reply_to_proto};
 pub use requests::*;
 pub use responses::*;
 pub use scalars::id_field;

@@ -15,10 +15,11 @@ use crate::error::Error;
 /// How long a shed client is told to wait before retrying.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
-/// The client-streaming methods: counted apart from the other calls.
-const CLIENT_STREAMS: [&str; 2] = [
+/// The methods that stream from the client (feeds): counted apart from the other calls.
+const CLIENT_STREAMS: [&str; 3] = [
     "/krisp.ingest.v1.IngestService/StreamSentiments",
     "/krisp.ingest.v1.IngestService/StreamEvents",
+    "/krisp.ingest.v1.IngestService/LiveFeed",
 ];
 
 /// At most a number of calls, and of client streams, at once; the rest are shed.

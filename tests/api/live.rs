@@ -1,0 +1,332 @@
+//! Resumable live feeds (LiveFeed): each append acknowledged once committed, resumed
+//! from the committed position after a cut, taken over by a newer stream, exactly once.
+
+use krisp_ingest::proto::{
+    self, feed_item::Item, ingest_service_client::IngestServiceClient, live_feed_request::Frame,
+    live_feed_response::Frame as Reply,
+};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, transport::Channel};
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, at, count, spawn_app, spawn_app_on, t0, violated_fields};
+
+/// The item with sequence number `seq`: a sentiment of 1 s at t0 + seq s, or every
+/// fifth an event.
+pub fn item(seq: u64) -> proto::FeedItem {
+    let second = i64::try_from(seq).unwrap();
+    let item = if seq.is_multiple_of(5) {
+        Item::Event(proto::NewEvent {
+            occurred_at: at(t0(), second),
+            kind: proto::EventKind::TalkStarted as i32,
+            attributes: [("seq".to_owned(), seq.to_string())].into(),
+        })
+    } else {
+        Item::Sentiment(proto::NewSentiment {
+            started_at: at(t0(), second),
+            ended_at: at(t0(), second + 1),
+            label: proto::SentimentLabel::Positive as i32,
+            score: Some(0.5),
+        })
+    };
+    proto::FeedItem { item: Some(item) }
+}
+
+pub fn append(first_seq: u64, n: u64) -> proto::LiveFeedRequest {
+    proto::LiveFeedRequest {
+        frame: Some(Frame::Append(proto::FeedAppend {
+            first_seq,
+            items: (first_seq..first_seq + n).map(item).collect(),
+        })),
+    }
+}
+
+pub fn open_message(feed_id: &str, participation_id: &str) -> proto::LiveFeedRequest {
+    proto::LiveFeedRequest {
+        frame: Some(Frame::Open(proto::FeedOpen {
+            feed_id: feed_id.into(),
+            participation_id: participation_id.into(),
+        })),
+    }
+}
+
+pub fn close(final_seq: u64) -> proto::LiveFeedRequest {
+    proto::LiveFeedRequest {
+        frame: Some(Frame::Close(proto::FeedClose { final_seq })),
+    }
+}
+
+/// One LiveFeed call: the test sends with `tx` and reads replies in order.
+pub struct FeedCall {
+    pub tx: mpsc::Sender<proto::LiveFeedRequest>,
+    replies: tonic::Streaming<proto::LiveFeedResponse>,
+}
+
+impl FeedCall {
+    /// Starts a call on `channel` whose first message is `first`.
+    pub async fn start(channel: Channel, first: proto::LiveFeedRequest) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(first).await.unwrap();
+        let replies = IngestServiceClient::new(channel)
+            .live_feed(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, replies }
+    }
+
+    /// Opens `feed_id`; returns the call and the committed position.
+    pub async fn open(channel: Channel, feed_id: &str, participation_id: &str) -> (Self, u64) {
+        let mut call = Self::start(channel, open_message(feed_id, participation_id)).await;
+        match call.reply().await {
+            Ok(Reply::Opened(opened)) => (call, opened.committed_seq),
+            other => panic!("expected Opened, got {other:?}"),
+        }
+    }
+
+    /// The next reply, or the status that ended the call.
+    pub async fn reply(&mut self) -> Result<Reply, Status> {
+        match self.replies.message().await? {
+            Some(reply) => Ok(reply.frame.unwrap()),
+            None => Err(Status::ok("the stream ended")),
+        }
+    }
+
+    /// Sends `message` and returns the reply to it.
+    pub async fn send(&mut self, message: proto::LiveFeedRequest) -> Result<Reply, Status> {
+        self.tx.send(message).await.unwrap();
+        self.reply().await
+    }
+
+    pub async fn ack(&mut self, message: proto::LiveFeedRequest) -> u64 {
+        match self.send(message).await {
+            Ok(Reply::Ack(ack)) => ack.committed_through,
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    }
+}
+
+/// Rows stored for `feed_id`: (rows, distinct sequence numbers, highest number).
+pub async fn feed_rows(db: &PgPool, feed_id: &str) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(DISTINCT feed_seq), coalesce(max(feed_seq), 0) FROM ( \
+           SELECT feed_seq FROM sentiments WHERE stream_id = $1 \
+           UNION ALL SELECT feed_seq FROM events WHERE stream_id = $1) AS rows",
+    )
+    .bind(Uuid::parse_str(feed_id).unwrap())
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn appends_are_acknowledged_once_committed_and_close_returns_a_receipt() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let (mut call, committed) =
+        FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(committed, 0);
+    assert_eq!(call.ack(append(1, 5)).await, 5);
+    // Acknowledged means committed: visible to anyone at once.
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (5, 5, 5));
+    assert_eq!(call.ack(append(6, 4)).await, 9);
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (9, 9, 9));
+    assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 1);
+    let Ok(Reply::Closed(closed)) = call.send(close(9)).await else {
+        panic!("expected Closed");
+    };
+    assert_eq!(closed.feed_id, feed_id);
+    assert_eq!(closed.items_stored, 9);
+    assert!(closed.closed_at.is_some());
+    // The server ends the call with OK after Closed.
+    assert_eq!(call.reply().await.unwrap_err().code(), Code::Ok);
+
+    // A closed feed opens as closed, takes no appends, and answers Close again.
+    let (mut again, committed) =
+        FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(committed, 9);
+    let status = again.send(append(10, 1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let (mut again, _) = FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    let Ok(Reply::Closed(replayed)) = again.send(close(9)).await else {
+        panic!("expected Closed again");
+    };
+    assert_eq!(replayed.closed_at, closed.closed_at);
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (9, 9, 9));
+}
+
+#[tokio::test]
+async fn a_resumed_feed_goes_on_after_its_committed_position_and_resends_are_not_stored() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let (mut call, _) = FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(call.ack(append(1, 5)).await, 5);
+    // The cut: the client drops the call.
+    drop(call);
+    let (mut call, committed) =
+        FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(committed, 5);
+    // A resend overlapping the committed position: only 6..7 are new.
+    assert_eq!(call.ack(append(3, 5)).await, 7);
+    // Entirely old: acknowledged, nothing stored.
+    assert_eq!(call.ack(append(1, 2)).await, 7);
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (7, 7, 7));
+}
+
+#[tokio::test]
+async fn a_newer_open_takes_the_feed_over_and_the_older_stream_is_aborted() {
+    let db = crate::helpers::fresh_database().await;
+    // Two replicas over one database.
+    let a = spawn_app_on(db.clone()).await;
+    let b = spawn_app_on(db.clone()).await;
+    let participation = a.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let (mut old, _) = FeedCall::open(a.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(old.ack(append(1, 3)).await, 3);
+    let (mut new, committed) = FeedCall::open(b.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(committed, 3);
+    let status = old.send(append(4, 2)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("newer stream"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(new.ack(append(4, 2)).await, 5);
+    assert_eq!(feed_rows(&db, &feed_id).await, (5, 5, 5));
+}
+
+#[tokio::test]
+async fn hostile_feed_messages_get_clear_statuses_and_store_nothing_wrongly() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let channel = || app.channel.clone();
+
+    // An append before Open.
+    let mut call = FeedCall::start(channel(), append(1, 1)).await;
+    let status = call.reply().await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["append"]);
+
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    assert_eq!(call.ack(append(1, 5)).await, 5);
+    // A gap names the expected number.
+    let status = call.send(append(8, 1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("expects 6"),
+        "{}",
+        status.message()
+    );
+
+    // An invalid item stores nothing of its append and is named by sequence number.
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    let mut bad = append(6, 3);
+    if let Some(Frame::Append(append)) = &mut bad.frame {
+        append.items[1] = proto::FeedItem {
+            item: Some(Item::Sentiment(proto::NewSentiment {
+                started_at: at(t0(), 10),
+                ended_at: at(t0(), 9),
+                label: proto::SentimentLabel::Neutral as i32,
+                score: None,
+            })),
+        };
+    }
+    let status = call.send(bad).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["items[7].ended_at"]);
+    // An item before the participation began is refused the same way.
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    let mut early = append(6, 1);
+    if let Some(Frame::Append(append)) = &mut early.frame {
+        append.items[0] = proto::FeedItem {
+            item: Some(Item::Sentiment(proto::NewSentiment {
+                started_at: at(t0(), -100),
+                ended_at: at(t0(), -99),
+                label: proto::SentimentLabel::Neutral as i32,
+                score: None,
+            })),
+        };
+    }
+    let status = call.send(early).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["items[6].started_at"]);
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (5, 5, 5));
+
+    // Sequence numbers start at 1; an append carries items; a message sets a frame.
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    let status = call.send(append(0, 1)).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["append.first_seq"]);
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    let status = call.send(append(6, 0)).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["append.items"]);
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    let status = call
+        .send(proto::LiveFeedRequest { frame: None })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["frame"]);
+    // A second Open on one stream.
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    let status = call
+        .send(open_message(&feed_id, &participation.id))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["open"]);
+
+    // Close must name the committed position.
+    let (mut call, _) = FeedCall::open(channel(), &feed_id, &participation.id).await;
+    let status = call.send(close(4)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // The feed id for another participation of the same user: ALREADY_EXISTS.
+    let other = another_participation(&app, &participation).await;
+    let mut call = FeedCall::start(channel(), open_message(&feed_id, &other)).await;
+    let status = call.reply().await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    // An unknown participation: NOT_FOUND; a malformed id: INVALID_ARGUMENT.
+    let mut call = FeedCall::start(
+        channel(),
+        open_message(&Uuid::new_v4().to_string(), &Uuid::new_v4().to_string()),
+    )
+    .await;
+    assert_eq!(call.reply().await.unwrap_err().code(), Code::NotFound);
+    let mut call = FeedCall::start(channel(), open_message("nope", &participation.id)).await;
+    assert_eq!(
+        violated_fields(&call.reply().await.unwrap_err()),
+        ["open.feed_id"]
+    );
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (5, 5, 5));
+}
+
+/// A second participation of `participation`'s user, in a session of its own, after the
+/// first one ends (a user is in one place at a time).
+async fn another_participation(app: &TestApp, participation: &proto::Participation) -> String {
+    let mut client = app.client.clone();
+    client
+        .leave_session(proto::LeaveSessionRequest {
+            participation_id: participation.id.clone(),
+            disconnected_at: at(t0(), 1000),
+            talked_time: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            microphone_used: true,
+            speaker_used: true,
+        })
+        .await
+        .unwrap();
+    let session = app
+        .create_session(t0() + chrono::TimeDelta::seconds(2000))
+        .await;
+    let user = proto::User {
+        id: participation.user_id.clone(),
+        ..Default::default()
+    };
+    app.join(&user, &session, t0() + chrono::TimeDelta::seconds(2000))
+        .await
+        .unwrap()
+        .id
+}
