@@ -9,6 +9,8 @@
 //!   connections held by streams to write (at most their share of the pool);
 //! - `krisp_spool_bytes{medium}`: bytes of open streams' items waiting to be written, in
 //!   `memory` and on `disk` (spill files);
+//! - `krisp_live_feeds`: LiveFeed streams open; `krisp_feed_batch_appends`: appends
+//!   committed together by one group commit of the feed writers;
 //! - `krisp_db_pool_connections{state}`: pooled connections in use and idle;
 //! - `krisp_load_shed_total`: calls refused by the concurrency limit;
 //! - `krisp_partition_maintenance_total{outcome}`: partition maintenance rounds, `ok` or
@@ -36,6 +38,8 @@ pub const LOAD_SHED: &str = "krisp_load_shed_total";
 pub const STREAMS_WAITING: &str = "krisp_streams_waiting";
 pub const STREAM_CONNECTIONS: &str = "krisp_stream_connections";
 pub const SPOOL_BYTES: &str = "krisp_spool_bytes";
+pub const FEED_BATCH_APPENDS: &str = "krisp_feed_batch_appends";
+pub const LIVE_FEEDS: &str = "krisp_live_feeds";
 
 /// Holds a gauge one higher while it lives, however what it counts ends.
 pub struct Gauged(&'static str);

@@ -7,7 +7,7 @@
 //! stored. A newer Open of the feed bumps the epoch, so an older stream's next write is
 //! refused (ABORTED) whichever replica it is on.
 
-use std::{pin::Pin, time::Duration};
+use std::pin::Pin;
 
 use chrono::Utc;
 use futures_util::{Stream, StreamExt, stream};
@@ -19,10 +19,6 @@ use super::{
 use crate::domain::{FeedEntry, FeedItem, FeedMessage, FeedReceipt, FeedReply};
 use crate::error::Error;
 use crate::storage::OpenFeed;
-
-/// How long an append waits for a writer connection before RESOURCE_EXHAUSTED (with
-/// RetryInfo); the stream reads nothing further meanwhile.
-const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 type Messages = Pin<Box<dyn Stream<Item = Result<FeedMessage, Error>> + Send>>;
 
@@ -38,6 +34,7 @@ impl IngestService {
         S: Stream<Item = Result<FeedMessage, Error>> + Send + 'static,
     {
         let session = Session {
+            _open: crate::metrics::Gauged::up(crate::metrics::LIVE_FEEDS),
             service: self.clone(),
             messages: Box::pin(messages),
             feed: None,
@@ -63,6 +60,7 @@ impl IngestService {
 
 /// One LiveFeed stream.
 struct Session {
+    _open: crate::metrics::Gauged,
     service: IngestService,
     messages: Messages,
     /// The feed, once opened.
@@ -155,11 +153,14 @@ impl Session {
             };
             checked.map_err(|violation| violation.under(&format!("items[{seq}]")))?;
         }
+        let fresh_count = fresh.len() as u64;
+        let mut items = items;
+        let fresh = items.split_off(skip);
         self.service
             .storage
-            .append_feed(feed, committed, fresh, WRITE_WAIT)
+            .append_feed(feed, committed, fresh)
             .await?;
-        feed.committed_seq = committed + fresh.len() as u64;
+        feed.committed_seq = committed + fresh_count;
         Ok(FeedReply::Ack {
             committed_through: feed.committed_seq,
         })

@@ -1,13 +1,14 @@
 //! Live feeds (LiveFeed): a feed's record (its committed position and the epoch of the
-//! stream allowed to write it), and the transaction of one append: advance the position
-//! from the one the writer knows, under its epoch, and store the items, together.
+//! stream allowed to write it), and the transaction of a batch of appends: advance each
+//! feed's position from the one its writer knows, under its epoch, and store the items
+//! of exactly those appends, together (the writers are in `feed_writer.rs`).
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{copy::CopyEncoder, items::FeedTable};
-use crate::domain::{FeedEntry, NewEvent, NewSentiment, Participation};
+use crate::domain::{FeedEntry, Participation};
 use crate::error::Error;
 
 /// A feed as an Open left it: the stream holding `epoch` may write it.
@@ -62,75 +63,101 @@ pub async fn open_feed(
 }
 
 /// The refusal of a write by a stream whose feed was opened again since.
-fn superseded(feed: &OpenFeed) -> Error {
+pub fn superseded(feed_id: Uuid) -> Error {
     Error::Superseded(format!(
-        "feed {} was opened by a newer stream (or closed) since this stream opened it; \
-         nothing of this append was stored: continue on the newer stream",
-        feed.feed_id
+        "feed {feed_id} was opened by a newer stream (or closed) since this stream opened \
+         it; nothing of this write was stored: continue on the newer stream"
     ))
 }
 
-/// Stores `items` (numbered `from + 1` on) and advances the feed's position from `from`
-/// to the last of them, in `conn`'s transaction; refused (nothing written) unless the
-/// feed is still at `from` under this stream's epoch and open.
-pub async fn append_feed(
-    conn: &mut PgConnection,
-    feed: &OpenFeed,
-    from: u64,
-    items: &[FeedEntry],
-) -> Result<(), Error> {
-    let seq = |n: u64| i64::try_from(n).map_err(Error::internal);
-    let through = from + items.len() as u64;
-    let advanced = sqlx::query(
-        "UPDATE live_feeds SET committed_seq = $4 \
-         WHERE user_id = $1 AND feed_id = $2 AND epoch = $3 AND committed_seq = $5 \
-         AND closed_at IS NULL",
-    )
-    .bind(feed.participation.user_id)
-    .bind(feed.feed_id)
-    .bind(feed.epoch)
-    .bind(seq(through)?)
-    .bind(seq(from)?)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if advanced != 1 {
-        return Err(superseded(feed));
-    }
-    let numbered = (from + 1..).zip(items);
-    let sentiments: Vec<(u64, &NewSentiment)> = numbered
-        .clone()
-        .filter_map(|(n, item)| match item {
-            FeedEntry::Sentiment(s) => Some((n, s)),
-            FeedEntry::Event(_) => None,
-        })
-        .collect();
-    let events: Vec<(u64, &NewEvent)> = numbered
-        .filter_map(|(n, item)| match item {
-            FeedEntry::Event(e) => Some((n, e)),
-            FeedEntry::Sentiment(_) => None,
-        })
-        .collect();
-    copy_items(conn, feed, &sentiments).await?;
-    copy_items(conn, feed, &events).await
+/// One append to write: `items`, numbered `from + 1` on, for the feed a stream holds
+/// under `epoch`.
+#[derive(Debug)]
+pub struct Append {
+    pub user_id: Uuid,
+    pub feed_id: Uuid,
+    pub participation_id: Uuid,
+    pub epoch: i64,
+    pub from: u64,
+    pub items: Vec<FeedEntry>,
 }
 
-/// Binary COPY of one table's items of an append.
+impl Append {
+    fn through(&self) -> u64 {
+        self.from + self.items.len() as u64
+    }
+}
+
+/// Writes `appends` (of different feeds, or of one feed by different epochs) in `conn`'s
+/// transaction: advances each feed's position from the append's `from` to its last item
+/// where the feed is still there under the append's epoch and open, and stores the
+/// items of exactly those appends. Returns, per append, whether it was written.
+pub async fn append_feeds(conn: &mut PgConnection, appends: &[Append]) -> Result<Vec<bool>, Error> {
+    let seq = |n: u64| i64::try_from(n).map_err(Error::internal);
+    let mut user_ids = Vec::with_capacity(appends.len());
+    let mut feed_ids = Vec::with_capacity(appends.len());
+    let mut epochs = Vec::with_capacity(appends.len());
+    let mut froms = Vec::with_capacity(appends.len());
+    let mut throughs = Vec::with_capacity(appends.len());
+    for append in appends {
+        user_ids.push(append.user_id);
+        feed_ids.push(append.feed_id);
+        epochs.push(append.epoch);
+        froms.push(seq(append.from)?);
+        throughs.push(seq(append.through())?);
+    }
+    // One statement for every feed of the batch; the subquery keeps the arrays a
+    // relation of their own (Citus plans it as an intermediate result joined on the
+    // distribution column).
+    let advanced: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+        "UPDATE live_feeds AS f SET committed_seq = u.through \
+         FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[])) \
+             AS u (user_id, feed_id, epoch, from_seq, through) \
+         WHERE f.user_id = u.user_id AND f.feed_id = u.feed_id AND f.epoch = u.epoch \
+           AND f.committed_seq = u.from_seq AND f.closed_at IS NULL \
+         RETURNING f.user_id, f.feed_id, f.epoch",
+    )
+    .bind(&user_ids)
+    .bind(&feed_ids)
+    .bind(&epochs)
+    .bind(&froms)
+    .bind(&throughs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let written: Vec<bool> = appends
+        .iter()
+        .map(|a| advanced.contains(&(a.user_id, a.feed_id, a.epoch)))
+        .collect();
+    let mut sentiments = Vec::new();
+    let mut events = Vec::new();
+    for (append, _) in appends.iter().zip(&written).filter(|(_, w)| **w) {
+        for (n, item) in (append.from + 1..).zip(&append.items) {
+            match item {
+                FeedEntry::Sentiment(s) => sentiments.push((append, n, s)),
+                FeedEntry::Event(e) => events.push((append, n, e)),
+            }
+        }
+    }
+    copy_items(conn, &sentiments).await?;
+    copy_items(conn, &events).await?;
+    Ok(written)
+}
+
+/// Binary COPY of one table's items of a batch of appends.
 async fn copy_items<T: FeedTable>(
     conn: &mut PgConnection,
-    feed: &OpenFeed,
-    items: &[(u64, &T)],
+    items: &[(&Append, u64, &T)],
 ) -> Result<(), Error> {
     if items.is_empty() {
         return Ok(());
     }
     let mut rows = CopyEncoder::new(items.len() * 160);
-    for (n, item) in items {
+    for (append, n, item) in items {
         rows.row(5 + T::ITEM_COLUMNS)
             .uuid(Uuid::now_v7())
-            .uuid(feed.participation.user_id)
-            .uuid(feed.participation.id)
-            .uuid(feed.feed_id)
+            .uuid(append.user_id)
+            .uuid(append.participation_id)
+            .uuid(append.feed_id)
             .int8(i64::try_from(*n).map_err(Error::internal)?);
         item.encode_columns(&mut rows)?;
     }
@@ -160,5 +187,5 @@ pub async fn close_feed(
     .bind(i64::try_from(final_seq).map_err(Error::internal)?)
     .fetch_optional(pool)
     .await?;
-    closed.ok_or_else(|| superseded(feed))
+    closed.ok_or_else(|| superseded(feed.feed_id))
 }

@@ -7,6 +7,7 @@ mod call;
 mod copy;
 mod errors;
 mod events;
+mod feed_writer;
 mod feeds;
 mod items;
 mod participations;
@@ -145,6 +146,8 @@ pub struct Storage {
     /// The pool's connections streams may hold at once ([`stream_share`]); the rest stay
     /// for unary calls and the timeline, whatever the stream load.
     stream_slots: Arc<Semaphore>,
+    /// The live feeds' group-commit writers (on the streams' share).
+    feeds: Arc<feed_writer::FeedWriter>,
 }
 
 /// Of a pool of `connections`, how many streams may hold at once: all but a quarter
@@ -153,6 +156,10 @@ pub fn stream_share(connections: u32) -> usize {
     let reserved = (connections / 4).max(1);
     usize::try_from(connections.saturating_sub(reserved).max(1)).unwrap_or(1)
 }
+
+/// Writer tasks of the live feeds at most: a few group commits in flight keep up with
+/// thousands of feeds on two cores (docs/BENCHMARKS.md).
+const FEED_WRITERS: usize = 3;
 
 /// A stream's turn to hold one of the pool's connections, until dropped.
 pub struct StreamSlot {
@@ -218,10 +225,17 @@ impl Storage {
     pub fn new(pool: PgPool) -> Self {
         let connections = pool.options().get_max_connections();
         let writers = usize::try_from(connections / 2).unwrap_or(1).max(1);
+        let stream_slots = Arc::new(Semaphore::new(stream_share(connections)));
+        let feed_writers = stream_share(connections).min(FEED_WRITERS);
         Self {
             sentiments: Arc::new(Batcher::spawn(pool.clone(), writers)),
             events: Arc::new(Batcher::spawn(pool.clone(), writers)),
-            stream_slots: Arc::new(Semaphore::new(stream_share(connections))),
+            feeds: Arc::new(feed_writer::FeedWriter::spawn(
+                pool.clone(),
+                Arc::clone(&stream_slots),
+                feed_writers,
+            )),
+            stream_slots,
             pool,
         }
     }
@@ -262,21 +276,24 @@ impl Storage {
         feeds::open_feed(&self.pool, participation, feed_id).await
     }
 
-    /// Stores an append of a live feed and advances its position from `from`, in one
-    /// transaction, with one of the streams' writer connections (`wait`: as for a
-    /// stream's write).
+    /// Stores an append of a live feed and advances its position from `from`, in a
+    /// transaction shared with other feeds' appends; returns once committed.
     pub async fn append_feed(
         &self,
         feed: &OpenFeed,
         from: u64,
-        items: &[crate::domain::FeedEntry],
-        wait: std::time::Duration,
+        items: Vec<crate::domain::FeedEntry>,
     ) -> Result<(), Error> {
-        let _slot = self.stream_slot(wait).await?;
-        let mut tx = self.begin().await?;
-        feeds::append_feed(&mut tx, feed, from, items).await?;
-        tx.commit().await?;
-        Ok(())
+        self.feeds
+            .append(feeds::Append {
+                user_id: feed.participation.user_id,
+                feed_id: feed.feed_id,
+                participation_id: feed.participation.id,
+                epoch: feed.epoch,
+                from,
+                items,
+            })
+            .await
     }
 
     /// Closes a live feed at `final_seq`.

@@ -436,7 +436,7 @@ async fn every_statement_of_the_service_keeps_to_the_citus_dml_rules() {
         "INSERT INTO timezones",
         "INSERT INTO ingest_streams",
         "INSERT INTO live_feeds",
-        "UPDATE live_feeds SET committed_seq",
+        "UPDATE live_feeds AS f SET committed_seq",
         "UPDATE live_feeds SET closed_at",
         "SELECT set_config('statement_timeout'",
     ] {
