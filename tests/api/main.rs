@@ -17,6 +17,7 @@ mod item_times;
 mod least_privilege;
 mod limits;
 mod live;
+mod live_faults;
 mod metrics;
 mod migrations;
 mod outage;
