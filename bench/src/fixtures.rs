@@ -190,7 +190,7 @@ impl Fixtures {
 /// Empties the feed tables and checkpoints, outside any timing, so that every
 /// measurement starts from the same state and no checkpoint lands inside one.
 pub(crate) async fn settle(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::query("TRUNCATE sentiments, events, ingest_streams")
+    sqlx::query("TRUNCATE sentiments, events, ingest_streams, live_feeds")
         .execute(pool)
         .await?;
     sqlx::query("CHECKPOINT").execute(pool).await?;

@@ -60,18 +60,40 @@ pub(crate) struct LiveArgs {
     /// Rows of each bulk stream and COPY measured after the feeds (0: skip).
     #[arg(long, default_value_t = 200_000)]
     bulk_rows: u64,
+    /// The RPC each feed is: an all-or-nothing client stream (`stream`, issue 13), or a
+    /// resumable LiveFeed whose every batch is acknowledged once committed (`live-feed`,
+    /// issue 14).
+    #[arg(long, value_enum, default_value_t = Rpc::Stream)]
+    rpc: Rpc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Rpc {
+    Stream,
+    LiveFeed,
 }
 
 /// What the feeds saw, counted as they go.
 #[derive(Default)]
-struct Counters {
-    open: AtomicUsize,
-    peak_open: AtomicUsize,
+pub(crate) struct Counters {
+    pub(crate) open: AtomicUsize,
+    pub(crate) peak_open: AtomicUsize,
 }
 
-/// How one feed ended.
-enum Ended {
-    Committed { items: u64, latency: Duration },
+impl Counters {
+    pub(crate) fn opened(&self) {
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_open.fetch_max(open, Ordering::Relaxed);
+    }
+}
+
+/// How one feed ended: with its items and the latencies measured (the commit after a
+/// stream's trailer; the ack of each live-feed batch), or a failure.
+pub(crate) enum Ended {
+    Committed {
+        items: u64,
+        latencies: Vec<Duration>,
+    },
     Failed(String),
 }
 
@@ -115,7 +137,7 @@ pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
     settle(&pool).await?;
     let bulk = if live.bulk_rows > 0 {
         let server = Server::start(args, 16).await?;
-        let bulk = bulk_ratio(args, &fx, &server, live.bulk_rows).await?;
+        let bulk = bulk_ratio(args, live.rpc, &fx, &server, live.bulk_rows).await?;
         server.stop().await?;
         bulk
     } else {
@@ -136,6 +158,14 @@ pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
             at("grpc-stream"),
             at("grpc-stream") / at("copy").max(1e-9)
         );
+        if live.rpc == Rpc::LiveFeed {
+            println!(
+                "bulk live feed (1,000 items an append): {:.0} rows/s, live-feed/copy ratio: {:.2}, live-feed/grpc-stream ratio: {:.2}",
+                at("live-feed"),
+                at("live-feed") / at("copy").max(1e-9),
+                at("live-feed") / at("grpc-stream").max(1e-9)
+            );
+        }
     }
     pool.close().await;
     Ok(())
@@ -180,25 +210,43 @@ async fn round(args: &Args, live: &LiveArgs, fx: &Arc<Fixtures>) -> anyhow::Resu
         .map(|(i, participation)| {
             let starts_after = ramp.mul_f64(i as f64 / live.feeds as f64);
             let seconds = live.min_seconds + random.below(live.max_seconds - live.min_seconds + 1);
-            tokio::spawn(feed(
-                Arc::clone(fx),
-                channels[i % channels.len()].clone(),
-                participation,
-                starts_after,
-                seconds,
-                live.batch,
-                Arc::clone(&counters),
-            ))
+            let channel = channels[i % channels.len()].clone();
+            let (fx, counters) = (Arc::clone(fx), Arc::clone(&counters));
+            match live.rpc {
+                Rpc::Stream => tokio::spawn(feed(
+                    fx,
+                    channel,
+                    participation,
+                    starts_after,
+                    seconds,
+                    live.batch,
+                    counters,
+                )),
+                Rpc::LiveFeed => tokio::spawn(crate::live_feed::feed(
+                    fx,
+                    channel,
+                    participation,
+                    starts_after,
+                    seconds,
+                    live.batch,
+                    counters,
+                )),
+            }
         })
         .collect();
     let mut latencies = Vec::new();
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     let mut items_committed = 0;
+    let mut committed = 0;
     for task in tasks {
         match task.await? {
-            Ended::Committed { items, latency } => {
+            Ended::Committed {
+                items,
+                latencies: measured,
+            } => {
                 items_committed += items;
-                latencies.push(latency);
+                committed += 1;
+                latencies.extend(measured);
             }
             Ended::Failed(code) => *failures.entry(code).or_default() += 1,
         }
@@ -212,11 +260,14 @@ async fn round(args: &Args, live: &LiveArgs, fx: &Arc<Fixtures>) -> anyhow::Resu
     latencies.sort();
     Ok(Round {
         peak_open: counters.peak_open.load(Ordering::Relaxed),
-        committed: latencies.len(),
+        committed,
         failures,
         rows: count("SELECT count(*) FROM sentiments").await?,
         items_committed,
-        stream_records: count("SELECT count(*) FROM ingest_streams").await?,
+        stream_records: match live.rpc {
+            Rpc::Stream => count("SELECT count(*) FROM ingest_streams").await?,
+            Rpc::LiveFeed => count("SELECT count(*) FROM live_feeds WHERE closed_at IS NOT NULL").await?,
+        },
         idle_kib,
         peak_kib: peaks.rss_kib,
         backends: peaks.backends,
@@ -261,7 +312,11 @@ fn report(live: &LiveArgs, rounds: &[Round]) -> String {
         &|r| r.items_committed as f64,
         &count,
     );
-    row("stream records", &|r| r.stream_records as f64, &count);
+    let (records, latency) = match live.rpc {
+        Rpc::Stream => ("stream records", "commit latency after the trailer"),
+        Rpc::LiveFeed => ("feeds closed", "ack latency after each batch"),
+    };
+    row(records, &|r| r.stream_records as f64, &count);
     row("server RSS idle", &|r| r.idle_kib as f64, &mib);
     row("server RSS peak", &|r| r.peak_kib as f64, &mib);
     row(
@@ -276,13 +331,13 @@ fn report(live: &LiveArgs, rounds: &[Round]) -> String {
     );
     for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
         row(
-            &format!("commit latency after the trailer, {name}"),
+            &format!("{latency}, {name}"),
             &|r| millis(percentile(&r.latencies, p)),
             &ms,
         );
     }
     row(
-        "commit latency after the trailer, max",
+        &format!("{latency}, max"),
         &|r| millis(r.latencies.last().copied().unwrap_or_default()),
         &ms,
     );
@@ -318,8 +373,7 @@ async fn feed(
     let mut client = IngestServiceClient::new(channel);
     let call = tokio::spawn(async move { client.stream_sentiments(ReceiverStream::new(rx)).await });
     let message = |frame| proto::StreamSentimentsRequest { frame: Some(frame) };
-    let open = counters.open.fetch_add(1, Ordering::Relaxed) + 1;
-    counters.peak_open.fetch_max(open, Ordering::Relaxed);
+    counters.opened();
     let sent = async {
         tx.send(message(Frame::Header(proto::StreamHeader {
             stream_id: Uuid::new_v4().to_string(),
@@ -352,7 +406,10 @@ async fn feed(
     match (sent, answer) {
         (_, Ok(Err(status))) => Ended::Failed(format!("{:?}", status.code())),
         (Ok(items), Ok(Ok(response))) => match response.into_inner().receipt {
-            Some(receipt) if receipt.items_stored == items => Ended::Committed { items, latency },
+            Some(receipt) if receipt.items_stored == items => Ended::Committed {
+                items,
+                latencies: vec![latency],
+            },
             other => Ended::Failed(format!("wrong receipt {other:?}")),
         },
         (Err(_), Ok(Ok(_))) => Ended::Failed("answered before the trailer".into()),
@@ -404,9 +461,11 @@ async fn sample(pool: PgPool, pid: u32, counters: Arc<Counters>, done: Arc<Atomi
     peaks
 }
 
-/// Bulk grpc-stream and copy, alternating, one stream each, `--repeat` rounds; medians.
+/// Bulk grpc-stream and copy (and with `Rpc::LiveFeed` one live feed appending as fast
+/// as it can), alternating, one each, `--repeat` rounds; medians.
 async fn bulk_ratio(
     args: &Args,
+    rpc: Rpc,
     fx: &Arc<Fixtures>,
     server: &Server,
     rows: u64,
@@ -421,6 +480,10 @@ async fn bulk_ratio(
         settle(&fx.pool).await?;
         runs.push(bench_grpc_stream(fx, server, rows, 1, 1000).await?);
         settle(&fx.pool).await?;
+        if rpc == Rpc::LiveFeed {
+            runs.push(crate::live_feed::bulk(fx, server, rows, 1000).await?);
+            settle(&fx.pool).await?;
+        }
     }
     Ok(medians(runs).into_iter().map(|(m, _, _)| m).collect())
 }

@@ -19,6 +19,7 @@
 mod delete_user;
 mod fixtures;
 mod live;
+mod live_feed;
 mod probes;
 mod report;
 mod scenarios;
