@@ -266,7 +266,9 @@ async fn round(args: &Args, live: &LiveArgs, fx: &Arc<Fixtures>) -> anyhow::Resu
         items_committed,
         stream_records: match live.rpc {
             Rpc::Stream => count("SELECT count(*) FROM ingest_streams").await?,
-            Rpc::LiveFeed => count("SELECT count(*) FROM live_feeds WHERE closed_at IS NOT NULL").await?,
+            Rpc::LiveFeed => {
+                count("SELECT count(*) FROM live_feeds WHERE closed_at IS NOT NULL").await?
+            }
         },
         idle_kib,
         peak_kib: peaks.rss_kib,

@@ -105,7 +105,10 @@ async fn run(
             Reply::Ack(ack) if ack.committed_through == next + batch - 1 => {
                 latencies.push(sent.elapsed());
             }
-            other => bail!("expected an ack through {}, got {other:?}", next + batch - 1),
+            other => bail!(
+                "expected an ack through {}, got {other:?}",
+                next + batch - 1
+            ),
         }
         next += batch;
     }

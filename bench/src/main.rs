@@ -203,7 +203,9 @@ async fn bench_database(args: &Args) -> anyhow::Result<(PgPool, PgConnectOptions
     )
     .fetch_all(&pool)
     .await?;
-    for table in tables {
+    // Not live_feeds: every live-feed append updates its feed's row, and a table that
+    // small and that hot is vacuumed all the time in any real deployment.
+    for table in tables.iter().filter(|t| *t != "live_feeds") {
         sqlx::query(&format!(
             "ALTER TABLE {table} SET (autovacuum_enabled = off)"
         ))

@@ -81,12 +81,12 @@ impl Session {
                         "a LiveFeed stream opens one feed, with its first message",
                     ));
                 }
-                let participation = self.service.get_participation(participation_id).await?;
                 let feed = self
                     .service
                     .storage
-                    .open_feed(&participation, feed_id)
-                    .await?;
+                    .open_feed(participation_id, feed_id)
+                    .await?
+                    .ok_or_else(|| Error::not_found("participation", participation_id))?;
                 tracing::info!(%feed_id, epoch = feed.epoch, committed = feed.committed_seq, "feed opened");
                 let reply = FeedReply::Opened {
                     committed_seq: feed.committed_seq,

@@ -148,6 +148,8 @@ pub struct Storage {
     stream_slots: Arc<Semaphore>,
     /// The live feeds' group-commit writers (on the streams' share).
     feeds: Arc<feed_writer::FeedWriter>,
+    /// Turns of live-feed opens ([`FEED_OPENS`] at once).
+    feed_opens: Arc<Semaphore>,
 }
 
 /// Of a pool of `connections`, how many streams may hold at once: all but a quarter
@@ -160,6 +162,9 @@ pub fn stream_share(connections: u32) -> usize {
 /// Writer tasks of the live feeds at most: a few group commits in flight keep up with
 /// thousands of feeds on two cores (docs/BENCHMARKS.md).
 const FEED_WRITERS: usize = 3;
+
+/// Live-feed opens at once (each two short statements).
+const FEED_OPENS: usize = 2;
 
 /// A stream's turn to hold one of the pool's connections, until dropped.
 pub struct StreamSlot {
@@ -236,6 +241,7 @@ impl Storage {
                 feed_writers,
             )),
             stream_slots,
+            feed_opens: Arc::new(Semaphore::new(FEED_OPENS)),
             pool,
         }
     }
@@ -267,13 +273,21 @@ impl Storage {
         &self.pool
     }
 
-    /// Opens (or takes over) a live feed for a new stream.
+    /// Opens (or takes over) a live feed of `participation_id` for a new stream; `None`
+    /// when the participation does not exist. A few opens run at once (thousands of
+    /// feeds reconnecting must not take the pool), the rest wait their turn.
     pub async fn open_feed(
         &self,
-        participation: &Participation,
+        participation_id: Uuid,
         feed_id: Uuid,
-    ) -> Result<OpenFeed, Error> {
-        feeds::open_feed(&self.pool, participation, feed_id).await
+    ) -> Result<Option<OpenFeed>, Error> {
+        let _turn = self.feed_opens.acquire().await.map_err(Error::internal)?;
+        let Some(participation) = self.get_participation(participation_id).await? else {
+            return Ok(None);
+        };
+        feeds::open_feed(&self.pool, &participation, feed_id)
+            .await
+            .map(Some)
     }
 
     /// Stores an append of a live feed and advances its position from `from`, in a

@@ -223,9 +223,13 @@ async fn participations(app: &TestApp, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn two_hundred_feeds_cut_six_times_each_end_exact() {
-    // Connections age out after 1.5 s (+ 0.5 s grace): GOAWAY cuts for real.
+    // The feeds' server: its connections age out after 1.5 s (+ 0.5 s grace), so GOAWAY
+    // cuts for real. The participations are made through a second server on the same
+    // database, whose connections stay.
+    let db = crate::helpers::fresh_database().await;
+    let setup = crate::helpers::spawn_app_on(db.clone()).await;
     let app = spawn_app_with(
-        crate::helpers::fresh_database().await,
+        db,
         Limits {
             max_connection_age: Some(Duration::from_millis(1500)),
             max_connection_age_jitter_percent: 0,
@@ -238,7 +242,7 @@ async fn two_hundred_feeds_cut_six_times_each_end_exact() {
     let target = 30;
     let mut feeds = Vec::new();
     let mut tasks = Vec::new();
-    for (i, participation_id) in participations(&app, 200).await.into_iter().enumerate() {
+    for (i, participation_id) in participations(&setup, 200).await.into_iter().enumerate() {
         let feed_id = Uuid::new_v4().to_string();
         feeds.push(feed_id.clone());
         tasks.push(tokio::spawn(resuming_feed(
