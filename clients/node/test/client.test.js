@@ -94,3 +94,39 @@ test('an invalid stream item is reported by its index and nothing is stored', as
   assert.equal(entries.length, 0);
   client.close();
 });
+
+test('a cut live feed resumes and stores every item once', async () => {
+  const { LiveFeed } = require('../live-feed');
+  await run(address, undefined, 1); // the UTC timezone exists after this
+  const client = connect(address);
+  const start = new Date(Math.floor(Date.now() / 1000) * 1000 - 3600 * 1000);
+  const { user } = await call(client, 'CreateUser', { external_id: `f-${randomUUID()}` });
+  const { session } = await call(client, 'CreateSession', { session_type: 'SESSION_TYPE_CALL', started_at: ts(start) });
+  const { participation } = await call(client, 'JoinSession', {
+    user_id: user.id, session_id: session.id, timezone_code: 'UTC', connected_at: ts(start),
+  });
+  const item = (seq) => ({
+    sentiment: {
+      started_at: ts(new Date(start.getTime() + seq * 1000)),
+      ended_at: ts(new Date(start.getTime() + (seq + 1) * 1000)),
+      label: 'SENTIMENT_LABEL_POSITIVE',
+      score: 0.5,
+    },
+  });
+  const feed = new LiveFeed(client, randomUUID(), participation.id);
+  assert.equal(Number(await feed.append([1, 2, 3, 4, 5].map(item))), 5);
+  feed.cut(); // as a dropped connection would
+  assert.equal(Number(await feed.append([6, 7, 8].map(item))), 8);
+  assert.equal(feed.sessions, 2);
+  const closed = await feed.close();
+  assert.equal(Number(closed.items_stored), 8);
+  const entries = await new Promise((resolve, reject) => {
+    const seen = [];
+    const timeline = client.GetTimeline({ participation_id: participation.id });
+    timeline.on('data', (entry) => seen.push(entry));
+    timeline.on('end', () => resolve(seen));
+    timeline.on('error', reject);
+  });
+  assert.equal(entries.length, 8);
+  client.close();
+});

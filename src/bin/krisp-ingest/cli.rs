@@ -167,6 +167,15 @@ pub struct FeedArgs {
     /// Sentiments per stream message.
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
+    /// Send them as a resumable live feed (LiveFeed): each batch acknowledged once
+    /// committed; after an error the feed is opened again and resumed where the server
+    /// says, so nothing is lost or stored twice.
+    #[arg(long)]
+    pub live: bool,
+    /// With --live: milliseconds between batches (0: each as soon as the last is
+    /// acknowledged).
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
 }
 
 /// Where to serve metrics, if anywhere.

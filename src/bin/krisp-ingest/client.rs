@@ -20,7 +20,7 @@ use krisp_ingest::proto::{
 
 /// Adds the API key, when there is one, to every call.
 #[derive(Clone)]
-struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub(crate) struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for ApiKey {
     fn call(
@@ -36,9 +36,10 @@ impl tonic::service::Interceptor for ApiKey {
     }
 }
 
-type Client = IngestServiceClient<tonic::service::interceptor::InterceptedService<Channel, ApiKey>>;
+pub(crate) type Client =
+    IngestServiceClient<tonic::service::interceptor::InterceptedService<Channel, ApiKey>>;
 
-async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let key = args
         .api_key
         .as_ref()
@@ -249,12 +250,15 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
         .connected_at
         .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
         .context("participation has no connected_at")?;
-    let stream_id = Uuid::new_v4();
     let bar = ProgressBar::new(args.count);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} sentiments {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    if args.live {
+        return crate::live::feed(args, &participation_id, connected, &bar).await;
+    }
+    let stream_id = Uuid::new_v4();
 
     let (tx, rx) = mpsc::channel(8);
     let (count, batch_size, progress) = (args.count, args.batch_size as u64, bar.clone());
@@ -267,29 +271,10 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
         if tx.send(frame(Frame::Header(header))).await.is_err() {
             return;
         }
-        let labels = [
-            proto::SentimentLabel::Positive,
-            proto::SentimentLabel::Neutral,
-            proto::SentimentLabel::Negative,
-        ];
         let mut sent = 0;
         while sent < count {
             let n = batch_size.min(count - sent);
-            let sentiments = (sent..sent + n)
-                .map(|i| {
-                    // 100 ms segments, back to back, from the moment of connection.
-                    let ms = i64::try_from(i).unwrap_or(i64::MAX / 200) * 100;
-                    let at = |offset_ms: i64| {
-                        to_timestamp(connected + TimeDelta::milliseconds(ms + offset_ms))
-                    };
-                    proto::NewSentiment {
-                        started_at: Some(at(0)),
-                        ended_at: Some(at(100)),
-                        label: labels[(i % 3) as usize] as i32,
-                        score: Some(((i % 200) as f64 / 100.0) - 1.0),
-                    }
-                })
-                .collect();
+            let sentiments = (sent..sent + n).map(|i| sentiment(connected, i)).collect();
             if tx
                 .send(frame(Frame::Batch(proto::SentimentBatch { sentiments })))
                 .await
@@ -326,6 +311,23 @@ pub async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
         receipt.items_stored as f64 / elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+/// The `i`-th simulated sentiment: 100 ms segments, back to back, from `connected`.
+pub(crate) fn sentiment(connected: chrono::DateTime<Utc>, i: u64) -> proto::NewSentiment {
+    let labels = [
+        proto::SentimentLabel::Positive,
+        proto::SentimentLabel::Neutral,
+        proto::SentimentLabel::Negative,
+    ];
+    let ms = i64::try_from(i).unwrap_or(i64::MAX / 200) * 100;
+    let at = |offset_ms: i64| to_timestamp(connected + TimeDelta::milliseconds(ms + offset_ms));
+    proto::NewSentiment {
+        started_at: Some(at(0)),
+        ended_at: Some(at(100)),
+        label: labels[(i % 3) as usize] as i32,
+        score: Some(((i % 200) as f64 / 100.0) - 1.0),
+    }
 }
 
 fn time(value: Option<&prost_types::Timestamp>) -> String {

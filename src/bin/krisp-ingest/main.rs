@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod live;
 
 /// mimalloc rather than the system allocator: with thousands of open streams, glibc's
 /// malloc fragmented (RSS stayed at its peak after the streams ended) and showed in the
