@@ -13,14 +13,14 @@ use crate::{
 };
 
 /// The service's pool settings for a service of `max_connections` database connections
-/// in all: the pool holds one less (at least one), since the health probe keeps a
-/// connection of its own (`Storage::health_probe`). Connections are not pinged before
-/// each use: that would add a round trip to every unary call (measured in
-/// docs/BENCHMARKS.md); a connection found broken fails its call with UNAVAILABLE and is
-/// replaced.
+/// in all: the health probe keeps one of its own (`Storage::health_probe`) and the live
+/// feeds five (`storage::FEED_CONNECTIONS`); the pool holds the rest (at least one). Connections are not pinged before each use: that would add a round trip to
+/// every unary call (measured in docs/BENCHMARKS.md); a connection found broken fails
+/// its call with UNAVAILABLE and is replaced.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    let own = 1 + storage::FEED_CONNECTIONS;
     PgPoolOptions::new()
-        .max_connections(max_connections.saturating_sub(1).max(1))
+        .max_connections(max_connections.saturating_sub(own).max(1))
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
 }

@@ -1,14 +1,14 @@
 //! Group commit for live feeds: the appends of many feeds that arrive while others are
 //! being written are gathered and written in one transaction (one statement advancing
-//! every feed's position, one COPY per table, one commit), by a few writer tasks on the
-//! streams' share of the pool. Each append is answered only once its own items are
+//! every feed's position, one COPY per table, one commit), by a few writer tasks with a
+//! connection each, outside the pool. Each append is answered only once its own items are
 //! committed, or refused; a batch that fails is retried append by append, so that one
 //! feed's failure is never another's.
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::feeds::{Append, append_feeds, superseded};
 use crate::error::Error;
@@ -34,17 +34,13 @@ impl std::fmt::Debug for FeedWriter {
 }
 
 impl FeedWriter {
-    /// Starts `writers` writer tasks on `pool`, each holding a permit of `slots` (the
-    /// streams' share of the pool) while it writes; they end when the writer is dropped.
-    pub fn spawn(pool: PgPool, slots: Arc<Semaphore>, writers: usize) -> Self {
+    /// Starts `writers` writer tasks on `pool` (the writers' own, one connection each);
+    /// they end when the writer is dropped.
+    pub fn spawn(pool: PgPool, writers: usize) -> Self {
         let (queue, jobs) = mpsc::channel(MAX_APPENDS * writers.max(1));
         let jobs = Arc::new(Mutex::new(jobs));
         for _ in 0..writers.max(1) {
-            tokio::spawn(write_batches(
-                pool.clone(),
-                Arc::clone(&slots),
-                Arc::clone(&jobs),
-            ));
+            tokio::spawn(write_batches(pool.clone(), Arc::clone(&jobs)));
         }
         Self { queue }
     }
@@ -63,7 +59,7 @@ impl FeedWriter {
     }
 }
 
-async fn write_batches(pool: PgPool, slots: Arc<Semaphore>, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn write_batches(pool: PgPool, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let mut batch = Vec::new();
         let mut items = 0;
@@ -87,12 +83,7 @@ async fn write_batches(pool: PgPool, slots: Arc<Semaphore>, jobs: Arc<Mutex<mpsc
                 }
             }
         }
-        let Ok(_slot) = slots.acquire().await else {
-            return;
-        };
-        let counted = crate::metrics::Gauged::up(crate::metrics::STREAM_CONNECTIONS);
         write(&pool, batch).await;
-        drop(counted);
     }
 }
 

@@ -148,8 +148,10 @@ pub struct Storage {
     stream_slots: Arc<Semaphore>,
     /// The live feeds' group-commit writers (on the streams' share).
     feeds: Arc<feed_writer::FeedWriter>,
-    /// Turns of live-feed opens ([`FEED_OPENS`] at once).
+    /// Turns of live-feed opens and closes ([`FEED_OPENS`] at once).
     feed_opens: Arc<Semaphore>,
+    /// The live feeds' connections ([`FEED_CONNECTIONS`]), outside `pool`.
+    feed_pool: PgPool,
 }
 
 /// Of a pool of `connections`, how many streams may hold at once: all but a quarter
@@ -159,12 +161,18 @@ pub fn stream_share(connections: u32) -> usize {
     usize::try_from(connections.saturating_sub(reserved).max(1)).unwrap_or(1)
 }
 
-/// Writer tasks of the live feeds at most: a few group commits in flight keep up with
-/// thousands of feeds on two cores (docs/BENCHMARKS.md).
-const FEED_WRITERS: usize = 3;
+/// Writer tasks of the live feeds, each with a connection of its own: a few group commits
+/// in flight keep up with thousands of feeds on two cores (docs/BENCHMARKS.md).
+const FEED_WRITERS: u32 = 3;
 
-/// Live-feed opens at once (each two short statements).
-const FEED_OPENS: usize = 2;
+/// Live-feed opens and closes at once (each one or two short statements): thousands of
+/// feeds reconnecting or ending together wait their turn.
+const FEED_OPENS: u32 = 2;
+
+/// The live feeds' connections, outside the pool: the writers' and the opens'. However
+/// many feeds are open, they use no more (`app::pool_options` leaves them out of the
+/// pool, so that `--max-connections` stays the total).
+pub const FEED_CONNECTIONS: u32 = FEED_WRITERS + FEED_OPENS;
 
 /// A stream's turn to hold one of the pool's connections, until dropped.
 pub struct StreamSlot {
@@ -231,17 +239,23 @@ impl Storage {
         let connections = pool.options().get_max_connections();
         let writers = usize::try_from(connections / 2).unwrap_or(1).max(1);
         let stream_slots = Arc::new(Semaphore::new(stream_share(connections)));
-        let feed_writers = stream_share(connections).min(FEED_WRITERS);
+        // The live feeds' own connections, beside the pool: thousands of feeds cost the
+        // database no more than these (and `--max-connections` counts them).
+        let feed_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(FEED_CONNECTIONS)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_lazy_with((*pool.connect_options()).clone());
         Self {
             sentiments: Arc::new(Batcher::spawn(pool.clone(), writers)),
             events: Arc::new(Batcher::spawn(pool.clone(), writers)),
             feeds: Arc::new(feed_writer::FeedWriter::spawn(
-                pool.clone(),
-                Arc::clone(&stream_slots),
-                feed_writers,
+                feed_pool.clone(),
+                FEED_WRITERS as usize,
             )),
+            feed_pool,
             stream_slots,
-            feed_opens: Arc::new(Semaphore::new(FEED_OPENS)),
+            feed_opens: Arc::new(Semaphore::new(FEED_OPENS as usize)),
             pool,
         }
     }
@@ -282,10 +296,12 @@ impl Storage {
         feed_id: Uuid,
     ) -> Result<Option<OpenFeed>, Error> {
         let _turn = self.feed_opens.acquire().await.map_err(Error::internal)?;
-        let Some(participation) = self.get_participation(participation_id).await? else {
+        let Some(participation) =
+            participations::participation(&self.feed_pool, participation_id).await?
+        else {
             return Ok(None);
         };
-        feeds::open_feed(&self.pool, &participation, feed_id)
+        feeds::open_feed(&self.feed_pool, &participation, feed_id)
             .await
             .map(Some)
     }
@@ -316,7 +332,8 @@ impl Storage {
         feed: &OpenFeed,
         final_seq: u64,
     ) -> Result<chrono::DateTime<chrono::Utc>, Error> {
-        feeds::close_feed(&self.pool, feed, final_seq).await
+        let _turn = self.feed_opens.acquire().await.map_err(Error::internal)?;
+        feeds::close_feed(&self.feed_pool, feed, final_seq).await
     }
 
     /// A probe of whether the database answers, over a connection of its own.

@@ -1,6 +1,7 @@
 //! Participations: a user's presence in a session.
 
 use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::Storage;
@@ -70,13 +71,7 @@ impl Storage {
 
     #[tracing::instrument(skip_all, fields(participation_id = %id))]
     pub async fn get_participation(&self, id: Uuid) -> Result<Option<Participation>, Error> {
-        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
-            "SELECT {PARTICIPATION_COLUMNS} FROM participations WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(Participation::from))
+        participation(&self.pool, id).await
     }
 
     /// Closes an open participation; `None` when it was closed already (or is gone).
@@ -109,4 +104,15 @@ impl Storage {
         .await?;
         Ok(row.map(Participation::from))
     }
+}
+
+/// The participation `id`, read over `pool`.
+pub(super) async fn participation(pool: &PgPool, id: Uuid) -> Result<Option<Participation>, Error> {
+    let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+        "SELECT {PARTICIPATION_COLUMNS} FROM participations WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(Participation::from))
 }
