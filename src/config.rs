@@ -293,9 +293,9 @@ pub struct DatabaseArgs {
     #[arg(long, env = "KRISP_SKIP_MIGRATIONS", global = true)]
     pub skip_migrations: bool,
 
-    /// Database connections the service opens at most: its pool (one less) and the
-    /// health probe's. Client streams write with at most three quarters of the pool and
-    /// hold none while they wait for their clients.
+    /// Database connections the service opens at most: the health probe's 1, the live
+    /// feeds' 5, and the pool (the rest). Client streams write with at most three
+    /// quarters of the pool and hold none while they wait for their clients.
     #[arg(
         long,
         env = "KRISP_DB_MAX_CONNECTIONS",

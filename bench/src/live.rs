@@ -327,7 +327,7 @@ fn report(live: &LiveArgs, rounds: &[Round]) -> String {
         &|v| format!("{v:.1}"),
     );
     row(
-        "server's database backends, peak (pool 15 + health probe 1)",
+        "server's database backends, peak (of 16: pool 10, health probe 1, live feeds 5)",
         &|r| r.backends as f64,
         &count,
     );
