@@ -330,3 +330,36 @@ async fn another_participation(app: &TestApp, participation: &proto::Participati
         .unwrap()
         .id
 }
+
+#[tokio::test]
+async fn the_schema_itself_refuses_a_feed_item_stored_twice() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let (mut call, _) = FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(call.ack(append(1, 4)).await, 4);
+    // A second copy of item 2 (another row id), as a bug in the code would write it.
+    let copied = sqlx::query(
+        "INSERT INTO sentiments \
+             (id, user_id, participation_id, stream_id, feed_seq, started_at, ended_at, label, score) \
+         SELECT gen_random_uuid(), user_id, participation_id, stream_id, feed_seq, started_at, \
+                ended_at, label, score \
+         FROM sentiments WHERE stream_id = $1 AND feed_seq = 2",
+    )
+    .bind(Uuid::parse_str(&feed_id).unwrap())
+    .execute(&app.db)
+    .await
+    .unwrap_err();
+    let code = copied.as_database_error().and_then(|e| e.code()).unwrap();
+    assert_eq!(code, "23505", "{copied}");
+    // A feed's position cannot go negative, nor its epoch below 1.
+    for statement in [
+        "UPDATE live_feeds SET committed_seq = -1",
+        "UPDATE live_feeds SET epoch = 0",
+    ] {
+        let refused = sqlx::query(statement).execute(&app.db).await.unwrap_err();
+        let code = refused.as_database_error().and_then(|e| e.code()).unwrap();
+        assert_eq!(code, "23514", "{statement}: {refused}");
+    }
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (4, 4, 4));
+}
