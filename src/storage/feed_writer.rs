@@ -3,7 +3,8 @@
 //! every feed's position, one COPY per table, one commit), by a few writer tasks with a
 //! connection each, outside the pool. Each append is answered only once its own items are
 //! committed, or refused; a batch that fails is retried append by append, so that one
-//! feed's failure is never another's.
+//! feed's failure is never another's (unless the database is out of reach: then all hear
+//! it at once).
 
 use std::sync::Arc;
 
@@ -104,6 +105,13 @@ async fn write(pool: &PgPool, batch: Vec<Job>) {
         Err(error) if appends.len() == 1 => {
             if let Some(reply) = replies.into_iter().next() {
                 let _ = reply.send(Err(error));
+            }
+        }
+        Err(Error::Unavailable(_)) => {
+            // The database is out of reach: one by one would only wait for it again, once
+            // per append. Every feed hears it now and resumes later.
+            for reply in replies {
+                let _ = reply.send(Err(Error::Unavailable(sqlx::Error::PoolTimedOut)));
             }
         }
         Err(_) => {
