@@ -23,6 +23,16 @@ pub(super) fn check_clock<T: FeedItem>(
     }
 }
 
+/// Both rules of an item whose participation is known (streams, live feeds).
+pub(super) fn check_item<T: FeedItem>(
+    clock: &ItemClock,
+    now: DateTime<Utc>,
+    participation: &Participation,
+    item: &T,
+) -> Result<(), FieldViolation> {
+    check_clock(clock, now, item).and_then(|()| check_span(participation, item))
+}
+
 /// Fails unless `item` lies inside `participation`, naming the item's offending field.
 pub(super) fn check_span<T: FeedItem>(
     participation: &Participation,

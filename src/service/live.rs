@@ -12,11 +12,8 @@ use std::pin::Pin;
 use chrono::Utc;
 use futures_util::{Stream, StreamExt, stream};
 
-use super::{
-    IngestService,
-    items::{check_clock, check_span},
-};
-use crate::domain::{FeedEntry, FeedItem, FeedMessage, FeedReceipt, FeedReply};
+use super::{IngestService, items::check_item};
+use crate::domain::{FeedEntry, FeedMessage, FeedReceipt, FeedReply};
 use crate::error::Error;
 use crate::storage::OpenFeed;
 
@@ -138,43 +135,33 @@ impl Session {
             )));
         }
         // Items at or below the committed position are a resend: acknowledged, not stored.
+        let mut items = items;
         let skip = usize::try_from(expected - first_seq).unwrap_or(usize::MAX);
-        let Some(fresh) = items.get(skip..).filter(|fresh| !fresh.is_empty()) else {
+        let fresh = items.split_off(skip.min(items.len()));
+        if fresh.is_empty() {
             return Ok(FeedReply::Ack {
                 committed_through: committed,
             });
-        };
+        }
         let now = Utc::now();
         let clock = &self.service.clock;
-        for (seq, item) in (expected..).zip(fresh) {
+        for (seq, item) in (expected..).zip(&fresh) {
             let checked = match item {
-                FeedEntry::Sentiment(s) => checked(clock, now, &feed.participation, s),
-                FeedEntry::Event(e) => checked(clock, now, &feed.participation, e),
+                FeedEntry::Sentiment(s) => check_item(clock, now, &feed.participation, s),
+                FeedEntry::Event(e) => check_item(clock, now, &feed.participation, e),
             };
             checked.map_err(|violation| violation.under(&format!("items[{seq}]")))?;
         }
-        let fresh_count = fresh.len() as u64;
-        let mut items = items;
-        let fresh = items.split_off(skip);
+        let through = committed + fresh.len() as u64;
         self.service
             .storage
             .append_feed(feed, committed, fresh)
             .await?;
-        feed.committed_seq = committed + fresh_count;
+        feed.committed_seq = through;
         Ok(FeedReply::Ack {
             committed_through: feed.committed_seq,
         })
     }
-}
-
-/// The item's clock and span rules.
-fn checked<T: FeedItem>(
-    clock: &crate::domain::ItemClock,
-    now: chrono::DateTime<Utc>,
-    participation: &crate::domain::Participation,
-    item: &T,
-) -> Result<(), crate::error::FieldViolation> {
-    check_clock(clock, now, item).and_then(|()| check_span(participation, item))
 }
 
 /// The stream's feed; a message other than Open before it is refused.

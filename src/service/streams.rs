@@ -15,10 +15,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{
-    IngestService, StreamLimits,
-    items::{check_clock, check_span},
-};
+use super::{IngestService, StreamLimits, items::check_item};
 use crate::domain::{Frame, Participation, Receipt, StreamHeader};
 use crate::error::{Error, FieldViolation};
 use crate::metrics::{self as names, Gauged};
@@ -301,8 +298,7 @@ where
         }
         let now = Utc::now();
         for item in items {
-            check_clock(&self.service.clock, now, item)
-                .and_then(|()| check_span(&self.participation, item))
+            check_item(&self.service.clock, now, &self.participation, item)
                 .map_err(|e| e.under(&format!("{}[{}]", T::FIELD, self.received)))?;
             self.spool
                 .push(Uuid::now_v7(), &self.participation, self.stream_id, item)?;

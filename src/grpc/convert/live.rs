@@ -2,7 +2,7 @@
 //! sequence number (`items[43].ended_at`); replies domain -> protobuf.
 
 use super::scalars::uuid;
-use super::{new_event, new_sentiment};
+use super::{new_event, new_sentiment, violations_under};
 use crate::domain::{FeedEntry, FeedMessage, FeedReply, Violations};
 use crate::error::{Error, FieldViolation};
 use crate::proto::{
@@ -51,11 +51,8 @@ pub fn feed_message(message: proto::LiveFeedRequest) -> Result<FeedMessage, Erro
                         "each item must set one of sentiment or event",
                     )]),
                 };
-                let prefix = format!("items[{seq}]");
                 items.push(entry.map_err(|violations| {
-                    Error::InvalidArgument(
-                        violations.into_iter().map(|v| v.under(&prefix)).collect(),
-                    )
+                    violations_under(&format!("items[{seq}]"), violations)
                 })?);
             }
             Ok(FeedMessage::Append {

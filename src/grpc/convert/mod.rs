@@ -24,3 +24,9 @@ pub use stream::{StreamFrame, frame};
 use crate::error::FieldViolation;
 
 type Violated<T> = Result<T, Vec<FieldViolation>>;
+
+/// The violations of one item of a stream or feed, each named under `prefix`
+/// (`sentiments[41]`, `items[43]`).
+fn violations_under(prefix: &str, violations: Vec<FieldViolation>) -> crate::error::Error {
+    crate::error::Error::InvalidArgument(violations.into_iter().map(|v| v.under(prefix)).collect())
+}

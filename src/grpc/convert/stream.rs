@@ -1,8 +1,8 @@
 //! The framing of client streams: header, batches (items named by their index in the
 //! whole stream), trailer.
 
-use super::Violated;
 use super::scalars::uuid;
+use super::{Violated, violations_under};
 use crate::domain::{Frame, StreamHeader};
 use crate::error::{Error, Violations};
 use crate::proto;
@@ -39,10 +39,7 @@ pub fn batch<P, T>(
         match convert(item) {
             Ok(value) => out.push(value),
             Err(violations) => {
-                let prefix = format!("{field}[{offset}]");
-                return Err(Error::InvalidArgument(
-                    violations.into_iter().map(|v| v.under(&prefix)).collect(),
-                ));
+                return Err(violations_under(&format!("{field}[{offset}]"), violations));
             }
         }
     }
