@@ -241,10 +241,19 @@ impl Storage {
         let stream_slots = Arc::new(Semaphore::new(stream_share(connections)));
         // The live feeds' own connections, beside the pool: thousands of feeds cost the
         // database no more than these (and `--max-connections` counts them).
+        // Generic plans on them: the feed writers' batch UPDATE then looks each feed up by
+        // its key (feeds::append_feeds says why); set once per connection, not per batch.
         let feed_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(FEED_CONNECTIONS)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .test_before_acquire(false)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan")
+                        .await
+                        .map(drop)
+                })
+            })
             .connect_lazy_with((*pool.connect_options()).clone());
         Self {
             sentiments: Arc::new(Batcher::spawn(pool.clone(), writers)),
