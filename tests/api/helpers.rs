@@ -213,6 +213,20 @@ pub fn writing_limits() -> Limits {
     }
 }
 
+/// Fails unless the server's health check answers SERVING.
+pub async fn assert_serving(channel: &Channel) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+}
+
 /// A new connection (its own HTTP/2 connection) to the server.
 pub async fn connect(address: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{address}"))

@@ -489,17 +489,7 @@ async fn silent_streams_hold_no_connection_and_leave_unary_calls_alone() {
     });
     request.set_timeout(Duration::from_secs(2));
     app.client.clone().get_user(request).await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    crate::helpers::assert_serving(&app.channel).await;
     for (tx, call) in open {
         tx.send(frames::trailer(2)).await.unwrap();
         drop(tx);

@@ -213,6 +213,48 @@ async fn assert_exact(db: &PgPool, feeds: &[String], target: u64) {
     assert_eq!(open, 0);
 }
 
+/// Starts a resuming feed for each participation (feeds of `target` items, cut at least
+/// `min_cuts` times with `cuts`); returns the feed ids and the tasks.
+fn start_feeds(
+    server: &Arc<Mutex<SocketAddr>>,
+    participations: Vec<String>,
+    target: u64,
+    min_cuts: usize,
+    cuts: &'static [Cut],
+    seed: u64,
+) -> (Vec<String>, Vec<tokio::task::JoinHandle<usize>>) {
+    participations
+        .into_iter()
+        .enumerate()
+        .map(|(i, participation_id)| {
+            let feed_id = Uuid::new_v4().to_string();
+            let task = tokio::spawn(resuming_feed(
+                Arc::clone(server),
+                participation_id,
+                feed_id.clone(),
+                target,
+                min_cuts,
+                cuts,
+                seed + i as u64,
+            ));
+            (feed_id, task)
+        })
+        .unzip()
+}
+
+/// Waits (up to two minutes each) for the feeds to end; returns each one's cut sessions.
+async fn finish_feeds(tasks: Vec<tokio::task::JoinHandle<usize>>) -> Vec<usize> {
+    let mut cuts = Vec::new();
+    for task in tasks {
+        let task = tokio::time::timeout(Duration::from_secs(120), task).await;
+        cuts.push(
+            task.expect("a feed did not finish within 2 minutes")
+                .unwrap(),
+        );
+    }
+    cuts
+}
+
 async fn participations(app: &TestApp, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -240,31 +282,17 @@ async fn two_hundred_feeds_cut_six_times_each_end_exact() {
     .await;
     let server = Arc::new(Mutex::new(app.address));
     let target = 30;
-    let mut feeds = Vec::new();
-    let mut tasks = Vec::new();
-    for (i, participation_id) in participations(&setup, 200).await.into_iter().enumerate() {
-        let feed_id = Uuid::new_v4().to_string();
-        feeds.push(feed_id.clone());
-        tasks.push(tokio::spawn(resuming_feed(
-            Arc::clone(&server),
-            participation_id,
-            feed_id,
-            target,
-            6,
-            &[Cut::Cancel, Cut::DropConnection, Cut::Goaway],
-            i as u64 + 1,
-        )));
-    }
-    let mut cut = 0;
-    for task in tasks {
-        let cuts = tokio::time::timeout(Duration::from_secs(120), task)
-            .await
-            .expect("a feed did not finish within 2 minutes")
-            .unwrap();
-        assert!(cuts >= 6);
-        cut += cuts;
-    }
-    println!("200 feeds, {cut} cut sessions");
+    let (feeds, tasks) = start_feeds(
+        &server,
+        participations(&setup, 200).await,
+        target,
+        6,
+        &[Cut::Cancel, Cut::DropConnection, Cut::Goaway],
+        1,
+    );
+    let cuts = finish_feeds(tasks).await;
+    assert!(cuts.iter().all(|cuts| *cuts >= 6), "{cuts:?}");
+    println!("200 feeds, {} cut sessions", cuts.iter().sum::<usize>());
     assert_exact(&app.db, &feeds, target).await;
 }
 
@@ -282,21 +310,14 @@ async fn feeds_survive_a_killed_server_and_a_restarted_database_exactly() {
     let app = TestApp::connect(address, db.clone()).await;
     let server = Arc::new(Mutex::new(address));
     let target = 60;
-    let mut feeds = Vec::new();
-    let mut tasks = Vec::new();
-    for (i, participation_id) in participations(&app, 20).await.into_iter().enumerate() {
-        let feed_id = Uuid::new_v4().to_string();
-        feeds.push(feed_id.clone());
-        tasks.push(tokio::spawn(resuming_feed(
-            Arc::clone(&server),
-            participation_id,
-            feed_id,
-            target,
-            2,
-            &[Cut::Cancel, Cut::DropConnection],
-            1000 + i as u64,
-        )));
-    }
+    let (feeds, tasks) = start_feeds(
+        &server,
+        participations(&app, 20).await,
+        target,
+        2,
+        &[Cut::Cancel, Cut::DropConnection],
+        1000,
+    );
 
     tokio::time::sleep(Duration::from_millis(800)).await;
     // SIGKILL: no shutdown, no cleanup; another server takes over the same database.
@@ -322,12 +343,7 @@ async fn feeds_survive_a_killed_server_and_a_restarted_database_exactly() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let cluster = LocalPostgres::ensure(&data_dir).await.unwrap();
 
-    for task in tasks {
-        tokio::time::timeout(Duration::from_secs(120), task)
-            .await
-            .expect("a feed did not finish within 2 minutes")
-            .unwrap();
-    }
+    finish_feeds(tasks).await;
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect_with(cluster.connect_options(local_postgres::DATABASE))

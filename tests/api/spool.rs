@@ -252,17 +252,7 @@ async fn a_full_spool_is_resource_exhausted_and_the_server_stays_healthy() {
         .stream_sentiments(&participation.id, vec![sentiments(0, 10)])
         .await;
     assert_eq!(receipt.items_stored, 10);
-    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
-    let serving = health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(
-        serving,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    crate::helpers::assert_serving(&app.channel).await;
 }
 
 #[tokio::test]
