@@ -218,7 +218,8 @@ pub struct Spool {
     spooler: Arc<Spooler>,
     /// Rows not in the file, without the COPY header.
     rows: CopyEncoder,
-    /// Bytes of `rows` taken from the memory budget.
+    /// Bytes of `rows` taken from the memory budget (all of them, or none of a batch the
+    /// budget could not take: those are spilled at once).
     in_memory: u64,
     file: Option<PathBuf>,
     /// Bytes in the file (taken from the disk budget).
@@ -266,9 +267,6 @@ impl Spool {
                 retry_after: None,
             });
         }
-        if self.spooler.memory.take(added) {
-            self.in_memory += added;
-        }
         let (began, bytes) = &mut self.window;
         if began.elapsed() > BULK_WINDOW {
             *began = Instant::now();
@@ -295,14 +293,19 @@ impl Spool {
         self.digest.clone().finalize().to_vec()
     }
 
-    /// Appends the rows in memory to the file when they are enough (or the memory budget
-    /// is spent); with `copy`, a write in progress, also sends them to it.
+    /// Takes the memory of the rows pushed since the last call from the budget (once per
+    /// batch, not per item), then appends the rows in memory to the file when they are
+    /// enough or the budget is spent; with `copy`, a write in progress, also sends them.
     pub async fn spill_if_due(&mut self, copy: Option<&mut FeedCopy<'_>>) -> Result<(), Error> {
         let chunk = if copy.is_some() {
             WRITE_CHUNK
         } else {
             MEMORY_CHUNK
         };
+        let pushed = (self.rows.len() as u64).saturating_sub(self.in_memory);
+        if pushed > 0 && self.spooler.memory.take(pushed) {
+            self.in_memory += pushed;
+        }
         let unbudgeted = self.in_memory < self.rows.len() as u64;
         if self.rows.len() >= chunk || (unbudgeted && !self.rows.is_empty()) {
             self.spill(copy).await?;
