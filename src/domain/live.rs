@@ -21,10 +21,13 @@ pub enum FeedMessage {
         feed_id: Uuid,
         participation_id: Uuid,
     },
-    /// Items numbered consecutively from `first_seq` (at least 1).
+    /// Items numbered consecutively from `first_seq` (at least 1); `bytes` is the
+    /// message's size on the wire, counted against the feed's window of unacknowledged
+    /// bytes.
     Append {
         first_seq: u64,
         items: Vec<FeedEntry>,
+        bytes: usize,
     },
     Close {
         final_seq: u64,

@@ -317,22 +317,22 @@ impl Storage {
 
     /// Stores an append of a live feed and advances its position from `from`, in a
     /// transaction shared with other feeds' appends; returns once committed.
-    pub async fn append_feed(
+    pub fn append_feed(
         &self,
         feed: &OpenFeed,
         from: u64,
         items: Vec<crate::domain::FeedEntry>,
-    ) -> Result<(), Error> {
-        self.feeds
-            .append(feeds::Append {
-                user_id: feed.participation.user_id,
-                feed_id: feed.feed_id,
-                participation_id: feed.participation.id,
-                epoch: feed.epoch,
-                from,
-                items,
-            })
-            .await
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + 'static {
+        let writers = Arc::clone(&self.feeds);
+        let append = feeds::Append {
+            user_id: feed.participation.user_id,
+            feed_id: feed.feed_id,
+            participation_id: feed.participation.id,
+            epoch: feed.epoch,
+            from,
+            items,
+        };
+        async move { writers.append(append).await }
     }
 
     /// Closes a live feed at `final_seq`.

@@ -18,6 +18,7 @@ mod least_privilege;
 mod limits;
 mod live;
 mod live_faults;
+mod live_window;
 mod metrics;
 mod migrations;
 mod outage;

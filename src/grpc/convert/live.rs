@@ -29,6 +29,7 @@ pub fn feed_message(message: proto::LiveFeedRequest) -> Result<FeedMessage, Erro
             Ok(v.finish(open)?)
         }
         Some(Frame::Append(append)) => {
+            let bytes = prost::Message::encoded_len(&append);
             if append.first_seq == 0 {
                 return Err(Error::invalid(
                     "append.first_seq",
@@ -58,6 +59,7 @@ pub fn feed_message(message: proto::LiveFeedRequest) -> Result<FeedMessage, Erro
             Ok(FeedMessage::Append {
                 first_seq: append.first_seq,
                 items,
+                bytes,
             })
         }
         Some(Frame::Close(close)) => Ok(FeedMessage::Close {
