@@ -5,7 +5,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -111,24 +114,37 @@ pub async fn list_keys(pool: &PgPool) -> anyhow::Result<Vec<KeySummary>> {
 }
 
 /// The live keys, by hash, kept in memory and refreshed from the database.
+///
+/// Keys are required once any key was ever created: a server started before its first
+/// key requires keys from the refresh that sees it on, and revoking every key never
+/// opens a server again (it then refuses every call but health).
 #[derive(Debug, Clone, Default)]
 pub struct KeyStore {
     keys: Arc<RwLock<HashMap<[u8; 32], Vec<Scope>>>>,
+    required: Arc<AtomicBool>,
 }
 
 impl KeyStore {
-    /// Loads the keys; `None` when none was ever created (the server then runs without
-    /// authentication, on loopback only unless told otherwise).
-    pub async fn load(pool: &PgPool) -> anyhow::Result<Option<Self>> {
-        if !api_keys::any(pool).await? {
-            return Ok(None);
-        }
+    /// Loads the keys; [`KeyStore::required`] is false while none was ever created (the
+    /// server then runs without authentication, on loopback only unless told otherwise).
+    pub async fn load(pool: &PgPool) -> anyhow::Result<Self> {
         let store = Self::default();
         store.refresh(pool).await?;
-        Ok(Some(store))
+        Ok(store)
+    }
+
+    /// Whether calls need a key.
+    pub fn required(&self) -> bool {
+        self.required.load(Ordering::Acquire)
     }
 
     async fn refresh(&self, pool: &PgPool) -> anyhow::Result<()> {
+        if !self.required() {
+            if !api_keys::any(pool).await? {
+                return Ok(());
+            }
+            tracing::info!("API keys exist: every call but health needs one from now on");
+        }
         let keys = api_keys::live(pool)
             .await?
             .into_iter()
@@ -141,6 +157,7 @@ impl KeyStore {
             })
             .collect();
         self.replace(keys);
+        self.required.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -169,10 +186,16 @@ impl KeyStore {
         authorization: Option<&http::HeaderValue>,
         path: &str,
     ) -> Result<(), Status> {
+        if !self.required() {
+            return Ok(());
+        }
+        // The scheme is case-insensitive (RFC 7235 section 2.1: `bearer` is `Bearer`).
         let key = authorization
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|v| v.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
+            .filter(|key| !key.is_empty())
             .ok_or_else(|| {
                 Status::unauthenticated("an API key is required: authorization: Bearer <key>")
             })?;
@@ -215,6 +238,7 @@ mod tests {
     #[test]
     fn a_poisoned_key_lock_still_takes_refreshes_and_answers_checks() {
         let store = KeyStore::default();
+        store.required.store(true, Ordering::Release);
         let poisoner = store.clone();
         let _ = std::thread::spawn(move || {
             let _guard = poisoner.keys.write();
@@ -227,6 +251,18 @@ mod tests {
         let bearer = http::HeaderValue::from_str(&format!("Bearer {key}")).ok();
         let path = "/krisp.ingest.v1.IngestService/GetUser";
         assert!(store.check(bearer.as_ref(), path).is_ok());
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let value = http::HeaderValue::from_str(&format!("{scheme} {key}")).ok();
+            assert!(store.check(value.as_ref(), path).is_ok(), "{scheme}");
+        }
+        for wrong in [
+            format!("Basic {key}"),
+            format!("Bearer{key}"),
+            "Bearer ".to_owned(),
+        ] {
+            let value = http::HeaderValue::from_str(&wrong).ok();
+            assert!(store.check(value.as_ref(), path).is_err(), "{wrong}");
+        }
         // A revocation (the next refresh without the key) applies too.
         store.replace(HashMap::new());
         assert!(store.check(bearer.as_ref(), path).is_err());

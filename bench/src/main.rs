@@ -162,6 +162,23 @@ async fn serve(args: &Args, max_connections: u32) -> anyhow::Result<()> {
     .await
 }
 
+/// What the run measures on: `auto` without pg_partman goes on with the default
+/// partitions, as the service does, and says so (the numbers are then not those of a
+/// partitioned deployment).
+fn partitions_note(requested: PartmanMode, found: &Partitioning) -> String {
+    match found {
+        Partitioning::Partman { intervals, .. } => format!("partitions: pg_partman, {intervals:?}"),
+        Partitioning::DefaultOnly { reason } if requested == PartmanMode::Auto => format!(
+            "partitions: pg_partman is not available ({reason}); measuring with the default \
+             partitions only, as --partitions off would. Install pg_partman (Debian: \
+             postgresql-<version>-partman) to measure time partitions"
+        ),
+        Partitioning::DefaultOnly { .. } => {
+            "partitions: the default partitions only (--partitions off)".to_owned()
+        }
+    }
+}
+
 /// A fresh benchmark database with the service's migrations and partitions, autovacuum
 /// off on its tables; a pool of the benchmark's own (application_name `krisp-bench`).
 async fn bench_database(args: &Args) -> anyhow::Result<(PgPool, PgConnectOptions)> {
@@ -191,11 +208,10 @@ async fn bench_database(args: &Args) -> anyhow::Result<(PgPool, PgConnectOptions
         },
     )
     .await?;
-    eprintln!("krisp-bench: partitions: {partitioning:?}");
-    if args.partitions == PartmanMode::Auto && !matches!(partitioning, Partitioning::Partman { .. })
-    {
-        bail!("--partitions auto needs pg_partman on the server (or pass --partitions off)");
-    }
+    eprintln!(
+        "krisp-bench: {}",
+        partitions_note(args.partitions, &partitioning)
+    );
     // Every table that holds rows (the partitions, not their parents).
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT c.oid::regclass::text FROM pg_class c \
@@ -411,4 +427,32 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     eprintln!("chart written to {}", args.chart.display());
     pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_partitions_without_pg_partman_fall_back_and_say_so() {
+        let missing = Partitioning::DefaultOnly {
+            reason: "pg_partman is not installed on the server".into(),
+        };
+        let note = partitions_note(PartmanMode::Auto, &missing);
+        assert!(note.contains("pg_partman is not available"), "{note}");
+        assert!(note.contains("not installed on the server"), "{note}");
+        assert!(note.contains("default partitions only"), "{note}");
+        let off = partitions_note(PartmanMode::Off, &missing);
+        assert!(
+            off.contains("--partitions off") && !off.contains("not available"),
+            "{off}"
+        );
+        let partman = Partitioning::Partman {
+            schema: "partman".into(),
+            intervals: vec![("public.sentiments".into(), "1 day".into())],
+            retention: None,
+            worker: false,
+        };
+        assert!(partitions_note(PartmanMode::Auto, &partman).contains("pg_partman"));
+    }
 }

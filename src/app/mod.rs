@@ -113,7 +113,7 @@ pub struct Application {
     spooler: Arc<Spooler>,
     limits: Limits,
     metrics_addr: Option<SocketAddr>,
-    keys: Option<KeyStore>,
+    keys: KeyStore,
     key_refresh: Duration,
     tls: Option<Tls>,
 }
@@ -127,12 +127,14 @@ impl Application {
     /// binds the gRPC listener and, when asked, the metrics endpoint.
     pub async fn build(settings: Settings, pool: PgPool) -> anyhow::Result<Self> {
         let keys = KeyStore::load(&pool).await?;
-        check_exposure(settings.listen, keys.is_some(), settings.insecure)?;
-        match &keys {
-            Some(_) => tracing::info!("API keys are required on every call but health"),
-            None => {
-                tracing::info!("no API keys exist: calls are not authenticated (loopback only)")
-            }
+        check_exposure(settings.listen, keys.required(), settings.insecure)?;
+        if keys.required() {
+            tracing::info!("API keys are required on every call but health");
+        } else {
+            tracing::info!(
+                "no API keys exist: calls are not authenticated (loopback only) until the \
+                 first key is created"
+            );
         }
         let spooler = Arc::new(Spooler::open(&settings.spool)?);
         tracing::info!(dir = %spooler.dir().display(), "open streams spool here");
@@ -221,9 +223,8 @@ impl Application {
         ));
 
         tracing::info!(address = %self.local_addr, "krisp-ingest serving gRPC");
-        if let Some(keys) = &self.keys {
-            keys.keep_fresh(self.storage.pool().clone(), self.key_refresh);
-        }
+        self.keys
+            .keep_fresh(self.storage.pool().clone(), self.key_refresh);
         // A custom incoming bypasses the builder's tcp_nodelay: set it on the listener,
         // or Nagle's algorithm delays small replies by up to 40 ms.
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
@@ -271,9 +272,7 @@ impl Application {
             // A request id and a span around every call, echoed to the client.
             .layer(HookLayer(RequestId))
             .layer(HookLayer(RpcMetrics))
-            .layer(tower::util::option_layer(
-                self.keys.clone().map(|keys| HookLayer(Auth(keys))),
-            ))
+            .layer(HookLayer(Auth(self.keys.clone())))
             // Larger HTTP/2 windows than the 64 KiB default let a client keep several
             // batches of a stream in flight instead of waiting for window updates.
             .initial_stream_window_size(STREAM_WINDOW_BYTES)

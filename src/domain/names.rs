@@ -36,8 +36,8 @@ macro_rules! ruled_text {
 }
 
 ruled_text!(
-    /// The calling system's id of a user: 1 to 200 characters, no NUL, no white space at
-    /// either end. Unique (the schema enforces it).
+    /// The calling system's id of a user: 1 to 200 characters, no control characters, no
+    /// white space at either end. Unique (the schema enforces it).
     ExternalId
 );
 

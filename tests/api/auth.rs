@@ -16,6 +16,66 @@ use tonic_reflection::pb::v1::{
 
 use crate::helpers::{count, fresh_database, spawn_app_configured};
 
+#[tokio::test]
+async fn the_authorization_scheme_is_case_insensitive() {
+    let db = fresh_database().await;
+    let key = auth::create_key(&db, "lower", &[Scope::Ingest, Scope::Read])
+        .await
+        .unwrap();
+    let app = spawn_app_configured(db.clone(), |_| {}).await;
+    let mut client: IngestServiceClient<Channel> = app.client.clone();
+    for (n, scheme) in ["bearer", "BEARER"].into_iter().enumerate() {
+        let mut request = Request::new(create_user(&format!("scheme-{n}")));
+        request
+            .metadata_mut()
+            .insert("authorization", format!("{scheme} {key}").parse().unwrap());
+        client.create_user(request).await.unwrap();
+    }
+    let mut request = Request::new(create_user("basic"));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Basic {key}").parse().unwrap());
+    let status = client.create_user(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(count(&db, "SELECT count(*) FROM users").await, 2);
+}
+
+#[tokio::test]
+async fn the_first_key_created_while_the_server_runs_makes_keys_required_for_good() {
+    let db = fresh_database().await;
+    let app = spawn_app_configured(db.clone(), |settings| {
+        settings.key_refresh = Duration::from_millis(100);
+    })
+    .await;
+    let mut client: IngestServiceClient<Channel> = app.client.clone();
+    // No key exists: loopback calls need none.
+    client.create_user(create_user("before")).await.unwrap();
+    let key = auth::create_key(&db, "first", &[Scope::Ingest])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = client
+        .create_user(create_user("anonymous"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    client
+        .create_user(with_key(create_user("with-key"), &key))
+        .await
+        .unwrap();
+    // Revoking every key does not open the server again.
+    assert!(auth::revoke_key(&db, "first").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for request in [
+        with_key(create_user("revoked"), &key),
+        Request::new(create_user("none")),
+    ] {
+        let status = client.create_user(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM users").await, 2);
+}
+
 fn with_key<T>(message: T, key: &str) -> Request<T> {
     let mut request = Request::new(message);
     request

@@ -31,12 +31,13 @@ fn score() -> impl Strategy<Value = Option<f64>> {
     ]
 }
 
-/// Strings with NUL bytes, non-ASCII, and sometimes huge.
+/// Strings with NUL bytes, other control characters, non-ASCII, and sometimes huge.
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => "[a-zA-Z0-9 /_+-]{0,12}",
         2 => "\\PC{0,40}",
         1 => "[a-z]{0,5}\u{0}[a-z]{0,5}",
+        1 => "[a-z]{0,5}[\u{1}-\u{1f}\u{7f}][a-z]{0,5}",
         1 => (0usize..3000).prop_map(|n| "x".repeat(n)),
     ]
 }

@@ -7,7 +7,6 @@
 mod auth;
 mod binary;
 mod citus_statements;
-mod contract;
 mod deletes;
 mod distribution;
 mod helpers;

@@ -66,6 +66,72 @@ async fn external_ids_are_unique() {
 }
 
 #[tokio::test]
+async fn text_fields_refuse_control_characters_in_the_code_and_in_the_schema() {
+    let app = spawn_app().await;
+    for (external_id, region, fields) in [
+        ("line\nbreak", "", vec!["external_id"]),
+        ("tab\there", "ok", vec!["external_id"]),
+        ("fine", "bell\u{7}", vec!["region"]),
+        ("del\u{7f}", "esc\u{1b}[31m", vec!["external_id", "region"]),
+    ] {
+        let status = app
+            .client
+            .clone()
+            .create_user(proto::CreateUserRequest {
+                request_id: String::new(),
+                external_id: external_id.into(),
+                country: String::new(),
+                native_language: String::new(),
+                region: region.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            violated_fields(&status),
+            fields,
+            "{external_id:?} {region:?}"
+        );
+        assert!(
+            status.message().contains("control characters"),
+            "{status:?}"
+        );
+    }
+    assert_eq!(count(&app.db, "SELECT count(*) FROM users").await, 0);
+    // An event attribute, key or value, the same way.
+    let participation = app.participation().await;
+    let status = app
+        .client
+        .clone()
+        .record_event(proto::RecordEventRequest {
+            participation_id: participation.id.clone(),
+            event: Some(proto::NewEvent {
+                occurred_at: at(t0(), 1),
+                kind: proto::EventKind::TalkStarted as i32,
+                attributes: [("note".to_owned(), "two\nlines".to_owned())].into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("control characters"),
+        "{status:?}"
+    );
+    assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 0);
+
+    // The schema refuses them too, whoever writes.
+    for sql in [
+        "INSERT INTO user_external_ids (external_id, user_id) VALUES (E'a\\tb', gen_random_uuid())",
+        "UPDATE users SET region = E'x\\ny'",
+        "UPDATE users SET external_id = external_id || E'\\x7f'",
+    ] {
+        let error = sqlx::query(sql).execute(&app.db).await.unwrap_err();
+        assert!(error.to_string().contains("printable"), "{sql}: {error}");
+    }
+}
+
+#[tokio::test]
 async fn bad_user_fields_are_all_reported() {
     let app = spawn_app().await;
     let status = app

@@ -18,28 +18,40 @@ sys.path.insert(0, os.path.join(HERE, "gen"))
 sys.path.insert(0, HERE)
 
 
+BINARY = os.environ.get("KRISP_BIN", os.path.join(REPO, "target", "debug", "krisp-ingest"))
+
+
+class Server:
+    """A krisp-ingest on a fresh local PostgreSQL of its own, on a free loopback port."""
+
+    def __init__(self):
+        if not os.path.exists(BINARY):
+            subprocess.run(["cargo", "build", "--bin", "krisp-ingest"], cwd=REPO, check=True)
+        root = tempfile.mkdtemp(prefix="krisp-py-")
+        os.chmod(root, 0o755)  # as root, the cluster runs as `postgres`, which must reach it
+        self.env = dict(os.environ, KRISP_DATA_DIR=os.path.join(root, "pg"),
+                        KRISP_LISTEN="127.0.0.1:0", KRISP_METRICS_LISTEN="off", RUST_LOG="info")
+        self.env.pop("DATABASE_URL", None)
+        self.process = subprocess.Popen([BINARY], env=self.env, stderr=subprocess.PIPE, text=True)
+        self.address = None
+        seen = []
+        for line in self.process.stderr:
+            seen.append(line)
+            match = re.search(r"listening on (\S+)", line)
+            if match:
+                self.address = match.group(1)
+                break
+        assert self.address, "krisp-ingest did not start:\n" + "".join(seen)
+        # Keep draining its log so it never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def server():
-    binary = os.environ.get("KRISP_BIN", os.path.join(REPO, "target", "debug", "krisp-ingest"))
-    if not os.path.exists(binary):
-        subprocess.run(["cargo", "build", "--bin", "krisp-ingest"], cwd=REPO, check=True)
-    root = tempfile.mkdtemp(prefix="krisp-py-")
-    os.chmod(root, 0o755)  # as root, the cluster runs as `postgres`, which must reach it
-    env = dict(os.environ, KRISP_DATA_DIR=os.path.join(root, "pg"), KRISP_LISTEN="127.0.0.1:0",
-               KRISP_METRICS_LISTEN="off", RUST_LOG="info")
-    env.pop("DATABASE_URL", None)
-    process = subprocess.Popen([binary], env=env, stderr=subprocess.PIPE, text=True)
-    address = None
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        match = re.search(r"listening on (\S+)", line)
-        if match:
-            address = match.group(1)
-            break
-    assert address, "krisp-ingest did not start:\n" + "".join(seen)
-    # Keep draining its log so it never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
-    yield address
-    process.terminate()
-    process.wait(timeout=30)
+    running = Server()
+    yield running.address
+    running.stop()

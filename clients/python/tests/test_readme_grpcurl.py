@@ -1,97 +1,139 @@
-"""Every grpcurl example in the README, run against the real server the way grpcurl runs
-it: the request JSON is turned into messages with descriptors from server reflection
-(no .proto files), placeholders are filled from earlier answers, and each call must
-succeed."""
+"""Every grpcurl command in the README's grpcurl section, run by the real grpcurl (1.8.6,
+installed into tools/bin by scripts/tools.sh) against a live server: ids are filled in
+from earlier answers, every command must succeed, and the answers are checked."""
 
 import json
 import os
 import re
+import subprocess
+import time
 
-import grpc
-from google.protobuf import descriptor_pool, json_format, message_factory
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-    ProtoReflectionDescriptorDatabase,
-)
+from conftest import BINARY, REPO, Server
 
-README = os.path.join(os.path.dirname(__file__), "..", "..", "..", "README.md")
+README = os.path.join(REPO, "README.md")
+GRPCURL_DIR = os.path.join(REPO, "tools", "bin")
+SERVICE = "krisp.ingest.v1.IngestService"
 
 
-def examples():
-    """(method, [request JSON objects]) for every `grpcurl ... -d` example, in order."""
+def blocks():
+    """The README's grpcurl section as a list of code blocks, each a list of commands
+    (continued lines joined, here-documents kept with their command)."""
     text = open(README, encoding="utf-8").read()
-    text = re.sub(r"\\\n\s*", " ", text)  # join continued lines
+    section = text.split("### grpcurl\n", 1)[1].split("\n## ", 1)[0]
     found = []
-    pattern = re.compile(
-        r"grpcurl -plaintext -d (?:'(?P<json>[^']*)'|@)\s+localhost:50051\s+(?P<method>\S+)"
-        r"(?: <<'EOF'\n(?P<body>.*?)\nEOF)?",
-        re.S,
-    )
-    for match in pattern.finditer(text):
-        method = match.group("method")
-        if not method.startswith("krisp.ingest.v1."):
-            continue
-        source = match.group("json") if match.group("json") is not None else match.group("body")
-        decoder, position, messages = json.JSONDecoder(), 0, []
-        while position < len(source.strip()):
-            while source[position].isspace():
-                position += 1
-            value, position = decoder.raw_decode(source, position)
-            messages.append(value)
-            if position >= len(source.rstrip()):
-                break
-        found.append((method, messages))
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        commands, current, heredoc = [], "", False
+        for line in block.splitlines():
+            if heredoc:
+                current += "\n" + line
+                if line == "EOF":
+                    commands.append(current)
+                    current, heredoc = "", False
+                continue
+            if not current and (not line.strip() or line.startswith("#")):
+                continue
+            current += line
+            if line.endswith("\\"):
+                current += "\n"
+            elif line.endswith("<<'EOF'"):
+                heredoc = True
+            else:
+                commands.append(current)
+                current = ""
+        found.append(commands)
     return found
 
 
-def test_every_readme_grpcurl_example_works(server):
-    calls = examples()
-    with grpc.insecure_channel(server) as channel:
-        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-        service = pool.FindServiceByName("krisp.ingest.v1.IngestService")
-        missing = {m.name for m in service.methods} - {m.split("/")[1] for m, _ in calls}
-        assert not missing, f"the README has no grpcurl example for {sorted(missing)}"
-        ids = {}
-        for full, messages in calls:
-            name = full.split("/")[1]
-            rpc = service.FindMethodByName(name)
-            request_class = message_factory.GetMessageClass(rpc.input_type)
-            response_class = message_factory.GetMessageClass(rpc.output_type)
+def run(command, address, ids=None, env=None):
+    """Runs one README command with bash; returns its answers (JSON objects)."""
+    command = command.replace("localhost:50051", address)
+    for placeholder, actual in (ids or {}).items():
+        command = command.replace(placeholder, actual)
+    env = dict(env or os.environ)
+    env["PATH"] = GRPCURL_DIR + os.pathsep + os.path.dirname(BINARY) + os.pathsep + env["PATH"]
+    done = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stdout}{done.stderr}"
+    answers, position, decoder, out = [], 0, json.JSONDecoder(), done.stdout
+    while True:
+        while position < len(out) and out[position].isspace():
+            position += 1
+        if position >= len(out) or out[position] != "{":
+            break
+        value, position = decoder.raw_decode(out, position)
+        answers.append(value)
+    return answers, done.stdout
 
-            def fill(value):
-                text = json.dumps(value)
-                for placeholder, actual in ids.items():
-                    text = text.replace(placeholder, actual)
-                return json_format.Parse(text, request_class())
 
-            requests = [fill(m) for m in messages]
-            path = f"/krisp.ingest.v1.IngestService/{name}"
-            kwargs = dict(request_serializer=lambda m: m.SerializeToString(),
-                          response_deserializer=response_class.FromString)
-            if rpc.client_streaming and rpc.server_streaming:
-                # grpcurl sends every message, then reads the replies.
-                replies = list(channel.stream_stream(path, **kwargs)(iter(requests)))
-                assert name == "LiveFeed", name
-                closed = json_format.MessageToDict(replies[-1], preserving_proto_field_name=True)
-                assert int(closed["closed"]["items_stored"]) == 2, replies
-                continue
-            if rpc.client_streaming:
-                response = channel.stream_unary(path, **kwargs)(iter(requests))
-            elif rpc.server_streaming:
-                response = list(channel.unary_stream(path, **kwargs)(requests[0]))
-            else:
-                response = channel.unary_unary(path, **kwargs)(requests[0])
-            answer = json_format.MessageToDict(response if not isinstance(response, list) else response[0],
-                                               preserving_proto_field_name=True) if response else {}
-            if name == "CreateUser":
-                ids["USER_ID"] = answer["user"]["id"]
-            elif name == "CreateSession":
-                ids["SESSION_ID"] = answer["session"]["id"]
-            elif name == "JoinSession":
-                ids["PARTICIPATION_ID"] = answer["participation"]["id"]
-            elif name == "StreamSentiments":
-                assert int(answer["receipt"]["items_stored"]) == 2
-            elif name == "StreamEvents":
-                assert int(answer["receipt"]["items_stored"]) == 1
-            elif name == "GetTimeline":
-                # 1 recorded + 2 streamed sentiments, 1 recorded + 1 streamed event.
-                assert len(response) == 5, response
+def field(message, name):
+    """A field of grpcurl's JSON output (lowerCamelCase JSON names)."""
+    camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+    return message[camel] if camel in message else message[name]
+
+
+def test_every_readme_grpcurl_command_works_with_the_real_grpcurl(server):
+    examples, _keys, protoset = blocks()
+    _, listed = run(f"grpcurl -plaintext localhost:50051 list {SERVICE}", server)
+    methods = {line.rsplit(".", 1)[1] for line in listed.split()}
+    shown = {m for c in examples for m in re.findall(SERVICE + r"/(\w+)", c)}
+    assert methods and not methods - shown, f"no README example for {sorted(methods - shown)}"
+
+    ids = {}
+    for command in examples:
+        answers, out = run(command, server, ids)
+        method = re.search(SERVICE + r"/(\w+)|grpc\.health\.v1\.Health/(\w+)", command)
+        name = method and (method.group(1) or method.group(2))
+        if name is None:  # list, describe
+            assert SERVICE in out, out
+        elif name == "Check":
+            assert answers == [{"status": "SERVING"}], out
+        elif name == "CreateUser":
+            ids["USER_ID"] = field(answers[0], "user")["id"]
+        elif name == "CreateSession":
+            ids["SESSION_ID"] = field(answers[0], "session")["id"]
+        elif name == "JoinSession":
+            ids["PARTICIPATION_ID"] = field(answers[0], "participation")["id"]
+        elif name == "GetUser":
+            assert field(field(answers[0], "user"), "external_id") == "caller-42", out
+        elif name in ("StreamSentiments", "StreamEvents"):
+            stored = int(field(field(answers[0], "receipt"), "items_stored"))
+            assert stored == (2 if name == "StreamSentiments" else 1), out
+        elif name == "GetTimeline":
+            # 1 recorded + 2 streamed sentiments, 1 recorded + 1 streamed event.
+            assert len(answers) == 5, out
+        elif name == "LiveFeed":
+            assert [next(iter(a)) for a in answers] == ["opened", "ack", "closed"], out
+            assert int(field(answers[-1]["closed"], "items_stored")) == 2, out
+    assert {"USER_ID", "SESSION_ID", "PARTICIPATION_ID"} <= ids.keys()
+
+    # The contract snapshot as a protoset, no reflection needed.
+    for command in protoset:
+        _, out = run(command, server)
+        assert SERVICE in out, out
+
+
+def test_the_readme_grpcurl_commands_with_an_api_key_work_and_need_it():
+    """The README's key example on a server of its own (keys apply to every call)."""
+    _, keys, _ = blocks()
+    create, *calls = keys
+    assert create.startswith("KEY=$(krisp-ingest keys create")
+    server = Server()
+    try:
+        out = subprocess.run(["bash", "-c", create + '\necho "$KEY"'], env=dict(
+            server.env, PATH=os.path.dirname(BINARY) + os.pathsep + os.environ["PATH"]),
+            capture_output=True, text=True, timeout=60, check=True).stdout
+        env = dict(os.environ, KEY=out.strip().splitlines()[-1])
+        time.sleep(6)  # the server re-reads its keys every 5 s
+        for command in calls:
+            _, answer = run(command, server.address, env=env)
+            assert answer.strip(), command
+            # The same command without the key is refused.
+            bare = command.replace('-H "authorization: Bearer $KEY" ', "")
+            assert bare != command
+            refused = subprocess.run(
+                ["bash", "-c", bare.replace("localhost:50051", server.address)],
+                env=dict(env, PATH=GRPCURL_DIR + os.pathsep + os.environ["PATH"]),
+                capture_output=True, text=True, timeout=60)
+            assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused
+    finally:
+        server.stop()
