@@ -1,6 +1,7 @@
 """Records a session end to end and streams sentiments, with stubs generated from the protos.
 
-    ./generate.sh && python3 example.py [--server 127.0.0.1:50051] [--api-key KEY]
+    ./generate.sh && python3 example.py [--server 127.0.0.1:50051] [--api-key KEY] \
+        [--ca-file ca.pem [--cert-file client.pem --key-file client.key]]
 """
 
 import argparse
@@ -42,9 +43,29 @@ def stream_frames(stream_id: str, participation_id: str, start: datetime, count:
     yield api.StreamSentimentsRequest(trailer=res.StreamTrailer(item_count=count))
 
 
-def run(target: str, api_key: str | None = None, count: int = 1000) -> dict:
+def open_channel(target: str, ca_file: str | None = None, cert_file: str | None = None,
+            key_file: str | None = None) -> grpc.Channel:
+    """A channel to `target`: TLS when `ca_file` (the CA of the server's certificate) is
+    given, with a client certificate for mutual TLS; plaintext otherwise (loopback)."""
+    if not ca_file:
+        return grpc.insecure_channel(target)
+
+    def read(path):
+        with open(path, "rb") as file:
+            return file.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file),
+        private_key=read(key_file) if key_file else None,
+        certificate_chain=read(cert_file) if cert_file else None,
+    )
+    return grpc.secure_channel(target, credentials)
+
+
+def run(target: str, api_key: str | None = None, count: int = 1000, **tls) -> dict:
+    """Records a session end to end; `tls`: ca_file, cert_file, key_file (see open_channel)."""
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, **tls) as channel:
         client = api_grpc.IngestServiceStub(channel)
         start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1)
         user = client.CreateUser(
@@ -83,8 +104,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--server", default="127.0.0.1:50051")
     parser.add_argument("--api-key", default=os.environ.get("KRISP_API_KEY"))
+    parser.add_argument("--ca-file", help="PEM CA of the server's certificate (TLS)")
+    parser.add_argument("--cert-file", help="client certificate (mutual TLS)")
+    parser.add_argument("--key-file", help="client certificate's key (mutual TLS)")
     args = parser.parse_args()
-    result = run(args.server, args.api_key)
+    result = run(args.server, args.api_key, ca_file=args.ca_file, cert_file=args.cert_file,
+                 key_file=args.key_file)
     print(f"user {result['user'].id} ({result['user'].external_id})")
     print(f"participation {result['participation'].id}: talked {result['participation'].talked_time.seconds} s")
     print(f"stream {result['receipt'].stream_id}: {result['receipt'].items_stored} sentiments committed")

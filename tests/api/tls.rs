@@ -69,7 +69,10 @@ fn server_tls(pki: &Pki, mutual: bool) -> Tls {
 
 /// Starts a TLS server; the helpers' own plaintext client is not usable on it.
 async fn tls_app(tls: Tls) -> std::net::SocketAddr {
-    let db = fresh_database().await;
+    tls_app_on(fresh_database().await, tls).await
+}
+
+async fn tls_app_on(db: sqlx::PgPool, tls: Tls) -> std::net::SocketAddr {
     let settings = krisp_ingest::app::Settings {
         tls: Some(tls),
         ..Default::default()
@@ -134,4 +137,71 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         Ok(channel) => list(channel).await.is_err(),
     };
     assert!(without, "a client without a certificate got in");
+}
+
+#[tokio::test]
+async fn the_demo_and_feed_commands_call_over_mutual_tls_with_an_api_key() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let ca = file("ca.pem", &pki.ca);
+    let cert = file("client.pem", &pki.client.0);
+    let key = file("client.key", &pki.client.1);
+    let db = fresh_database().await;
+    let api_key = krisp_ingest::auth::create_key(
+        &db,
+        "cli",
+        &[
+            krisp_ingest::auth::Scope::Ingest,
+            krisp_ingest::auth::Scope::Read,
+        ],
+    )
+    .await
+    .unwrap();
+    let address = tls_app_on(db.clone(), server_tls(&pki, true)).await;
+    // The server's certificate names localhost; an http:// URL is called over https://.
+    let server = format!("http://localhost:{}", address.port());
+    // Run without blocking: the server serves on this test's runtime.
+    let client = |command: &[&str], tls: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
+            .args(command)
+            .args(["--server", &server, "--api-key", &api_key])
+            .args(tls)
+            .env_remove("DATABASE_URL")
+            .output()
+    };
+    let mutual = ["--ca-file", &ca, "--cert-file", &cert, "--key-file", &key];
+    let demo = client(&["demo"], &mutual).await.unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let feed = client(&["feed", "--count", "300", "--batch-size", "100"], &mutual)
+        .await
+        .unwrap();
+    assert!(
+        feed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&feed.stderr)
+    );
+    let sentiments: i64 = sqlx::query_scalar("SELECT count(*) FROM sentiments")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(sentiments >= 300, "{sentiments} sentiments stored");
+    // Without the client certificate the server refuses the connection.
+    let refused = client(&["demo"], &["--ca-file", &ca]).await.unwrap();
+    assert!(!refused.status.success());
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM users")
+            .fetch_one(&db)
+            .await
+            .unwrap(),
+        2
+    );
 }

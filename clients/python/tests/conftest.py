@@ -22,9 +22,10 @@ BINARY = os.environ.get("KRISP_BIN", os.path.join(REPO, "target", "debug", "kris
 
 
 class Server:
-    """A krisp-ingest on a fresh local PostgreSQL of its own, on a free loopback port."""
+    """A krisp-ingest on a fresh local PostgreSQL of its own, on a free loopback port,
+    started with `args`; with `key_name`, an API key (`self.key`) is created first."""
 
-    def __init__(self):
+    def __init__(self, args=(), key_name=None):
         if not os.path.exists(BINARY):
             subprocess.run(["cargo", "build", "--bin", "krisp-ingest"], cwd=REPO, check=True)
         root = tempfile.mkdtemp(prefix="krisp-py-")
@@ -32,7 +33,13 @@ class Server:
         self.env = dict(os.environ, KRISP_DATA_DIR=os.path.join(root, "pg"),
                         KRISP_LISTEN="127.0.0.1:0", KRISP_METRICS_LISTEN="off", RUST_LOG="info")
         self.env.pop("DATABASE_URL", None)
-        self.process = subprocess.Popen([BINARY], env=self.env, stderr=subprocess.PIPE, text=True)
+        self.key = None
+        if key_name:
+            self.key = subprocess.run(
+                [BINARY, "keys", "create", "--name", key_name, "--scope", "ingest", "--scope", "read"],
+                env=self.env, capture_output=True, text=True, check=True).stdout.strip()
+        self.process = subprocess.Popen([BINARY, *args], env=self.env, stderr=subprocess.PIPE,
+                                        text=True)
         self.address = None
         seen = []
         for line in self.process.stderr:

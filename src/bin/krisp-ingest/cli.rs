@@ -152,6 +152,16 @@ pub struct ClientArgs {
     /// API key to send (needed once the server has keys).
     #[arg(long, env = "KRISP_API_KEY")]
     pub api_key: Option<Secret>,
+    /// PEM file of the CA that signed the server's certificate: connect over TLS (an
+    /// http:// --server is then called over https://).
+    #[arg(long, env = "KRISP_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --key-file and --ca-file.
+    #[arg(long, env = "KRISP_CERT_FILE", requires_all = ["key_file", "ca_file"])]
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "KRISP_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

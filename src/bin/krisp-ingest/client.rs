@@ -46,17 +46,45 @@ pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .map(|key| format!("Bearer {}", key.expose()).parse())
         .transpose()
         .context("the API key has characters that cannot go in metadata")?;
-    let channel = Channel::from_shared(args.server.clone())
-        .with_context(|| format!("{:?} is not a server URL", args.server))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach krisp-ingest at {}; is it running?",
-                args.server
-            )
-        })?;
+    let mut server = args.server.clone();
+    let mut endpoint = Channel::from_shared(server.clone())
+        .with_context(|| format!("{server:?} is not a server URL"))?;
+    if let Some(ca_file) = &args.ca_file {
+        if let Some(rest) = server.strip_prefix("http://") {
+            server = format!("https://{rest}");
+            endpoint = Channel::from_shared(server.clone())
+                .with_context(|| format!("{server:?} is not a server URL"))?;
+        }
+        endpoint = endpoint
+            .tls_config(tls_config(ca_file, args)?)
+            .context("the TLS settings")?;
+    }
+    let channel = endpoint.connect().await.with_context(|| {
+        format!(
+            "cannot reach krisp-ingest at {}; is it running?",
+            args.server
+        )
+    })?;
     Ok(IngestServiceClient::with_interceptor(channel, ApiKey(key)))
+}
+
+/// TLS to the server: its CA, and a client certificate when given (mutual TLS).
+fn tls_config(
+    ca_file: &std::path::Path,
+    args: &ClientArgs,
+) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca_file)?));
+    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+        config = config.identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ));
+    }
+    Ok(config)
 }
 
 fn status_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
