@@ -49,7 +49,8 @@ use sqlx::{
 use fixtures::{Fixtures, Measurement, settle};
 use report::{chart, medians};
 use scenarios::{
-    bench_copy, bench_grpc_stream, bench_row_by_row, bench_rss, bench_sqlx_insert, bench_unary,
+    bench_copy, bench_grpc_stream, bench_health, bench_row_by_row, bench_rss, bench_sqlx_insert,
+    bench_unary,
 };
 use server::Server;
 
@@ -282,6 +283,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             eprintln!("round {round}: grpc-unary x{c} ...");
             runs.push(bench_unary(&fx, &server, args.unary_requests, c).await?);
             settle(&pool).await?;
+            eprintln!("round {round}: grpc-health x{c} (the floor) ...");
+            runs.push(bench_health(&server, args.unary_requests, c).await?);
         }
         server.stop().await?;
     }
@@ -313,12 +316,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| method | concurrency | rows | seconds | rows/s (median of {}) | rows/s range | p50 | p99 | CPU s client | CPU s server | CPU s postgres |",
+        "| method | concurrency | rows | seconds | rows/s (median of {}) | rows/s range | p50 | p99 | CPU s client | CPU s server | CPU s postgres | server CPU us/row |",
         args.repeat
     );
     let _ = writeln!(
         out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (m, low, high) in &results {
         let (p50, p99) = m.latency.map_or_else(
@@ -332,7 +335,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         );
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.2} | {:.0} | {low:.0}-{high:.0} | {p50} | {p99} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {low:.0}-{high:.0} | {p50} | {p99} | {:.2} | {:.2} | {:.2} | {:.0} |",
             m.method,
             m.concurrency,
             m.rows,
@@ -341,6 +344,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             m.cpu.client,
             m.cpu.server,
             m.cpu.postgres,
+            m.cpu.server / (m.rows.max(1) as f64) * 1e6,
         );
     }
     let results: Vec<Measurement> = results.into_iter().map(|(m, _, _)| m).collect();
@@ -387,6 +391,13 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             format!("grpc-unary/sqlx-insert ratio at concurrency {c}"),
             at("grpc-unary", c),
             at("sqlx-insert", c),
+        );
+    }
+    for &c in &args.unary_concurrency {
+        ratio(
+            format!("grpc-unary/grpc-health (the floor) ratio at concurrency {c}"),
+            at("grpc-unary", c),
+            at("grpc-health", c),
         );
     }
     ratio(

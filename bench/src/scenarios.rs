@@ -309,8 +309,47 @@ pub(crate) async fn bench_unary(
     })
 }
 
-/// The same single-row INSERT the unary RPC performs, straight through sqlx, with a pool
-/// of `concurrency` connections.
+/// The floor of a unary call on this machine: the server's own health Check (no database:
+/// health answers from the status the monitor keeps), through the same layers (request
+/// id, metrics, auth, admission) as every RPC. What a unary RPC costs above it is our
+/// path's, not gRPC's.
+pub(crate) async fn bench_health(
+    server: &Server,
+    requests: usize,
+    concurrency: usize,
+) -> anyhow::Result<Measurement> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let client = HealthClient::new(server.channel().await?);
+    let probe = CpuProbe::start(Some(server.pid));
+    let (elapsed, latencies) = run_concurrently(requests, concurrency, move |_| {
+        let mut client = client.clone();
+        async move {
+            let request = HealthCheckRequest {
+                service: "krisp.ingest.v1.IngestService".into(),
+            };
+            client.check(request).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(Measurement {
+        method: "grpc-health".into(),
+        concurrency,
+        rows: requests as u64,
+        elapsed,
+        latency: Some((percentile(&latencies, 0.5), percentile(&latencies, 0.99))),
+        cpu: probe.stop(),
+    })
+}
+
+/// Not the same work as the RPC: this is one plain INSERT of a row whose user and
+/// participation the client already knows, with an id made by the client, on a pool of
+/// `concurrency` connections, a commit per row. RecordSentiment also validates the
+/// request, derives the id from `request_id` (retry-safe), and stores through the
+/// batcher: one `INSERT ... SELECT FROM UNNEST(...) JOIN participations` per batch of
+/// concurrent calls, which looks up the participation's user and checks the item lies in
+/// its span, probes the table for the id across partitions (a replayed request stores
+/// nothing), and commits once for the batch.
 pub(crate) async fn bench_sqlx_insert(
     fx: &Arc<Fixtures>,
     options: &PgConnectOptions,

@@ -48,6 +48,7 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
         "| grpc-stream | 2 |",
         "| grpc-unary | 4 |",
         "| sqlx-insert | 4 |",
+        "| grpc-health | 4 |",
     ] {
         assert!(stdout.contains(method), "{method} missing:\n{stdout}");
     }
@@ -57,6 +58,10 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
     );
     assert!(
         stdout.contains("delete-user 4x50 in a 0.02M-row table: "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("grpc-unary/grpc-health (the floor) ratio at concurrency 4: "),
         "{stdout}"
     );
     assert!(
