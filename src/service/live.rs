@@ -31,7 +31,15 @@ use crate::storage::OpenFeed;
 pub const FEED_WINDOW_BYTES: usize = 1 << 20;
 
 type Messages = Pin<Box<dyn Stream<Item = Result<FeedMessage, Error>> + Send>>;
-type Write = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+/// The write of a feed in flight.
+struct Write {
+    commit: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>,
+    /// The position it takes the feed to.
+    through: u64,
+    /// Wire bytes of the appends it carries.
+    bytes: usize,
+}
 
 impl IngestService {
     /// Serves one LiveFeed stream: a reply to each message, in order. The replies end
@@ -79,8 +87,8 @@ struct Session {
     /// Items read and checked, to be written after the write in flight.
     waiting: Vec<FeedEntry>,
     waiting_bytes: usize,
-    /// The write in flight: the position it takes the feed to, and its bytes.
-    writing: Option<(Write, u64, usize)>,
+    /// The write in flight.
+    writing: Option<Write>,
     /// Whether more messages are read (not after a Close, an error or a half-close).
     reading: bool,
     done: bool,
@@ -120,7 +128,7 @@ impl Session {
                 return None;
             }
             let window_open = self.reading
-                && self.waiting_bytes + self.writing.as_ref().map_or(0, |w| w.2)
+                && self.waiting_bytes + self.writing.as_ref().map_or(0, |w| w.bytes)
                     < FEED_WINDOW_BYTES;
             let writing = &mut self.writing;
             let messages = &mut self.messages;
@@ -128,7 +136,7 @@ impl Session {
             let event = tokio::select! {
                 written = async {
                     match writing {
-                        Some((write, ..)) => write.await,
+                        Some(write) => (&mut write.commit).await,
                         None => std::future::pending().await,
                     }
                 } => Event::Written(written),
@@ -183,32 +191,36 @@ impl Session {
             return;
         };
         let items = std::mem::take(&mut self.waiting);
-        let write = self
+        let commit = self
             .service
             .storage
             .append_feed(feed, feed.committed_seq, items);
-        self.writing = Some((Box::pin(write), self.accepted, self.waiting_bytes));
-        self.waiting_bytes = 0;
+        self.writing = Some(Write {
+            commit: Box::pin(commit),
+            through: self.accepted,
+            bytes: std::mem::take(&mut self.waiting_bytes),
+        });
     }
 
+    /// The write in flight ended (a write only starts once the feed is open).
     fn written(&mut self, outcome: Result<(), Error>) {
-        let Some((_, through, _)) = self.writing.take() else {
+        let Some(write) = self.writing.take() else {
             return;
         };
-        match (outcome, self.feed.as_mut()) {
-            (Ok(()), Some(feed)) => feed.committed_seq = through,
-            (outcome, _) => {
+        match outcome {
+            Ok(()) => {
+                if let Some(feed) = self.feed.as_mut() {
+                    feed.committed_seq = write.through;
+                }
+            }
+            Err(error) => {
                 // Nothing of this write, nor of what waits behind it, is acknowledged:
                 // the status ends the call, and the client resumes from the committed
                 // position.
-                let error = outcome.err().unwrap_or_else(|| {
-                    Error::internal(anyhow::anyhow!("a feed was written before it was opened"))
-                });
                 self.waiting.clear();
                 self.waiting_bytes = 0;
                 self.owed.clear();
-                self.owed.push_back(Owed::Fail(error));
-                self.reading = false;
+                self.fail(error);
             }
         }
     }

@@ -1,8 +1,8 @@
 //! Group commit for the unary record RPCs: calls that arrive while others are being
 //! written are gathered and written together, in one statement and one commit (a call
-//! with no other in flight writes its row itself). Each call
-//! still returns only once its own row is committed (or refused); a batch that fails is
-//! retried item by item, so that one item's failure is never another's.
+//! with no other in flight writes its row itself). Each call still returns only once
+//! its own row is committed (or refused); a batch that fails is retried item by item, so
+//! that one item's failure is never another's.
 
 use std::{
     collections::HashSet,
@@ -76,8 +76,7 @@ impl<T: FeedTable> Batcher<T> {
         let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
         let _in_flight = InFlight(&self.in_flight);
         if alone {
-            let stored = T::insert_checked(&self.pool, std::slice::from_ref(&row)).await?;
-            return Ok(stored.contains(&row.id));
+            return insert_one(&self.pool, &row).await;
         }
         let (done, outcome) = oneshot::channel();
         self.queue
@@ -129,11 +128,14 @@ async fn write<T: FeedTable>(pool: &PgPool, batch: Vec<Job<T>>) {
         Err(_) => {
             // Nothing of the batch was stored: retry alone, so each gets its own outcome.
             for (row, reply) in rows.iter().zip(replies) {
-                let outcome = T::insert_checked(pool, std::slice::from_ref(row))
-                    .await
-                    .map(|stored| stored.contains(&row.id));
-                let _ = reply.send(outcome);
+                let _ = reply.send(insert_one(pool, row).await);
             }
         }
     }
+}
+
+/// Writes `row` alone: whether it was stored.
+async fn insert_one<T: FeedTable>(pool: &PgPool, row: &Unary<T>) -> Result<bool, Error> {
+    let stored = T::insert_checked(pool, std::slice::from_ref(row)).await?;
+    Ok(stored.contains(&row.id))
 }

@@ -46,15 +46,14 @@ pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .map(|key| format!("Bearer {}", key.expose()).parse())
         .transpose()
         .context("the API key has characters that cannot go in metadata")?;
-    let mut server = args.server.clone();
+    // With a CA file the call goes over TLS: an http:// URL is called over https://.
+    let server = match (&args.ca_file, args.server.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => args.server.clone(),
+    };
     let mut endpoint = Channel::from_shared(server.clone())
         .with_context(|| format!("{server:?} is not a server URL"))?;
     if let Some(ca_file) = &args.ca_file {
-        if let Some(rest) = server.strip_prefix("http://") {
-            server = format!("https://{rest}");
-            endpoint = Channel::from_shared(server.clone())
-                .with_context(|| format!("{server:?} is not a server URL"))?;
-        }
         endpoint = endpoint
             .tls_config(tls_config(ca_file, args)?)
             .context("the TLS settings")?;
