@@ -1,16 +1,11 @@
 //! Group commit for the unary record RPCs: calls that arrive while others are being
-//! written are gathered and written together, in one statement and one commit (a call
-//! with no other in flight writes its row itself). Each call still returns only once
-//! its own row is committed (or refused); a batch that fails is retried item by item, so
-//! that one item's failure is never another's.
+//! written are gathered and written together, in one statement and one commit. Each call
+//! still returns only once its own row is committed (or refused); a batch that fails is
+//! retried item by item, so that one item's failure is never another's. (A lone call
+//! writing its row itself, without the hand-off, was measured and bought nothing
+//! measurable: docs/BENCHMARKS.md, issue 16.)
 
-use std::{
-    collections::HashSet,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-};
+use std::{collections::HashSet, sync::Arc};
 
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -30,18 +25,6 @@ struct Job<T> {
 /// Writes unary items of one table in batches, with a few writers in parallel.
 pub struct Batcher<T> {
     queue: mpsc::Sender<Job<T>>,
-    pool: PgPool,
-    /// Calls between their start and their outcome, on either path.
-    in_flight: AtomicUsize,
-}
-
-/// Counts a call in flight until dropped.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl<T> std::fmt::Debug for Batcher<T> {
@@ -58,26 +41,12 @@ impl<T: FeedTable> Batcher<T> {
         for _ in 0..writers.max(1) {
             tokio::spawn(write_batches(pool.clone(), Arc::clone(&jobs)));
         }
-        Self {
-            queue,
-            pool,
-            in_flight: AtomicUsize::new(0),
-        }
+        Self { queue }
     }
 
     /// Stores `row` once it can be committed: `true` when stored, `false` when its
     /// participation is missing or the item lies outside it.
-    ///
-    /// A call that finds no other in flight writes its row itself: there is nothing to
-    /// group it with, and handing it to a writer task would only add two task wake-ups
-    /// (docs/BENCHMARKS.md, issue 16). Calls that overlap go through the writers and
-    /// share statements and commits.
     pub async fn insert(&self, row: Unary<T>) -> Result<bool, Error> {
-        let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
-        let _in_flight = InFlight(&self.in_flight);
-        if alone {
-            return insert_one(&self.pool, &row).await;
-        }
         let (done, outcome) = oneshot::channel();
         self.queue
             .send(Job { row, done })
@@ -128,14 +97,11 @@ async fn write<T: FeedTable>(pool: &PgPool, batch: Vec<Job<T>>) {
         Err(_) => {
             // Nothing of the batch was stored: retry alone, so each gets its own outcome.
             for (row, reply) in rows.iter().zip(replies) {
-                let _ = reply.send(insert_one(pool, row).await);
+                let outcome = T::insert_checked(pool, std::slice::from_ref(row))
+                    .await
+                    .map(|stored| stored.contains(&row.id));
+                let _ = reply.send(outcome);
             }
         }
     }
-}
-
-/// Writes `row` alone: whether it was stored.
-async fn insert_one<T: FeedTable>(pool: &PgPool, row: &Unary<T>) -> Result<bool, Error> {
-    let stored = T::insert_checked(pool, std::slice::from_ref(row)).await?;
-    Ok(stored.contains(&row.id))
 }
