@@ -113,6 +113,20 @@ impl Fixtures {
         })
     }
 
+    /// `n` new users without participations, made in one statement.
+    pub(crate) async fn users(&self, n: usize) -> anyhow::Result<Vec<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "WITH claimed AS (INSERT INTO user_external_ids (external_id, user_id) \
+                              SELECT 'unary-' || gen_random_uuid(), gen_random_uuid() \
+                              FROM generate_series(1, $1) RETURNING external_id, user_id) \
+             INSERT INTO users (id, external_id) SELECT user_id, external_id FROM claimed \
+             RETURNING id",
+        )
+        .bind(i64::try_from(n)?)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// `n` new users with an open participation each in the benchmark session, made in
     /// one statement.
     pub(crate) async fn participations(&self, n: usize) -> anyhow::Result<Vec<Participation>> {

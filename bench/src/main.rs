@@ -3,15 +3,17 @@
 //! 1. `copy`: binary `COPY ... FROM STDIN` straight into the tables (the limit),
 //! 2. `row-by-row`: one INSERT per row in one transaction (the original pipeline),
 //! 3. `grpc-stream`: krisp-ingest end to end, tonic clients streaming over loopback,
-//! 4. `grpc-unary`: RecordSentiment against the same single-row INSERT through sqlx,
+//! 4. unary calls ([`unary`]): RecordSentiment (`grpc-unary`), GetUser, JoinSession and
+//!    the timeline's first entry, each against its direct-SQL equivalent through sqlx at
+//!    the same concurrency, and the floor of a unary call (the server's health Check),
 //!
-//! and reports rows/s, latencies, CPU time per process, and the server's peak RSS during
+//! and reports rows (calls)/s, latencies, CPU time per process, and the server's peak RSS during
 //! one long stream; then `delete-user` ([`delete_user`]): DeleteUser in a large table,
 //! and what the schema that makes it fast costs stream ingest. It ends with
 //! `stream/copy ratio: X.XX`.
 //!
 //! Modules: [`server`] (the server under test), [`probes`] (CPU and memory from /proc),
-//! [`fixtures`] (data), [`scenarios`] (the measurements), [`delete_user`], [`report`].
+//! [`fixtures`] (data), [`scenarios`] (the bulk measurements), [`unary`], [`delete_user`], [`report`].
 //!
 //! The server runs as a child process (this binary, `serve` subcommand), so its memory
 //! and CPU are measured on their own.
@@ -24,6 +26,7 @@ mod probes;
 mod report;
 mod scenarios;
 mod server;
+mod unary;
 
 /// mimalloc rather than the system allocator: with thousands of open streams, glibc's
 /// malloc fragmented (RSS stayed at its peak after the streams ended) and showed in the
@@ -48,10 +51,7 @@ use sqlx::{
 
 use fixtures::{Fixtures, Measurement, settle};
 use report::{chart, medians};
-use scenarios::{
-    bench_copy, bench_grpc_stream, bench_health, bench_row_by_row, bench_rss, bench_sqlx_insert,
-    bench_unary,
-};
+use scenarios::{bench_copy, bench_grpc_stream, bench_row_by_row, bench_rss};
 use server::Server;
 
 const BENCH_DATABASE: &str = "krisp_bench";
@@ -80,12 +80,20 @@ struct Args {
     /// Sentiments per stream message.
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
-    /// Requests per measurement of grpc-unary and sqlx-insert.
+    /// Calls per measurement of each unary RPC and its direct-SQL equivalent.
     #[arg(long, default_value_t = 4000)]
     unary_requests: usize,
-    /// Concurrency levels of grpc-unary and sqlx-insert.
+    /// Concurrency levels of the unary calls and their direct-SQL equivalents.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     unary_concurrency: Vec<usize>,
+    /// The unary RPCs measured, each against its direct-SQL equivalent.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "record,get-user,join-session,timeline"
+    )]
+    unary_cases: Vec<unary::Case>,
     /// Rows of the single stream during which the server's peak RSS is measured.
     #[arg(long, default_value_t = 1_000_000)]
     rss_rows: u64,
@@ -264,30 +272,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         runs.push(bench_row_by_row(&fx, args.row_by_row_rows).await?);
         settle(&pool).await?;
     }
-    // Unary: all direct sqlx rounds, then all gRPC rounds, so that the two sides' pools
-    // (up to 64 connections each) never hold connections at the same time.
     server.stop().await?;
-    for round in 1..=args.repeat {
-        for &c in &args.unary_concurrency {
-            eprintln!("round {round}: sqlx-insert x{c} ...");
-            runs.push(bench_sqlx_insert(&fx, &options, args.unary_requests, c).await?);
-            settle(&pool).await?;
-        }
-    }
-    // Each concurrency gets a server whose pool has as many connections as the
-    // baseline's, warmed up (connections opened, statements prepared) before timing.
-    for &c in &args.unary_concurrency {
-        let server = Server::start(args, c).await?;
-        bench_unary(&fx, &server, c * 20, c).await?;
-        for round in 1..=args.repeat {
-            eprintln!("round {round}: grpc-unary x{c} ...");
-            runs.push(bench_unary(&fx, &server, args.unary_requests, c).await?);
-            settle(&pool).await?;
-            eprintln!("round {round}: grpc-health x{c} (the floor) ...");
-            runs.push(bench_health(&server, args.unary_requests, c).await?);
-        }
-        server.stop().await?;
-    }
+    runs.extend(unary::run(args, &fx, &options).await?);
     eprintln!(
         "server memory during one stream of {} rows ...",
         args.rss_rows
@@ -386,19 +372,22 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         best("grpc-stream"),
         best("row-by-row"),
     );
-    for &c in &args.unary_concurrency {
-        ratio(
-            format!("grpc-unary/sqlx-insert ratio at concurrency {c}"),
-            at("grpc-unary", c),
-            at("sqlx-insert", c),
-        );
-    }
-    for &c in &args.unary_concurrency {
-        ratio(
-            format!("grpc-unary/grpc-health (the floor) ratio at concurrency {c}"),
-            at("grpc-unary", c),
-            at("grpc-health", c),
-        );
+    for &case in &args.unary_cases {
+        let (grpc, sql) = case.methods();
+        for &c in &args.unary_concurrency {
+            ratio(
+                format!("{grpc}/{sql} ratio at concurrency {c}"),
+                at(grpc, c),
+                at(sql, c),
+            );
+        }
+        for &c in &args.unary_concurrency {
+            ratio(
+                format!("{grpc}/grpc-health (the floor) ratio at concurrency {c}"),
+                at(grpc, c),
+                at("grpc-health", c),
+            );
+        }
     }
     ratio(
         format!(

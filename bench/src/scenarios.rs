@@ -1,5 +1,5 @@
-//! The measurements: copy, row-by-row, grpc-stream, grpc-unary, sqlx-insert, and the
-//! server's memory during one long stream.
+//! The measurements of bulk loads: copy, row-by-row, grpc-stream, and the server's memory
+//! during one long stream (unary calls: [`crate::unary`]).
 
 use std::{
     sync::{
@@ -15,7 +15,6 @@ use krisp_ingest::{
     domain::{self, NewSentiment, Participation, StreamHeader},
     proto::{self, ingest_service_client::IngestServiceClient, stream_sentiments_request::Frame},
 };
-use sqlx::postgres::PgConnectOptions;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -270,133 +269,6 @@ where
     let elapsed = started.elapsed();
     latencies.sort();
     Ok((elapsed, latencies))
-}
-
-pub(crate) async fn bench_unary(
-    fx: &Arc<Fixtures>,
-    server: &Server,
-    requests: usize,
-    concurrency: usize,
-) -> anyhow::Result<Measurement> {
-    let participation = fx.participation().await?;
-    let client = IngestServiceClient::new(server.channel().await?);
-    let participation_id = participation.id.to_string();
-    let generator = Arc::clone(fx);
-    let probe = CpuProbe::start(Some(server.pid));
-    let (elapsed, latencies) = run_concurrently(requests, concurrency, move |i| {
-        let mut client = client.clone();
-        let request = proto::RecordSentimentRequest {
-            // Retry-safe calls, as a careful client makes them.
-            request_id: Uuid::new_v4().to_string(),
-            participation_id: participation_id.clone(),
-            sentiment: Some(generator.proto_sentiment(i)),
-        };
-        async move {
-            client.record_sentiment(request).await?;
-            Ok(())
-        }
-    })
-    .await?;
-    let cpu = probe.stop();
-    check_stored(fx, &participation, requests as u64).await?;
-    Ok(Measurement {
-        method: "grpc-unary".into(),
-        concurrency,
-        rows: requests as u64,
-        elapsed,
-        latency: Some((percentile(&latencies, 0.5), percentile(&latencies, 0.99))),
-        cpu,
-    })
-}
-
-/// The floor of a unary call on this machine: the server's own health Check (no database:
-/// health answers from the status the monitor keeps), through the same layers (request
-/// id, metrics, auth, admission) as every RPC. What a unary RPC costs above it is our
-/// path's, not gRPC's.
-pub(crate) async fn bench_health(
-    server: &Server,
-    requests: usize,
-    concurrency: usize,
-) -> anyhow::Result<Measurement> {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let client = HealthClient::new(server.channel().await?);
-    let probe = CpuProbe::start(Some(server.pid));
-    let (elapsed, latencies) = run_concurrently(requests, concurrency, move |_| {
-        let mut client = client.clone();
-        async move {
-            let request = HealthCheckRequest {
-                service: "krisp.ingest.v1.IngestService".into(),
-            };
-            client.check(request).await?;
-            Ok(())
-        }
-    })
-    .await?;
-    Ok(Measurement {
-        method: "grpc-health".into(),
-        concurrency,
-        rows: requests as u64,
-        elapsed,
-        latency: Some((percentile(&latencies, 0.5), percentile(&latencies, 0.99))),
-        cpu: probe.stop(),
-    })
-}
-
-/// Not the same work as the RPC: this is one plain INSERT of a row whose user and
-/// participation the client already knows, with an id made by the client, on a pool of
-/// `concurrency` connections, a commit per row. RecordSentiment also validates the
-/// request, derives the id from `request_id` (retry-safe), and stores through the
-/// batcher: one `INSERT ... SELECT FROM UNNEST(...) JOIN participations` per batch of
-/// concurrent calls, which looks up the participation's user and checks the item lies in
-/// its span, probes the table for the id across partitions (a replayed request stores
-/// nothing), and commits once for the batch.
-pub(crate) async fn bench_sqlx_insert(
-    fx: &Arc<Fixtures>,
-    options: &PgConnectOptions,
-    requests: usize,
-    concurrency: usize,
-) -> anyhow::Result<Measurement> {
-    let participation = fx.participation().await?;
-    let pool = krisp_ingest::app::pool_options(u32::try_from(concurrency)?)
-        .min_connections(u32::try_from(concurrency)?)
-        .connect_with(options.clone())
-        .await?;
-    let generator = Arc::clone(fx);
-    let (user_id, participation_id) = (participation.user_id, participation.id);
-    let task_pool = pool.clone();
-    let probe = CpuProbe::start(None);
-    let (elapsed, latencies) = run_concurrently(requests, concurrency, move |i| {
-        let pool = task_pool.clone();
-        let s = generator.sentiment(i);
-        async move {
-            sqlx::query(
-                "INSERT INTO sentiments (id, user_id, participation_id, started_at, ended_at, label, score) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(user_id)
-            .bind(participation_id)
-            .bind(s.started_at)
-            .bind(s.ended_at)
-            .bind(s.label.as_str())
-            .bind(s.score)
-            .execute(&pool)
-            .await?;
-            Ok(())
-        }
-    })
-    .await?;
-    let cpu = probe.stop();
-    pool.close().await;
-    check_stored(fx, &participation, requests as u64).await?;
-    Ok(Measurement {
-        method: "sqlx-insert".into(),
-        concurrency,
-        rows: requests as u64,
-        elapsed,
-        latency: Some((percentile(&latencies, 0.5), percentile(&latencies, 0.99))),
-        cpu,
-    })
 }
 
 /// Peak resident memory of a fresh server while it ingests one stream of `rows`.

@@ -49,6 +49,12 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
         "| grpc-unary | 4 |",
         "| sqlx-insert | 4 |",
         "| grpc-health | 4 |",
+        "| grpc-get-user | 4 |",
+        "| sqlx-get-user | 4 |",
+        "| grpc-join-session | 4 |",
+        "| sqlx-join-session | 4 |",
+        "| grpc-timeline-first | 1 |",
+        "| sqlx-timeline-first | 1 |",
     ] {
         assert!(stdout.contains(method), "{method} missing:\n{stdout}");
     }
@@ -62,6 +68,10 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
     );
     assert!(
         stdout.contains("grpc-unary/grpc-health (the floor) ratio at concurrency 4: "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("grpc-timeline-first/sqlx-timeline-first ratio at concurrency 4: "),
         "{stdout}"
     );
     assert!(

@@ -17,12 +17,22 @@ use crate::{
 /// feeds five (`storage::FEED_CONNECTIONS`); the pool holds the rest (at least one). Connections are not pinged before each use: that would add a round trip to
 /// every unary call (measured in docs/BENCHMARKS.md); a connection found broken fails
 /// its call with UNAVAILABLE and is replaced.
+///
+/// Every statement runs its generic plan (`plan_cache_mode = force_generic_plan`, set once
+/// per connection): the service's statements are prepared and reused, and PostgreSQL's
+/// default re-plans a statement for every execution when the generic plan's guessed cost
+/// is higher than a custom plan's. For the unary records (a join of arrays with
+/// participations and a look-up across every partition) that meant 0.36 ms of planning
+/// per call once participations held 30,000 rows (pgbench, measured: 0.73 ms against 0.36
+/// ms per statement; docs/BENCHMARKS.md, issue 16). The statements are written so that
+/// their generic plans use the keys (`storage::items::FeedTable::insert_checked`).
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     let own = 1 + storage::FEED_CONNECTIONS;
     PgPoolOptions::new()
         .max_connections(max_connections.saturating_sub(own).max(1))
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
+        .after_connect(|conn, _| Box::pin(storage::use_generic_plans(conn)))
 }
 
 /// The database the service runs against, and the local cluster behind it, if any.

@@ -71,7 +71,7 @@ impl FeedTable for NewEvent {
              SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
              FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
                   AS t(participation_id, id, occurred_at, kind, attributes) \
-             JOIN participations p ON p.id = t.participation_id \
+             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
              LEFT JOIN LATERAL (SELECT true AS taken FROM events e \
                                 WHERE e.user_id = p.user_id AND e.id = t.id LIMIT 1) x ON true \
              WHERE p.connected_at <= t.occurred_at \

@@ -215,6 +215,14 @@ impl HealthProbe {
     }
 }
 
+/// Makes `conn` run the generic plan of every prepared statement (`app::pool_options`
+/// and `feeds::append_feeds` say why).
+pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan")
+        .await
+        .map(drop)
+}
+
 /// A feed table with a group-commit writer in [`Storage`].
 pub trait Batched: FeedTable {
     fn batcher(storage: &Storage) -> &Batcher<Self>;
@@ -247,13 +255,7 @@ impl Storage {
             .max_connections(FEED_CONNECTIONS)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .test_before_acquire(false)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan")
-                        .await
-                        .map(drop)
-                })
-            })
+            .after_connect(|conn, _| Box::pin(use_generic_plans(conn)))
             .connect_lazy_with((*pool.connect_options()).clone());
         Self {
             sentiments: Arc::new(Batcher::spawn(pool.clone(), writers)),

@@ -73,7 +73,7 @@ impl FeedTable for NewSentiment {
              FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
                          $5::text[], $6::float8[]) \
                   AS t(participation_id, id, started_at, ended_at, label, score) \
-             JOIN participations p ON p.id = t.participation_id \
+             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
              LEFT JOIN LATERAL (SELECT true AS taken FROM sentiments s \
                                 WHERE s.user_id = p.user_id AND s.id = t.id LIMIT 1) x ON true \
              WHERE p.connected_at <= t.started_at \
