@@ -2,7 +2,7 @@ use krisp_ingest::proto::{self, timeline_entry::Entry};
 use tonic::Code;
 
 use crate::helpers::{
-    at, count, refuse_sentiments_scored, sentiments, spawn_app, t0, violated_fields,
+    at, count, eventually, refuse_sentiments_scored, sentiments, spawn_app, t0, violated_fields,
 };
 
 fn sentiment(start: i64, end: i64, score: Option<f64>) -> proto::NewSentiment {
@@ -344,4 +344,59 @@ async fn concurrent_records_each_get_their_own_outcome() {
         count(&app.db, "SELECT count(*) FROM sentiments").await,
         stored
     );
+}
+
+/// Group commit writes one batch at a time, but a batch stuck on a lock does not hold up
+/// the calls behind it: after a short wait the next batch goes beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stuck_on_a_lock_does_not_hold_up_other_calls() {
+    let app = spawn_app().await;
+    let stuck = app.participation().await;
+    let other = app.participation().await;
+    // Another session locks the stuck participation's row: a sentiment of it waits in
+    // its foreign-key check until that transaction ends.
+    let mut locker = app.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM participations WHERE id = $1::uuid FOR UPDATE")
+        .bind(&stuck.id)
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let record = |participation_id: &str, second: i64| {
+        let mut client = app.client.clone();
+        let request = proto::RecordSentimentRequest {
+            request_id: String::new(),
+            participation_id: participation_id.to_owned(),
+            sentiment: Some(sentiment(second, second + 1, None)),
+        };
+        async move { client.record_sentiment(request).await.map(drop) }
+    };
+    let waiting = tokio::spawn(record(&stuck.id, 1));
+    eventually("the stuck call's batch waits on the lock", || async {
+        count(
+            &app.db,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO sentiments%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    for second in 0..5 {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            record(&other.id, second),
+        )
+        .await
+        .expect("a call was held up behind the stuck batch")
+        .unwrap();
+    }
+    assert!(!waiting.is_finished());
+    locker.rollback().await.unwrap();
+    waiting.await.unwrap().unwrap();
+    let stored = |id: &str| {
+        let sql = format!("SELECT count(*) FROM sentiments WHERE participation_id = '{id}'");
+        let db = app.db.clone();
+        async move { count(&db, &sql).await }
+    };
+    assert_eq!((stored(&stuck.id).await, stored(&other.id).await), (1, 5));
 }
