@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::{
     Args,
-    fixtures::{Fixtures, Measurement, settle},
+    fixtures::{Fixtures, Measurement, checkpoint},
     probes::CpuProbe,
     scenarios::{check_stored, percentile, run_concurrently},
     server::Server,
@@ -298,8 +298,13 @@ async fn sql_side(
     concurrency: usize,
 ) -> anyhow::Result<Measurement> {
     let size = u32::try_from(concurrency)?;
-    let pool = krisp_ingest::app::pool_options(size)
+    // As many connections as calls in flight, with the service's planner setting
+    // (`app::pool_options` would leave out the connections the service keeps apart).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
         .min_connections(size)
+        .test_before_acquire(false)
+        .after_connect(|conn, _| Box::pin(krisp_ingest::storage::use_generic_plans(conn)))
         .connect_with(options.clone())
         .await?;
     // Warm-up (statements prepared on every connection), not timed.
@@ -359,9 +364,12 @@ async fn floor(
     measure("grpc-health", call, requests, concurrency, Some(server.pid)).await
 }
 
-/// Every case of `args.unary_cases` at every concurrency, `args.repeat` rounds: first all
-/// direct-SQL rounds, then all gRPC rounds with the floor, so that the two sides' pools
-/// (up to 64 connections each) never hold connections at the same time.
+/// Every case of `args.unary_cases` at every concurrency, `args.repeat` rounds. Each
+/// round measures the direct-SQL side, then the gRPC side and the floor on a fresh server
+/// whose pool has as many connections as the baseline's, warmed up (connections opened,
+/// statements prepared) before timing: the sides alternate, so that drift on the machine
+/// hits both, and their pools (up to 64 connections each) never hold connections at the
+/// same time.
 pub(crate) async fn run(
     args: &Args,
     fx: &Arc<Fixtures>,
@@ -369,35 +377,30 @@ pub(crate) async fn run(
 ) -> anyhow::Result<Vec<Measurement>> {
     let mut runs = Vec::new();
     let requests = args.unary_requests;
-    for round in 1..=args.repeat {
-        for &c in &args.unary_concurrency {
+    for &c in &args.unary_concurrency {
+        for round in 1..=args.repeat {
             for &case in &args.unary_cases {
                 eprintln!("round {round}: {} x{c} ...", case.methods().1);
                 runs.push(sql_side(fx, options, case, requests, c).await?);
-                settle(&fx.pool).await?;
+                checkpoint(&fx.pool).await?;
             }
-        }
-    }
-    // Each concurrency gets a server whose pool has as many connections as the
-    // baseline's, warmed up (connections opened, statements prepared) before timing.
-    for &c in &args.unary_concurrency {
-        let server = Server::start(args, c).await?;
-        let started = Instant::now();
-        for &case in &args.unary_cases {
-            grpc_side(fx, &server, case, c * 20, c).await?;
-        }
-        floor(&server, c * 20, c).await?;
-        eprintln!("warm-up x{c}: {:.1} s", started.elapsed().as_secs_f64());
-        for round in 1..=args.repeat {
+            let server = Server::start(args, c).await?;
+            let started = Instant::now();
+            for &case in &args.unary_cases {
+                grpc_side(fx, &server, case, c * 20, c).await?;
+            }
+            floor(&server, c * 20, c).await?;
+            checkpoint(&fx.pool).await?;
+            eprintln!("warm-up x{c}: {:.1} s", started.elapsed().as_secs_f64());
             for &case in &args.unary_cases {
                 eprintln!("round {round}: {} x{c} ...", case.methods().0);
                 runs.push(grpc_side(fx, &server, case, requests, c).await?);
-                settle(&fx.pool).await?;
+                checkpoint(&fx.pool).await?;
             }
             eprintln!("round {round}: grpc-health x{c} (the floor) ...");
             runs.push(floor(&server, requests, c).await?);
+            server.stop().await?;
         }
-        server.stop().await?;
     }
     Ok(runs)
 }

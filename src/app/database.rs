@@ -14,7 +14,8 @@ use crate::{
 
 /// The service's pool settings for a service of `max_connections` database connections
 /// in all: the health probe keeps one of its own (`Storage::health_probe`) and the live
-/// feeds five (`storage::FEED_CONNECTIONS`); the pool holds the rest (at least one). Connections are not pinged before each use: that would add a round trip to
+/// feeds five (`storage::FEED_CONNECTIONS`), the unary writers three
+/// (`storage::UNARY_CONNECTIONS`); the pool holds the rest (at least one). Connections are not pinged before each use: that would add a round trip to
 /// every unary call (measured in docs/BENCHMARKS.md); a connection found broken fails
 /// its call with UNAVAILABLE and is replaced.
 ///
@@ -27,7 +28,7 @@ use crate::{
 /// ms per statement; docs/BENCHMARKS.md, issue 16). The statements are written so that
 /// their generic plans use the keys (`storage::items::FeedTable::insert_checked`).
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
-    let own = 1 + storage::FEED_CONNECTIONS;
+    let own = 1 + storage::FEED_CONNECTIONS + storage::UNARY_CONNECTIONS;
     PgPoolOptions::new()
         .max_connections(max_connections.saturating_sub(own).max(1))
         .acquire_timeout(Duration::from_secs(5))

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -102,7 +102,17 @@ async fn write_batches<T: FeedTable>(
             }
         }
         let started = writes.start();
-        write(&pool, batch).await;
+        match pool.acquire().await {
+            Ok(mut conn) => write(&mut conn, batch).await,
+            Err(error) => {
+                // No connection to be had: UNAVAILABLE (retryable) for every call.
+                let message = error.to_string();
+                for job in batch {
+                    let io = std::io::Error::other(message.clone());
+                    let _ = job.done.send(Err(Error::from(sqlx::Error::Io(io))));
+                }
+            }
+        }
         writes.finish(started);
     }
 }
@@ -156,10 +166,11 @@ impl Writes {
     }
 }
 
-async fn write<T: FeedTable>(pool: &PgPool, batch: Vec<Job<T>>) {
+/// Writes `batch` on `conn`, replying to each job.
+async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) {
     let (rows, replies): (Vec<Unary<T>>, Vec<_>) =
         batch.into_iter().map(|job| (job.row, job.done)).unzip();
-    match T::insert_checked(pool, &rows).await {
+    match T::insert_checked(conn, &rows).await {
         Ok(stored) => {
             let stored: HashSet<Uuid> = stored.into_iter().collect();
             for (row, reply) in rows.iter().zip(replies) {
@@ -174,7 +185,7 @@ async fn write<T: FeedTable>(pool: &PgPool, batch: Vec<Job<T>>) {
         Err(_) => {
             // Nothing of the batch was stored: retry alone, so each gets its own outcome.
             for (row, reply) in rows.iter().zip(replies) {
-                let outcome = T::insert_checked(pool, std::slice::from_ref(row))
+                let outcome = T::insert_checked(conn, std::slice::from_ref(row))
                     .await
                     .map(|stored| stored.contains(&row.id));
                 let _ = reply.send(outcome);

@@ -1,7 +1,7 @@
 //! The events table: COPY rows, the checked unary insert, and the read-back.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{
@@ -56,7 +56,10 @@ impl FeedTable for NewEvent {
         Ok(())
     }
 
-    async fn insert_checked(pool: &PgPool, rows: &[Unary<Self>]) -> Result<Vec<Uuid>, Error> {
+    async fn insert_checked(
+        conn: &mut PgConnection,
+        rows: &[Unary<Self>],
+    ) -> Result<Vec<Uuid>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.occurred_at).collect();
@@ -85,7 +88,7 @@ impl FeedTable for NewEvent {
         .bind(occurred)
         .bind(kinds)
         .bind(attributes)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(Error::from)
     }

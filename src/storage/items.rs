@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::copy::CopyEncoder;
@@ -37,7 +37,7 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     /// scanning every participation (5 ms per call with 26,000 of them, measured; issue
     /// 16). Returns the ids stored; the caller finds out why any other was not.
     fn insert_checked<'c>(
-        pool: &'c PgPool,
+        conn: &'c mut PgConnection,
         rows: &'c [Unary<Self>],
     ) -> impl Future<Output = Result<Vec<Uuid>, Error>> + Send + 'c;
 

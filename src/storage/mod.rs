@@ -174,6 +174,19 @@ const FEED_OPENS: u32 = 2;
 /// pool, so that `--max-connections` stays the total).
 pub const FEED_CONNECTIONS: u32 = FEED_WRITERS + FEED_OPENS;
 
+/// Writers per unary table: one batch is written at a time, the second only beside a
+/// stalled one (`batch`).
+const UNARY_WRITERS: usize = 2;
+
+/// The unary writers' connections, outside the pool: one batch of each table in flight,
+/// and one beside a stalled batch. So few that each has the batch statement prepared and
+/// planned: through the pool, whose idle connections are handed out in turn, a batch
+/// found a connection without the plan after any invalidation, and planning it (2-4 ms
+/// with 11 partitions) held up every call of the batch; with 58 connections open, the
+/// unary records at 64 calls in flight lost a third of their speed (measured,
+/// docs/BENCHMARKS.md, issue 16).
+pub const UNARY_CONNECTIONS: u32 = 3;
+
 /// A stream's turn to hold one of the pool's connections, until dropped.
 pub struct StreamSlot {
     _permit: OwnedSemaphorePermit,
@@ -223,6 +236,18 @@ pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx
         .map(drop)
 }
 
+/// A pool of `size` connections beside `pool`, to the same database, connected when first
+/// used, with generic plans (the feed writers' batch UPDATE then looks each feed up by its
+/// key: `feeds::append_feeds` says why).
+fn side_pool(pool: &PgPool, size: u32) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .test_before_acquire(false)
+        .after_connect(|conn, _| Box::pin(use_generic_plans(conn)))
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// A feed table with a group-commit writer in [`Storage`].
 pub trait Batched: FeedTable {
     fn batcher(storage: &Storage) -> &Batcher<Self>;
@@ -241,25 +266,19 @@ impl Batched for NewEvent {
 }
 
 impl Storage {
-    /// Wraps `pool` and starts the unary writers (half the pool's connections at most,
-    /// so that streams always find connections too). Needs a tokio runtime.
+    /// Wraps `pool` and starts the unary and live-feed writers, on connections of their
+    /// own beside the pool ([`UNARY_CONNECTIONS`], [`FEED_CONNECTIONS`]). Needs a tokio
+    /// runtime.
     pub fn new(pool: PgPool) -> Self {
         let connections = pool.options().get_max_connections();
-        let writers = usize::try_from(connections / 2).unwrap_or(1).max(1);
         let stream_slots = Arc::new(Semaphore::new(stream_share(connections)));
-        // The live feeds' own connections, beside the pool: thousands of feeds cost the
-        // database no more than these (and `--max-connections` counts them).
-        // Generic plans on them: the feed writers' batch UPDATE then looks each feed up by
-        // its key (feeds::append_feeds says why); set once per connection, not per batch.
-        let feed_pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(FEED_CONNECTIONS)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .test_before_acquire(false)
-            .after_connect(|conn, _| Box::pin(use_generic_plans(conn)))
-            .connect_lazy_with((*pool.connect_options()).clone());
+        // Thousands of feeds, or of unary calls, cost the database no more than these
+        // connections (and `--max-connections` counts them).
+        let feed_pool = side_pool(&pool, FEED_CONNECTIONS);
+        let unary_pool = side_pool(&pool, UNARY_CONNECTIONS);
         Self {
-            sentiments: Arc::new(Batcher::spawn(pool.clone(), writers)),
-            events: Arc::new(Batcher::spawn(pool.clone(), writers)),
+            sentiments: Arc::new(Batcher::spawn(unary_pool.clone(), UNARY_WRITERS)),
+            events: Arc::new(Batcher::spawn(unary_pool, UNARY_WRITERS)),
             feeds: Arc::new(feed_writer::FeedWriter::spawn(
                 feed_pool.clone(),
                 FEED_WRITERS as usize,

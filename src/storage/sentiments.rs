@@ -1,7 +1,7 @@
 //! The sentiments table: COPY rows, the checked unary insert, and the read-back.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{
@@ -59,7 +59,10 @@ impl FeedTable for NewSentiment {
         Ok(())
     }
 
-    async fn insert_checked(pool: &PgPool, rows: &[Unary<Self>]) -> Result<Vec<Uuid>, Error> {
+    async fn insert_checked(
+        conn: &mut PgConnection,
+        rows: &[Unary<Self>],
+    ) -> Result<Vec<Uuid>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.started_at).collect();
@@ -88,7 +91,7 @@ impl FeedTable for NewSentiment {
         .bind(ended)
         .bind(labels)
         .bind(scores)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(Error::from)
     }
