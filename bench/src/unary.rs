@@ -202,8 +202,8 @@ const TIMELINE_QUERY: &str = "SELECT false AS is_event, id, started_at AS at, en
 /// - GetUser: the same SELECT by primary key the RPC runs; the RPC adds only gRPC and the
 ///   conversion.
 /// - JoinSession: one INSERT of the participation (the foreign keys check user, session,
-///   timezone; the EXCLUDE constraint the overlap). The RPC also reads the session first
-///   to refuse a join before it started or after it ended, and takes the id from
+///   timezone; the EXCLUDE constraint the overlap). The RPC's one statement also reads the
+///   session, to refuse a join before it started or after it ended, and takes the id from
 ///   `request_id` (`ON CONFLICT DO NOTHING RETURNING`).
 /// - Timeline: the timeline query by user and participation, until its first row. The RPC
 ///   first looks up the participation by id (the client does not send the user), then

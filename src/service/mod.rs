@@ -162,15 +162,23 @@ impl IngestService {
         join: NewParticipation,
         request_id: Option<Uuid>,
     ) -> Result<Participation, Error> {
+        let id = request_id.unwrap_or_else(Uuid::now_v7);
+        // The happy path is one statement (it reads the session too); only a refusal costs
+        // a second look.
+        if let Some(created) = self.storage.insert_participation(id, &join).await? {
+            return Ok(created);
+        }
         let session = self.get_session(join.session_id).await?;
         if let Some(why) = session.refuses_connection_at(join.connected_at) {
             return Err(Error::FailedPrecondition(why));
         }
-        let id = request_id.unwrap_or_else(Uuid::now_v7);
-        if let Some(created) = self.storage.insert_participation(id, &join).await? {
-            return Ok(created);
-        }
-        let stored = self.get_participation(id).await?;
+        // The session takes the join, so the id is taken: a retry, or a reuse.
+        let Some(stored) = self.storage.get_participation(id).await? else {
+            return Err(Error::FailedPrecondition(format!(
+                "session {} is changing concurrently; retry",
+                join.session_id
+            )));
+        };
         let same = stored.user_id == join.user_id
             && stored.session_id == join.session_id
             && stored.timezone_code == join.timezone_code

@@ -47,7 +47,10 @@ impl From<ParticipationRow> for Participation {
 }
 
 impl Storage {
-    /// Inserts a participation; `None` when this user has one with this id already.
+    /// Inserts a participation if its session takes a connection at its time (started,
+    /// and not ended before it): one statement, the session read in it. `None` when
+    /// nothing was inserted: the session is missing or refuses the time, or this user has
+    /// a participation with this id already; the caller finds out which.
     #[tracing::instrument(skip_all)]
     pub async fn insert_participation(
         &self,
@@ -56,7 +59,9 @@ impl Storage {
     ) -> Result<Option<Participation>, Error> {
         let row: Option<ParticipationRow> = sqlx::query_as(&format!(
             "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, id) DO NOTHING \
+             SELECT $1::uuid, $2::uuid, s.id, $4::text, $5::timestamptz FROM sessions s \
+             WHERE s.id = $3 AND s.started_at <= $5 AND (s.ended_at IS NULL OR $5 <= s.ended_at) \
+             ON CONFLICT (user_id, id) DO NOTHING \
              RETURNING {PARTICIPATION_COLUMNS}"
         ))
         .bind(id)

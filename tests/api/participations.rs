@@ -206,6 +206,21 @@ async fn join_refuses_unknown_references_and_times_outside_the_session() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("before the session started"));
+    let ended = app.create_session(t0()).await;
+    client
+        .end_session(proto::EndSessionRequest {
+            session_id: ended.id.clone(),
+            ended_at: at(t0(), 10),
+        })
+        .await
+        .unwrap();
+    let status = client
+        .join_session(request(&user.id, &ended.id, "UTC", 11))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("after the session ended"));
     let status = client
         .join_session(proto::JoinSessionRequest::default())
         .await
