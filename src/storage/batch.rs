@@ -36,7 +36,8 @@ struct Job<T> {
     done: oneshot::Sender<Result<bool, Error>>,
 }
 
-/// Writes unary items of one table in batches, with a few writers in parallel.
+/// Writes unary items of one table in batches: one batch in flight, more only beside a
+/// stalled one.
 pub struct Batcher<T> {
     queue: mpsc::Sender<Job<T>>,
 }
