@@ -98,20 +98,7 @@ pub(crate) async fn bench_row_by_row(fx: &Fixtures, rows: u64) -> anyhow::Result
     let started = Instant::now();
     let mut tx = fx.pool.begin().await?;
     for i in 0..rows {
-        let s = fx.sentiment(i);
-        sqlx::query(
-            "INSERT INTO sentiments (id, user_id, participation_id, started_at, ended_at, label, score) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(participation.user_id)
-        .bind(participation.id)
-        .bind(s.started_at)
-        .bind(s.ended_at)
-        .bind(s.label.as_str())
-        .bind(s.score)
-        .execute(&mut *tx)
-        .await?;
+        insert_plain(&mut *tx, &participation, &fx.sentiment(i)).await?;
     }
     tx.commit().await?;
     let elapsed = started.elapsed();
@@ -125,6 +112,30 @@ pub(crate) async fn bench_row_by_row(fx: &Fixtures, rows: u64) -> anyhow::Result
         latency: None,
         cpu,
     })
+}
+
+/// One plain INSERT of `s` for `participation`, with an id made here: what the original
+/// pipeline did per row, and the unary baseline's statement.
+pub(crate) async fn insert_plain<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    participation: &Participation,
+    s: &NewSentiment,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO sentiments \
+           (id, user_id, participation_id, started_at, ended_at, label, score) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(participation.user_id)
+    .bind(participation.id)
+    .bind(s.started_at)
+    .bind(s.ended_at)
+    .bind(s.label.as_str())
+    .bind(s.score)
+    .execute(executor)
+    .await
+    .map(drop)
 }
 
 pub(crate) async fn check_stored(

@@ -19,7 +19,7 @@ use crate::{
     Args,
     fixtures::{Fixtures, Measurement, checkpoint},
     probes::CpuProbe,
-    scenarios::{check_stored, percentile, run_concurrently},
+    scenarios::{check_stored, insert_plain, percentile, run_concurrently},
     server::Server,
 };
 
@@ -215,21 +215,7 @@ fn sql_call(fx: &Arc<Fixtures>, case: Case, target: Target, pool: PgPool) -> Cal
         Box::pin(async move {
             match (case, target) {
                 (Case::Record, Target::Participation(p)) => {
-                    let s = fx.sentiment(i);
-                    sqlx::query(
-                        "INSERT INTO sentiments \
-                           (id, user_id, participation_id, started_at, ended_at, label, score) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(Uuid::now_v7())
-                    .bind(p.user_id)
-                    .bind(p.id)
-                    .bind(s.started_at)
-                    .bind(s.ended_at)
-                    .bind(s.label.as_str())
-                    .bind(s.score)
-                    .execute(&pool)
-                    .await?;
+                    insert_plain(&pool, &p, &fx.sentiment(i)).await?;
                 }
                 (Case::GetUser, Target::Users(users)) => {
                     let found: Option<UserRow> = sqlx::query_as(
