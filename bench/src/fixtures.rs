@@ -117,7 +117,7 @@ impl Fixtures {
     pub(crate) async fn users(&self, n: usize) -> anyhow::Result<Vec<Uuid>> {
         Ok(sqlx::query_scalar(
             "WITH claimed AS (INSERT INTO user_external_ids (external_id, user_id) \
-                              SELECT 'unary-' || gen_random_uuid(), gen_random_uuid() \
+                              SELECT 'bench-' || gen_random_uuid(), gen_random_uuid() \
                               FROM generate_series(1, $1) RETURNING external_id, user_id) \
              INSERT INTO users (id, external_id) SELECT user_id, external_id FROM claimed \
              RETURNING id",
@@ -127,19 +127,16 @@ impl Fixtures {
         .await?)
     }
 
-    /// `n` new users with an open participation each in the benchmark session, made in
-    /// one statement.
+    /// `n` new users ([`Fixtures::users`]) with an open participation each in the
+    /// benchmark session.
     pub(crate) async fn participations(&self, n: usize) -> anyhow::Result<Vec<Participation>> {
+        let users = self.users(n).await?;
         let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "WITH claimed AS (INSERT INTO user_external_ids (external_id, user_id) \
-                              SELECT 'live-' || gen_random_uuid(), gen_random_uuid() \
-                              FROM generate_series(1, $1) RETURNING external_id, user_id), \
-                  users AS (INSERT INTO users (id, external_id) \
-                            SELECT user_id, external_id FROM claimed RETURNING id) \
-             INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
-             SELECT gen_random_uuid(), id, $2, 'UTC', $3 FROM users RETURNING id, user_id",
+            "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
+             SELECT gen_random_uuid(), u.id, $2, 'UTC', $3 FROM unnest($1::uuid[]) AS u(id) \
+             RETURNING id, user_id",
         )
-        .bind(i64::try_from(n)?)
+        .bind(&users)
         .bind(self.session_id)
         .bind(self.base)
         .fetch_all(&self.pool)

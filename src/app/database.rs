@@ -13,11 +13,12 @@ use crate::{
 };
 
 /// The service's pool settings for a service of `max_connections` database connections
-/// in all: the health probe keeps one of its own (`Storage::health_probe`) and the live
+/// in all: the health probe keeps one of its own (`Storage::health_probe`), the live
 /// feeds five (`storage::FEED_CONNECTIONS`), the unary writers three
-/// (`storage::UNARY_CONNECTIONS`); the pool holds the rest (at least one). Connections are not pinged before each use: that would add a round trip to
-/// every unary call (measured in docs/BENCHMARKS.md); a connection found broken fails
-/// its call with UNAVAILABLE and is replaced.
+/// (`storage::UNARY_CONNECTIONS`); the pool holds the rest (at least one). Connections
+/// are not pinged before each use: that would add a round trip to every unary call
+/// (measured in docs/BENCHMARKS.md); a connection found broken fails its call with
+/// UNAVAILABLE and is replaced.
 ///
 /// Every statement runs its generic plan (`plan_cache_mode = force_generic_plan`, set once
 /// per connection): the service's statements are prepared and reused, and PostgreSQL's

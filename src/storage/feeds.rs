@@ -110,7 +110,7 @@ pub async fn append_feeds(conn: &mut PgConnection, appends: &[Append]) -> Result
     // every feed's row (hash join, or a nested loop over a materialized array: measured,
     // 5.5 ms for 200 of 10,000 feeds and growing with the table); the generic plan
     // (arrays of unknown length) looks each feed up in the primary key (1.9 ms). The
-    // feeds' connections run generic plans (`plan_cache_mode`, set in `Storage::new`).
+    // service's connections all run generic plans (`storage::use_generic_plans`).
     // One statement for every feed of the batch; the subquery keeps the arrays a
     // relation of their own (Citus plans it as an intermediate result joined on the
     // distribution column).

@@ -237,8 +237,7 @@ pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx
 }
 
 /// A pool of `size` connections beside `pool`, to the same database, connected when first
-/// used, with generic plans (the feed writers' batch UPDATE then looks each feed up by its
-/// key: `feeds::append_feeds` says why).
+/// used, with generic plans as on the pool's own ([`use_generic_plans`]).
 fn side_pool(pool: &PgPool, size: u32) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(size)
