@@ -294,7 +294,7 @@ pub struct DatabaseArgs {
     pub skip_migrations: bool,
 
     /// Database connections the service opens at most: the health probe's 1, the live
-    /// feeds' 5, the unary records' writers' 3, and the pool (the rest). Client streams
+    /// feeds' 5, the unary records' writers' 4, and the pool (the rest). Client streams
     /// write with at most three quarters of the pool and hold none while they wait for
     /// their clients.
     #[arg(

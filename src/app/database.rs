@@ -14,7 +14,7 @@ use crate::{
 
 /// The service's pool settings for a service of `max_connections` database connections
 /// in all: the health probe keeps one of its own (`Storage::health_probe`), the live
-/// feeds five (`storage::FEED_CONNECTIONS`), the unary writers three
+/// feeds five (`storage::FEED_CONNECTIONS`), the unary writers four
 /// (`storage::UNARY_CONNECTIONS`); the pool holds the rest (at least one). Connections
 /// are not pinged before each use: that would add a round trip to every unary call
 /// (measured in docs/BENCHMARKS.md); a connection found broken fails its call with

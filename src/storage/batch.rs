@@ -10,8 +10,17 @@
 //! flight, against 1.11 with this rule (docs/BENCHMARKS.md, issue 16). A write that takes
 //! longer than [`STALLED`] (waiting on a lock, say) is not waited for: the next batch
 //! goes beside it, on another writer, so that one slow batch never holds up the rest.
-//! (A lone call writing its row itself, without the hand-off, was measured and bought
-//! nothing measurable.)
+//!
+//! Calls answered by a batch tend to come back together (a client sends its next call on
+//! the answer). Taken as they came, the first one back made a batch of its own and the
+//! rest waited for it (sizes 15, 1, 1, 15, ... at 16 in flight); so a batch that starts
+//! within [`RETURNING`] of the last answer waits, up to then, for half as many calls as
+//! that batch held. A lone call never waits (half of one is one), and a call after a
+//! quiet spell neither.
+//!
+//! Each writer keeps a connection of its own between batches, not a pool's (see
+//! [`WriterConnection`]). (A lone call writing its row itself, without the hand-off, was
+//! measured and bought nothing measurable.)
 
 use std::{
     collections::HashSet,
@@ -19,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -30,11 +39,21 @@ use crate::error::Error;
 const MAX_BATCH: usize = 256;
 /// How long a batch's write may take before the next batch stops waiting for it.
 const STALLED: Duration = Duration::from_millis(20);
+/// How long after a batch is answered the next one may wait for its calls to come back
+/// (tokio's timers round it up to the next millisecond).
+const RETURNING: Duration = Duration::from_millis(1);
+/// The share (percent) of the last batch's calls the next one waits for: half measured
+/// better than all (which made every batch wait for the slowest client) and than none
+/// (docs/BENCHMARKS.md, issue 16).
+const RETURNING_SHARE: usize = 50;
 
 struct Job<T> {
     row: Unary<T>,
-    done: oneshot::Sender<Result<bool, Error>>,
+    done: Reply,
 }
+
+/// Where a call hears whether its row was stored.
+type Reply = oneshot::Sender<Result<bool, Error>>;
 
 /// Writes unary items of one table in batches: one batch in flight, more only beside a
 /// stalled one.
@@ -49,15 +68,16 @@ impl<T> std::fmt::Debug for Batcher<T> {
 }
 
 impl<T: FeedTable> Batcher<T> {
-    /// Starts `writers` writer tasks on `pool` (at most that many batches in flight, when
-    /// writes stall); they end when the batcher is dropped.
-    pub fn spawn(pool: PgPool, writers: usize) -> Self {
+    /// Starts `writers` writer tasks, each with a connection of its own to the database
+    /// of `options` (at most that many batches in flight, when writes stall); they end
+    /// when the batcher is dropped.
+    pub fn spawn(options: &Arc<PgConnectOptions>, writers: usize) -> Self {
         let (queue, jobs) = mpsc::channel(MAX_BATCH * writers.max(1));
         let jobs = Arc::new(Mutex::new(jobs));
         let writes = Arc::new(Writes::default());
         for _ in 0..writers.max(1) {
             tokio::spawn(write_batches(
-                pool.clone(),
+                WriterConnection::new(Arc::clone(options)),
                 Arc::clone(&jobs),
                 Arc::clone(&writes),
             ));
@@ -80,7 +100,7 @@ impl<T: FeedTable> Batcher<T> {
 }
 
 async fn write_batches<T: FeedTable>(
-    pool: PgPool,
+    mut conn: WriterConnection,
     jobs: Arc<Mutex<mpsc::Receiver<Job<T>>>>,
     writes: Arc<Writes>,
 ) {
@@ -92,7 +112,7 @@ async fn write_batches<T: FeedTable>(
             let mut jobs = jobs.lock().await;
             match jobs.recv().await {
                 Some(job) => batch.push(job),
-                None => return,
+                None => break,
             }
             writes.wait_for_fresh().await;
             while batch.len() < MAX_BATCH {
@@ -101,20 +121,89 @@ async fn write_batches<T: FeedTable>(
                     Err(_) => break,
                 }
             }
-        }
-        let started = writes.start();
-        match pool.acquire().await {
-            Ok(mut conn) => write(&mut conn, batch).await,
-            Err(error) => {
-                // No connection to be had: UNAVAILABLE (retryable) for every call.
-                let message = error.to_string();
-                for job in batch {
-                    let io = std::io::Error::other(message.clone());
-                    let _ = job.done.send(Err(Error::from(sqlx::Error::Io(io))));
+            // The calls the last batch answered are likely on their way back (a client
+            // that sends its next call on the answer): wait a moment for them, so that
+            // they make one batch rather than a batch of the first back and another of
+            // the rest after it.
+            if let Some((expected, until)) = writes.returning() {
+                let expected = (expected * RETURNING_SHARE).div_ceil(100).min(MAX_BATCH);
+                while batch.len() < expected {
+                    match tokio::time::timeout_at(until.into(), jobs.recv()).await {
+                        Ok(Some(job)) => batch.push(job),
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
         }
-        writes.finish(started);
+        let started = writes.start();
+        let calls = batch.len();
+        match conn.get().await {
+            Ok(connection) => {
+                if !write(connection, batch).await {
+                    conn.drop_broken();
+                }
+            }
+            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error),
+        }
+        tracing::debug!(calls, took = ?started.elapsed(), "unary batch written");
+        writes.finish(started, calls);
+    }
+    conn.close().await;
+}
+
+/// A writer's connection of its own, opened when first needed and kept between batches;
+/// opened again after one that failed to reach the database. Not a pool's: sqlx's pool
+/// sends every connection it takes back a round trip (a `Sync`) to test it, a task and a
+/// round trip per batch that the writer, which holds its connection, does not need.
+struct WriterConnection {
+    options: Arc<PgConnectOptions>,
+    conn: Option<PgConnection>,
+}
+
+/// How long a writer waits for a connection to open.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+impl WriterConnection {
+    fn new(options: Arc<PgConnectOptions>) -> Self {
+        Self {
+            options,
+            conn: None,
+        }
+    }
+
+    async fn get(&mut self) -> Result<&mut PgConnection, Error> {
+        if self.conn.is_none() {
+            let opened =
+                tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(&self.options))
+                    .await
+                    .map_err(|_| Error::Unavailable(sqlx::Error::PoolTimedOut))?;
+            let mut conn = opened?;
+            super::use_generic_plans(&mut conn).await?;
+            self.conn = Some(conn);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("a writer's connection went away")))
+    }
+
+    fn drop_broken(&mut self) {
+        self.conn = None;
+    }
+
+    async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// Tells every call of a batch that the database could not be reached (`error`):
+/// UNAVAILABLE, retryable, nothing of the batch stored.
+fn unavailable(replies: impl IntoIterator<Item = Reply>, error: &Error) {
+    let message = error.to_string();
+    for reply in replies {
+        let io = std::io::Error::other(message.clone());
+        let _ = reply.send(Err(Error::Unavailable(sqlx::Error::Io(io))));
     }
 }
 
@@ -123,6 +212,8 @@ async fn write_batches<T: FeedTable>(
 struct Writes {
     started: std::sync::Mutex<Vec<Instant>>,
     ended: Notify,
+    /// The calls of the batch answered last, and when.
+    answered: std::sync::Mutex<Option<(usize, Instant)>>,
 }
 
 impl Writes {
@@ -132,7 +223,8 @@ impl Writes {
         now
     }
 
-    fn finish(&self, started: Instant) {
+    fn finish(&self, started: Instant, calls: usize) {
+        *lock(&self.answered) = Some((calls, Instant::now()));
         let mut in_flight = self.in_flight();
         if let Some(at) = in_flight.iter().position(|s| *s == started) {
             in_flight.swap_remove(at);
@@ -159,16 +251,30 @@ impl Writes {
         }
     }
 
+    /// The calls the last batch answered, and until when to wait for them to come back;
+    /// `None` when that time has passed.
+    fn returning(&self) -> Option<(usize, Instant)> {
+        let (calls, at) = (*lock(&self.answered))?;
+        let until = at + RETURNING;
+        (Instant::now() < until).then_some((calls, until))
+    }
+
     fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<Instant>> {
-        // The list stays consistent even if a holder panicked: take it as it is.
-        self.started
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.started)
     }
 }
 
-/// Writes `batch` on `conn`, replying to each job.
-async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) {
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // What the mutexes hold stays consistent even if a holder panicked: take it as it is.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes `batch` on `conn`, replying to each job; `false` when the database could not
+/// be reached through `conn` (every call is told UNAVAILABLE, and the connection is to be
+/// opened again).
+async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> bool {
     let (rows, replies): (Vec<Unary<T>>, Vec<_>) =
         batch.into_iter().map(|job| (job.row, job.done)).unzip();
     match T::insert_checked(conn, &rows).await {
@@ -177,6 +283,11 @@ async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) {
             for (row, reply) in rows.iter().zip(replies) {
                 let _ = reply.send(Ok(stored.contains(&row.id)));
             }
+        }
+        Err(error @ Error::Unavailable(_)) => {
+            // Item by item would only fail again, once per call.
+            unavailable(replies, &error);
+            return false;
         }
         Err(error) if rows.len() == 1 => {
             if let Some(reply) = replies.into_iter().next() {
@@ -193,4 +304,5 @@ async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) {
             }
         }
     }
+    true
 }

@@ -178,14 +178,16 @@ pub const FEED_CONNECTIONS: u32 = FEED_WRITERS + FEED_OPENS;
 /// stalled one (`batch`).
 const UNARY_WRITERS: usize = 2;
 
-/// The unary writers' connections, outside the pool: one batch of each table in flight,
-/// and one beside a stalled batch. So few that each has the batch statement prepared and
-/// planned: through the pool, whose idle connections are handed out in turn, a batch
-/// found a connection without the plan after any invalidation, and planning it (2-4 ms
-/// with 11 partitions) held up every call of the batch; with 58 connections open, the
-/// unary records at 64 calls in flight lost a third of their speed (measured,
+/// The unary writers' connections, outside the pool: one per writer (one batch of each
+/// table in flight, one beside a stalled batch), each kept between batches. So few that
+/// each has the batch statement prepared and planned: through the pool, whose idle
+/// connections are handed out in turn, a batch found a connection without the plan after
+/// any invalidation, and planning it (2-4 ms with 11 partitions) held up every call of
+/// the batch; with 58 connections open, the unary records at 64 calls in flight lost a
+/// third of their speed. Held rather than taken from a pool of their own: sqlx tests a
+/// pooled connection with a round trip each time it is given back (measured,
 /// docs/BENCHMARKS.md, issue 16).
-pub const UNARY_CONNECTIONS: u32 = 3;
+pub const UNARY_CONNECTIONS: u32 = 2 * UNARY_WRITERS as u32;
 
 /// A stream's turn to hold one of the pool's connections, until dropped.
 pub struct StreamSlot {
@@ -274,10 +276,10 @@ impl Storage {
         // Thousands of feeds, or of unary calls, cost the database no more than these
         // connections (and `--max-connections` counts them).
         let feed_pool = side_pool(&pool, FEED_CONNECTIONS);
-        let unary_pool = side_pool(&pool, UNARY_CONNECTIONS);
+        let options = pool.connect_options();
         Self {
-            sentiments: Arc::new(Batcher::spawn(unary_pool.clone(), UNARY_WRITERS)),
-            events: Arc::new(Batcher::spawn(unary_pool, UNARY_WRITERS)),
+            sentiments: Arc::new(Batcher::spawn(&options, UNARY_WRITERS)),
+            events: Arc::new(Batcher::spawn(&options, UNARY_WRITERS)),
             feeds: Arc::new(feed_writer::FeedWriter::spawn(
                 feed_pool.clone(),
                 FEED_WRITERS as usize,

@@ -1,7 +1,8 @@
 //! PostgreSQL stops in the middle of many concurrent streams (a private cluster this test
 //! starts, stops and starts again): every acknowledged stream is whole, every other one is
 //! absent and got a retryable status, health follows the database, and the service
-//! serves again without a restart.
+//! serves again without a restart. Unary records too: UNAVAILABLE while the database is
+//! down, stored once it is back (their writers' connections are opened again).
 
 use std::{
     sync::{
@@ -116,10 +117,25 @@ async fn a_database_outage_loses_nothing_and_duplicates_nothing() {
         )));
     }
 
+    // A unary record before the fault, so that its writer holds a connection.
+    let recorded = app.participation().await;
+    let record = |i: i64| {
+        let mut client = app.client.clone();
+        let request = proto::RecordSentimentRequest {
+            request_id: Uuid::new_v4().to_string(),
+            participation_id: recorded.id.clone(),
+            sentiment: sentiments(i * 1_000, 1).pop(),
+        };
+        async move { client.record_sentiment(request).await }
+    };
+    record(0).await.unwrap();
+
     // Load, then the fault: PostgreSQL stops (fast shutdown) under the streams.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.stop().await.unwrap();
     wait_for_health(&app.channel, ServingStatus::NotServing).await;
+    let refused = record(1).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // PostgreSQL comes back; the service must serve again without a restart.
@@ -138,6 +154,28 @@ async fn a_database_outage_loses_nothing_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_for_health(&app.channel, ServingStatus::Serving).await;
+    // The unary writer's connection broke with the database: the first record may still
+    // hear UNAVAILABLE; one soon after is stored.
+    let mut stored_after = None;
+    for i in 2..100 {
+        match record(i).await {
+            Ok(reply) => {
+                stored_after = reply.into_inner().sentiment;
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "no record stored after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored_after = stored_after.expect("a record stored after the outage");
+    // And every one after it: no writer is left with a broken connection.
+    for i in 100..106 {
+        record(i).await.unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     let mut attempts = Vec::new();
@@ -150,6 +188,16 @@ async fn a_database_outage_loses_nothing_and_duplicates_nothing() {
         .connect_with(options)
         .await
         .unwrap();
+    // The unary records answered OK are stored, and only those.
+    let unary: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM sentiments WHERE participation_id = $1 AND stream_id IS NULL",
+    )
+    .bind(Uuid::parse_str(&recorded.id).unwrap())
+    .fetch_all(&check)
+    .await
+    .unwrap();
+    assert_eq!(unary.len(), 2 + 6, "{unary:?}");
+    assert!(unary.contains(&Uuid::parse_str(&stored_after.id).unwrap()));
     let stored = |stream_id: String| {
         let check = check.clone();
         async move {
@@ -206,10 +254,11 @@ async fn a_database_outage_loses_nothing_and_duplicates_nothing() {
             assert_eq!(receipt.replayed, replayed, "{}", attempt.stream_id);
         }
     }
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM sentiments")
-        .fetch_one(&check)
-        .await
-        .unwrap();
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sentiments WHERE stream_id IS NOT NULL")
+            .fetch_one(&check)
+            .await
+            .unwrap();
     assert_eq!(
         total,
         attempts.len() as i64 * items,
