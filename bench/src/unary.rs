@@ -370,7 +370,10 @@ pub(crate) async fn run(
                 runs.push(sql_side(fx, options, case, requests, c).await?);
                 checkpoint(&fx.pool).await?;
             }
-            let server = Server::start(args, c).await?;
+            // Its pool gets c connections, as many as the direct-SQL side's, beside the
+            // ones the service keeps for itself.
+            let own = krisp_ingest::storage::OWN_CONNECTIONS as usize;
+            let server = Server::start(args, c + own).await?;
             let started = Instant::now();
             for &case in &args.unary_cases {
                 grpc_side(fx, &server, case, c * 20, c).await?;

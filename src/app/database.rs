@@ -29,9 +29,12 @@ use crate::{
 /// ms per statement; docs/BENCHMARKS.md, issue 16). The statements are written so that
 /// their generic plans use the keys (`storage::items::FeedTable::insert_checked`).
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
-    let own = 1 + storage::FEED_CONNECTIONS + storage::UNARY_CONNECTIONS;
     PgPoolOptions::new()
-        .max_connections(max_connections.saturating_sub(own).max(1))
+        .max_connections(
+            max_connections
+                .saturating_sub(storage::OWN_CONNECTIONS)
+                .max(1),
+        )
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
         .after_connect(|conn, _| Box::pin(storage::use_generic_plans(conn)))

@@ -189,6 +189,10 @@ const UNARY_WRITERS: usize = 2;
 /// docs/BENCHMARKS.md, issue 16).
 pub const UNARY_CONNECTIONS: u32 = 2 * UNARY_WRITERS as u32;
 
+/// The connections the service keeps beside its pool: the health probe's, the live
+/// feeds' and the unary writers' (`app::pool_options` gives the pool the rest).
+pub const OWN_CONNECTIONS: u32 = 1 + FEED_CONNECTIONS + UNARY_CONNECTIONS;
+
 /// A stream's turn to hold one of the pool's connections, until dropped.
 pub struct StreamSlot {
     _permit: OwnedSemaphorePermit,
