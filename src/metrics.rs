@@ -11,6 +11,8 @@
 //!   `memory` and on `disk` (spill files);
 //! - `krisp_live_feeds`: LiveFeed streams open; `krisp_feed_batch_appends`: appends
 //!   committed together by one group commit of the feed writers;
+//! - `krisp_unary_batch_calls{kind}`: unary record calls written together by one group
+//!   commit of the unary writers (`storage::batch`);
 //! - `krisp_db_pool_connections{state}`: pooled connections in use and idle;
 //! - `krisp_load_shed_total`: calls refused by the concurrency limit;
 //! - `krisp_partition_maintenance_total{outcome}`: partition maintenance rounds, `ok` or
@@ -40,6 +42,7 @@ pub const STREAM_CONNECTIONS: &str = "krisp_stream_connections";
 pub const SPOOL_BYTES: &str = "krisp_spool_bytes";
 pub const FEED_BATCH_APPENDS: &str = "krisp_feed_batch_appends";
 pub const LIVE_FEEDS: &str = "krisp_live_feeds";
+pub const UNARY_BATCH_CALLS: &str = "krisp_unary_batch_calls";
 
 /// Holds a gauge one higher while it lives, however what it counts ends.
 pub struct Gauged(&'static str);

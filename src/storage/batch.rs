@@ -146,6 +146,8 @@ async fn write_batches<T: FeedTable>(
             Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error),
         }
         tracing::debug!(calls, took = ?started.elapsed(), "unary batch written");
+        metrics::histogram!(crate::metrics::UNARY_BATCH_CALLS, "kind" => T::KIND)
+            .record(calls as f64);
         writes.finish(started, calls);
     }
     conn.close().await;

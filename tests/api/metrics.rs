@@ -68,6 +68,15 @@ async fn a_scrape_shows_the_counters_move() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
+    app.client
+        .clone()
+        .record_sentiment(proto::RecordSentimentRequest {
+            request_id: Uuid::new_v4().to_string(),
+            participation_id: participation.id.clone(),
+            sentiment: sentiments(1_000, 1).pop(),
+        })
+        .await
+        .unwrap();
 
     let after = scrape(metrics).await;
     assert_eq!(
@@ -81,9 +90,11 @@ async fn a_scrape_shows_the_counters_move() {
         "{after}"
     );
     assert!(
-        value(&after, items) - value(&before, items) >= 120.0,
+        value(&after, items) - value(&before, items) >= 121.0,
         "{after}"
     );
+    let batches = "krisp_unary_batch_calls_count{kind=\"sentiments\"}";
+    assert!(value(&after, batches) >= 1.0, "{after}");
     for series in [
         "krisp_stream_commit_seconds_bucket",
         "krisp_stream_rows_bucket",
