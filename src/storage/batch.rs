@@ -154,46 +154,55 @@ async fn write_batches<T: FeedTable>(
 }
 
 /// A writer's connection of its own, opened when first needed and kept between batches;
-/// opened again after one that failed to reach the database. Not a pool's: sqlx's pool
-/// sends every connection it takes back a round trip (a `Sync`) to test it, a task and a
-/// round trip per batch that the writer, which holds its connection, does not need.
+/// opened again after one that failed to reach the database, and after [`LIFETIME`] (as
+/// sqlx's pools recycle theirs, so that a failover or a new coordinator is picked up).
+/// Not a pool's: sqlx's pool sends every connection it takes back a round trip (a
+/// `Sync`) to test it, a task and a round trip per batch that the writer, which holds its
+/// connection, does not need.
 struct WriterConnection {
     options: Arc<PgConnectOptions>,
-    conn: Option<PgConnection>,
+    /// The connection, and when it was opened.
+    open: Option<(PgConnection, Instant)>,
 }
 
 /// How long a writer waits for a connection to open.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How long a writer keeps a connection (sqlx's default `max_lifetime`).
+const LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 impl WriterConnection {
     fn new(options: Arc<PgConnectOptions>) -> Self {
         Self {
             options,
-            conn: None,
+            open: None,
         }
     }
 
     async fn get(&mut self) -> Result<&mut PgConnection, Error> {
-        if self.conn.is_none() {
+        if let Some((conn, _)) = self.open.take_if(|(_, at)| at.elapsed() > LIFETIME) {
+            let _ = conn.close().await;
+        }
+        if self.open.is_none() {
             let opened =
                 tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(&self.options))
                     .await
                     .map_err(|_| Error::Unavailable(sqlx::Error::PoolTimedOut))?;
             let mut conn = opened?;
             super::use_generic_plans(&mut conn).await?;
-            self.conn = Some(conn);
+            self.open = Some((conn, Instant::now()));
         }
-        self.conn
+        self.open
             .as_mut()
+            .map(|(conn, _)| conn)
             .ok_or_else(|| Error::internal(anyhow::anyhow!("a writer's connection went away")))
     }
 
     fn drop_broken(&mut self) {
-        self.conn = None;
+        self.open = None;
     }
 
     async fn close(self) {
-        if let Some(conn) = self.conn {
+        if let Some((conn, _)) = self.open {
             let _ = conn.close().await;
         }
     }
