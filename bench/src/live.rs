@@ -326,8 +326,13 @@ fn report(live: &LiveArgs, rounds: &[Round]) -> String {
         &Round::kib_per_feed,
         &|v| format!("{v:.1}"),
     );
+    use krisp_ingest::storage::{FEED_CONNECTIONS, OWN_CONNECTIONS, UNARY_CONNECTIONS};
     row(
-        "server's database backends, peak (of 16: pool 10, health probe 1, live feeds 5)",
+        &format!(
+            "server's database backends, peak (of 16: pool {}, health probe 1, live feeds \
+             {FEED_CONNECTIONS}, unary writers {UNARY_CONNECTIONS})",
+            16 - OWN_CONNECTIONS
+        ),
         &|r| r.backends as f64,
         &count,
     );

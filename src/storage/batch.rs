@@ -28,11 +28,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
+use sqlx::{PgConnection, postgres::PgConnectOptions};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::items::{FeedTable, Unary};
+use super::{
+    items::{FeedTable, Unary},
+    writer_connection::{WriterConnection, unavailable},
+};
 use crate::error::Error;
 
 /// Items in one statement at most.
@@ -151,71 +154,6 @@ async fn write_batches<T: FeedTable>(
         writes.finish(started, calls);
     }
     conn.close().await;
-}
-
-/// A writer's connection of its own, opened when first needed and kept between batches;
-/// opened again after one that failed to reach the database, and after [`LIFETIME`] (as
-/// sqlx's pools recycle theirs, so that a failover or a new coordinator is picked up).
-/// Not a pool's: sqlx's pool sends every connection it takes back a round trip (a
-/// `Sync`) to test it, a task and a round trip per batch that the writer, which holds its
-/// connection, does not need.
-struct WriterConnection {
-    options: Arc<PgConnectOptions>,
-    /// The connection, and when it was opened.
-    open: Option<(PgConnection, Instant)>,
-}
-
-/// How long a writer waits for a connection to open.
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
-/// How long a writer keeps a connection (sqlx's default `max_lifetime`).
-const LIFETIME: Duration = Duration::from_secs(30 * 60);
-
-impl WriterConnection {
-    fn new(options: Arc<PgConnectOptions>) -> Self {
-        Self {
-            options,
-            open: None,
-        }
-    }
-
-    async fn get(&mut self) -> Result<&mut PgConnection, Error> {
-        if let Some((conn, _)) = self.open.take_if(|(_, at)| at.elapsed() > LIFETIME) {
-            let _ = conn.close().await;
-        }
-        if self.open.is_none() {
-            let opened =
-                tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(&self.options))
-                    .await
-                    .map_err(|_| Error::Unavailable(sqlx::Error::PoolTimedOut))?;
-            let mut conn = opened?;
-            super::use_generic_plans(&mut conn).await?;
-            self.open = Some((conn, Instant::now()));
-        }
-        self.open
-            .as_mut()
-            .map(|(conn, _)| conn)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("a writer's connection went away")))
-    }
-
-    fn drop_broken(&mut self) {
-        self.open = None;
-    }
-
-    async fn close(self) {
-        if let Some((conn, _)) = self.open {
-            let _ = conn.close().await;
-        }
-    }
-}
-
-/// Tells every call of a batch that the database could not be reached (`error`):
-/// UNAVAILABLE, retryable, nothing of the batch stored.
-fn unavailable(replies: impl IntoIterator<Item = Reply>, error: &Error) {
-    let message = error.to_string();
-    for reply in replies {
-        let io = std::io::Error::other(message.clone());
-        let _ = reply.send(Err(Error::Unavailable(sqlx::Error::Io(io))));
-    }
 }
 
 /// The batches being written: when each started, and a signal when one ends.

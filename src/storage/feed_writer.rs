@@ -1,17 +1,20 @@
 //! Group commit for live feeds: the appends of many feeds that arrive while others are
 //! being written are gathered and written in one transaction (one statement advancing
 //! every feed's position, one COPY per table, one commit), by a few writer tasks with a
-//! connection each, outside the pool. Each append is answered only once its own items are
+//! connection each, outside the pool, kept between batches (`writer_connection`). Each append is answered only once its own items are
 //! committed, or refused; a batch that fails is retried append by append, so that one
 //! feed's failure is never another's (unless the database is out of reach: then all hear
 //! it at once).
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::feeds::{Append, append_feeds, superseded};
+use super::{
+    feeds::{Append, append_feeds, superseded},
+    writer_connection::{WriterConnection, unavailable},
+};
 use crate::error::Error;
 
 /// Appends in one transaction at most, and items.
@@ -35,13 +38,14 @@ impl std::fmt::Debug for FeedWriter {
 }
 
 impl FeedWriter {
-    /// Starts `writers` writer tasks on `pool` (the writers' own, one connection each);
-    /// they end when the writer is dropped.
-    pub fn spawn(pool: PgPool, writers: usize) -> Self {
+    /// Starts `writers` writer tasks, each with a connection of its own to the database
+    /// of `options`; they end when the writer is dropped.
+    pub fn spawn(options: &Arc<PgConnectOptions>, writers: usize) -> Self {
         let (queue, jobs) = mpsc::channel(MAX_APPENDS * writers.max(1));
         let jobs = Arc::new(Mutex::new(jobs));
         for _ in 0..writers.max(1) {
-            tokio::spawn(write_batches(pool.clone(), Arc::clone(&jobs)));
+            let conn = WriterConnection::new(Arc::clone(options));
+            tokio::spawn(write_batches(conn, Arc::clone(&jobs)));
         }
         Self { queue }
     }
@@ -60,7 +64,7 @@ impl FeedWriter {
     }
 }
 
-async fn write_batches(pool: PgPool, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn write_batches(mut conn: WriterConnection, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let mut batch = Vec::new();
         let mut items = 0;
@@ -72,7 +76,7 @@ async fn write_batches(pool: PgPool, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
                     items += job.append.items.len();
                     batch.push(job);
                 }
-                None => return,
+                None => break,
             }
             while batch.len() < MAX_APPENDS && items < MAX_ITEMS {
                 match jobs.try_recv() {
@@ -84,14 +88,25 @@ async fn write_batches(pool: PgPool, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 }
             }
         }
-        write(&pool, batch).await;
+        match conn.get().await {
+            Ok(connection) => {
+                if !write(connection, batch).await {
+                    conn.drop_broken();
+                }
+            }
+            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error),
+        }
     }
+    conn.close().await;
 }
 
-async fn write(pool: &PgPool, batch: Vec<Job>) {
+/// Writes `batch` on `conn`, replying to each job; `false` when the database could not
+/// be reached through `conn` (every append is told UNAVAILABLE, and the connection is to
+/// be opened again).
+async fn write(conn: &mut PgConnection, batch: Vec<Job>) -> bool {
     let (appends, replies): (Vec<Append>, Vec<_>) =
         batch.into_iter().map(|job| (job.append, job.done)).unzip();
-    match commit(pool, &appends).await {
+    match commit(conn, &appends).await {
         Ok(written) => {
             for ((append, reply), written) in appends.iter().zip(replies).zip(written) {
                 let outcome = if written {
@@ -102,23 +117,22 @@ async fn write(pool: &PgPool, batch: Vec<Job>) {
                 let _ = reply.send(outcome);
             }
         }
+        Err(error @ Error::Unavailable(_)) => {
+            // The database is out of reach: one by one would only fail again, once per
+            // append. Every feed hears it now and resumes later.
+            unavailable(replies, &error);
+            return false;
+        }
         Err(error) if appends.len() == 1 => {
             if let Some(reply) = replies.into_iter().next() {
                 let _ = reply.send(Err(error));
-            }
-        }
-        Err(Error::Unavailable(_)) => {
-            // The database is out of reach: one by one would only wait for it again, once
-            // per append. Every feed hears it now and resumes later.
-            for reply in replies {
-                let _ = reply.send(Err(Error::Unavailable(sqlx::Error::PoolTimedOut)));
             }
         }
         Err(_) => {
             // Nothing of the batch was stored: alone, each gets its own outcome.
             for (append, reply) in appends.iter().zip(replies) {
                 let outcome =
-                    commit(pool, std::slice::from_ref(append))
+                    commit(conn, std::slice::from_ref(append))
                         .await
                         .and_then(|written| match written.first() {
                             Some(true) => Ok(()),
@@ -128,10 +142,11 @@ async fn write(pool: &PgPool, batch: Vec<Job>) {
             }
         }
     }
+    true
 }
 
-async fn commit(pool: &PgPool, appends: &[Append]) -> Result<Vec<bool>, Error> {
-    let mut tx = pool.begin().await?;
+async fn commit(conn: &mut PgConnection, appends: &[Append]) -> Result<Vec<bool>, Error> {
+    let mut tx = conn.begin().await?;
     let written = append_feeds(&mut tx, appends).await?;
     tx.commit().await?;
     metrics::histogram!(crate::metrics::FEED_BATCH_APPENDS).record(appends.len() as f64);

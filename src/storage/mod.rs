@@ -17,6 +17,7 @@ mod spool;
 mod streams;
 mod timeline;
 mod users;
+mod writer_connection;
 
 use std::sync::Arc;
 
@@ -150,7 +151,8 @@ pub struct Storage {
     feeds: Arc<feed_writer::FeedWriter>,
     /// Turns of live-feed opens and closes ([`FEED_OPENS`] at once).
     feed_opens: Arc<Semaphore>,
-    /// The live feeds' connections ([`FEED_CONNECTIONS`]), outside `pool`.
+    /// The live-feed opens' and closes' connections ([`FEED_OPENS`]), outside `pool`
+    /// (the feed writers keep theirs, [`FEED_WRITERS`]).
     feed_pool: PgPool,
 }
 
@@ -279,16 +281,15 @@ impl Storage {
         let stream_slots = Arc::new(Semaphore::new(stream_share(connections)));
         // Thousands of feeds, or of unary calls, cost the database no more than these
         // connections (and `--max-connections` counts them).
-        let feed_pool = side_pool(&pool, FEED_CONNECTIONS);
         let options = pool.connect_options();
         Self {
             sentiments: Arc::new(Batcher::spawn(&options, UNARY_WRITERS)),
             events: Arc::new(Batcher::spawn(&options, UNARY_WRITERS)),
             feeds: Arc::new(feed_writer::FeedWriter::spawn(
-                feed_pool.clone(),
+                &options,
                 FEED_WRITERS as usize,
             )),
-            feed_pool,
+            feed_pool: side_pool(&pool, FEED_OPENS),
             stream_slots,
             feed_opens: Arc::new(Semaphore::new(FEED_OPENS as usize)),
             pool,

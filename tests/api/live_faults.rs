@@ -193,6 +193,46 @@ async fn resuming_feed(
     }
 }
 
+/// Appends to `feed_id` at `address`, an item per append, until `through` is acknowledged,
+/// all in one session: sessions are tried again (for up to 10 s) until one has every
+/// append it sends acknowledged. After a database restart a writer whose connection broke
+/// fails one append and opens a new connection; one that kept the broken connection would
+/// fail every append it took, and no session would get through.
+async fn appends_in_one_session(
+    address: SocketAddr,
+    feed_id: &str,
+    participation_id: &str,
+    through: u64,
+) -> Session {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    'sessions: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{feed_id}: no session had every append acknowledged within 10 s"
+        );
+        let Some(channel) = connect(address).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Some((mut session, mut acked)) =
+            Session::open(channel, feed_id, participation_id).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        while acked < through {
+            match session.append(acked + 1, 1).await {
+                Some(committed) => acked = committed,
+                None => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'sessions;
+                }
+            }
+        }
+        return session;
+    }
+}
+
 /// Every feed holds exactly its `target` items, once, and is closed.
 async fn assert_exact(db: &PgPool, feeds: &[String], target: u64) {
     let target = i64::try_from(target).unwrap();
@@ -310,6 +350,7 @@ async fn feeds_survive_a_killed_server_and_a_restarted_database_exactly() {
     let app = TestApp::connect(address, db.clone()).await;
     let server = Arc::new(Mutex::new(address));
     let target = 60;
+    let steady = (Uuid::new_v4().to_string(), app.participation().await.id);
     let (feeds, tasks) = start_feeds(
         &server,
         participations(&app, 20).await,
@@ -332,6 +373,9 @@ async fn feeds_survive_a_killed_server_and_a_restarted_database_exactly() {
     *server.lock().unwrap() = address;
 
     tokio::time::sleep(Duration::from_millis(800)).await;
+    // One more feed, so that the feed writers of this server hold connections when the
+    // database goes: after it is back, they must open new ones.
+    appends_in_one_session(address, &steady.0, &steady.1, 6).await;
     // PostgreSQL stops under the feeds, and comes back.
     db.close().await;
     LocalPostgres::ensure(&data_dir)
@@ -342,6 +386,18 @@ async fn feeds_survive_a_killed_server_and_a_restarted_database_exactly() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let cluster = LocalPostgres::ensure(&data_dir).await.unwrap();
+    let mut session = appends_in_one_session(address, &steady.0, &steady.1, 12).await;
+    assert_eq!(session.append(13, target - 12).await, Some(target));
+    session.tx.send(close(target)).await.unwrap();
+    assert!(matches!(
+        session
+            .replies
+            .message()
+            .await
+            .unwrap()
+            .and_then(|r| r.frame),
+        Some(Reply::Closed(_))
+    ));
 
     finish_feeds(tasks).await;
     let db = sqlx::postgres::PgPoolOptions::new()
@@ -349,6 +405,8 @@ async fn feeds_survive_a_killed_server_and_a_restarted_database_exactly() {
         .connect_with(cluster.connect_options(local_postgres::DATABASE))
         .await
         .unwrap();
+    let mut feeds = feeds;
+    feeds.push(steady.0);
     assert_exact(&db, &feeds, target).await;
     db.close().await;
     crate::binary::terminate(child, &lines).await;
