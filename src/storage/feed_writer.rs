@@ -1,10 +1,10 @@
 //! Group commit for live feeds: the appends of many feeds that arrive while others are
 //! being written are gathered and written in one transaction (one statement advancing
 //! every feed's position, one COPY per table, one commit), by a few writer tasks with a
-//! connection each, outside the pool, kept between batches (`writer_connection`). Each append is answered only once its own items are
-//! committed, or refused; a batch that fails is retried append by append, so that one
-//! feed's failure is never another's (unless the database is out of reach: then all hear
-//! it at once).
+//! connection each, outside the pool, kept between batches (`writer_connection`). Each
+//! append is answered only once its own items are committed, or refused; a batch that
+//! fails is retried append by append, so that one feed's failure is never another's
+//! (unless the database is out of reach: then all hear it at once).
 
 use std::sync::Arc;
 

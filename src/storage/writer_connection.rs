@@ -38,22 +38,25 @@ impl WriterConnection {
     }
 
     pub(super) async fn get(&mut self) -> Result<&mut PgConnection, Error> {
-        if let Some((conn, _)) = self.open.take_if(|(_, at)| at.elapsed() > LIFETIME) {
-            let _ = conn.close().await;
-        }
-        if self.open.is_none() {
-            let opened =
-                tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(&self.options))
-                    .await
-                    .map_err(|_| Error::Unavailable(sqlx::Error::PoolTimedOut))?;
-            let mut conn = opened?;
-            super::use_generic_plans(&mut conn).await?;
-            self.open = Some((conn, Instant::now()));
-        }
-        self.open
-            .as_mut()
-            .map(|(conn, _)| conn)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("a writer's connection went away")))
+        let open = match self.open.take() {
+            Some((conn, at)) if at.elapsed() <= LIFETIME => (conn, at),
+            aged => {
+                if let Some((conn, _)) = aged {
+                    let _ = conn.close().await;
+                }
+                (self.connect().await?, Instant::now())
+            }
+        };
+        Ok(&mut self.open.insert(open).0)
+    }
+
+    async fn connect(&self) -> Result<PgConnection, Error> {
+        let opened = tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(&self.options))
+            .await
+            .map_err(|_| Error::Unavailable(sqlx::Error::PoolTimedOut))?;
+        let mut conn = opened?;
+        super::use_generic_plans(&mut conn).await?;
+        Ok(conn)
     }
 
     pub(super) fn drop_broken(&mut self) {
