@@ -244,7 +244,7 @@ impl IngestService {
         for _ in 0..2 {
             if self
                 .storage
-                .insert_feed_item(participation_id, id, item)
+                .insert_feed_item(participation_id, id, request_id.is_some(), item)
                 .await?
             {
                 metrics::counter!(crate::metrics::ITEMS_INGESTED, "kind" => T::KIND).increment(1);

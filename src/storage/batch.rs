@@ -1,5 +1,7 @@
 //! Group commit for the unary record RPCs: calls that arrive while others are being
-//! written are gathered and written together, in one statement and one commit. Each call
+//! written are gathered and written together, in one statement and one commit (two when
+//! calls with and without a `request_id` are mixed: only the first need their ids looked
+//! up in every partition). Each call
 //! still returns only once its own row is committed (or refused); a batch that fails is
 //! retried item by item, so that one item's failure is never another's.
 //!
@@ -220,13 +222,36 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Writes `batch` on `conn`, replying to each job; `false` when the database could not
-/// be reached through `conn` (every call is told UNAVAILABLE, and the connection is to be
-/// opened again).
+/// Writes `batch` on `conn`, replying to each job: the rows whose ids clients chose and
+/// those with new ids in a statement each (only the first look their ids up in every
+/// partition, [`FeedTable::insert_checked`]); `false` when the database could not be
+/// reached through `conn` (every call not yet answered is told UNAVAILABLE, and the
+/// connection is to be opened again).
 async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> bool {
+    let (keyed, new): (Vec<_>, Vec<_>) = batch.into_iter().partition(|job| job.row.keyed);
+    let mut unreachable = None;
+    for (group, keyed) in [(keyed, true), (new, false)] {
+        if group.is_empty() {
+            continue;
+        }
+        match &unreachable {
+            Some(error) => unavailable(group.into_iter().map(|job| job.done), error),
+            None => unreachable = write_group(conn, group, keyed).await.err(),
+        }
+    }
+    unreachable.is_none()
+}
+
+/// Writes one statement's rows (see [`write`]); the error when the database could not be
+/// reached, every call of `group` told so.
+async fn write_group<T: FeedTable>(
+    conn: &mut PgConnection,
+    group: Vec<Job<T>>,
+    keyed: bool,
+) -> Result<(), Error> {
     let (rows, replies): (Vec<Unary<T>>, Vec<_>) =
-        batch.into_iter().map(|job| (job.row, job.done)).unzip();
-    match T::insert_checked(conn, &rows).await {
+        group.into_iter().map(|job| (job.row, job.done)).unzip();
+    match T::insert_checked(conn, &rows, keyed).await {
         Ok(stored) => {
             let stored: HashSet<Uuid> = stored.into_iter().collect();
             for (row, reply) in rows.iter().zip(replies) {
@@ -236,7 +261,7 @@ async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> boo
         Err(error @ Error::Unavailable(_)) => {
             // Item by item would only fail again, once per call.
             unavailable(replies, &error);
-            return false;
+            return Err(error);
         }
         Err(error) if rows.len() == 1 => {
             if let Some(reply) = replies.into_iter().next() {
@@ -246,12 +271,12 @@ async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> boo
         Err(_) => {
             // Nothing of the batch was stored: retry alone, so each gets its own outcome.
             for (row, reply) in rows.iter().zip(replies) {
-                let outcome = T::insert_checked(conn, std::slice::from_ref(row))
+                let outcome = T::insert_checked(conn, std::slice::from_ref(row), keyed)
                     .await
                     .map(|stored| stored.contains(&row.id));
                 let _ = reply.send(outcome);
             }
         }
     }
-    true
+    Ok(())
 }

@@ -11,6 +11,36 @@ use super::{
 use crate::domain::{EventKind, NewEvent};
 use crate::error::Error;
 
+/// The checked insert of [`FeedTable::insert_checked`], with or without `$probe` (the
+/// look-up of each id in every partition) and `$untaken` (its condition).
+macro_rules! insert_events {
+    ($probe:literal, $untaken:literal) => {
+        concat!(
+            "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
+             SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
+                  AS t(participation_id, id, occurred_at, kind, attributes) \
+             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) ",
+            $probe,
+            "WHERE p.connected_at <= t.occurred_at \
+               AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) ",
+            $untaken,
+            "ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
+             RETURNING id"
+        )
+    };
+}
+
+/// Rows whose ids clients chose.
+const INSERT_KEYED: &str = insert_events!(
+    "LEFT JOIN LATERAL (SELECT true AS taken FROM events e \
+                        WHERE e.user_id = p.user_id AND e.id = t.id LIMIT 1) x ON true ",
+    "AND x.taken IS NULL "
+);
+
+/// Rows with this server's new ids.
+const INSERT_NEW: &str = insert_events!("", "");
+
 impl FeedTable for NewEvent {
     async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
         let row: Option<(Uuid, DateTime<Utc>, String, sqlx::types::JsonValue)> = sqlx::query_as(
@@ -59,6 +89,7 @@ impl FeedTable for NewEvent {
     async fn insert_checked(
         conn: &mut PgConnection,
         rows: &[Unary<Self>],
+        keyed: bool,
     ) -> Result<Vec<Uuid>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
@@ -69,27 +100,15 @@ impl FeedTable for NewEvent {
             .map(|r| serde_json::to_string(&r.item.attributes))
             .collect::<Result<Vec<String>, _>>()
             .map_err(Error::internal)?;
-        sqlx::query_scalar(
-            "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
-             SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
-                  AS t(participation_id, id, occurred_at, kind, attributes) \
-             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-             LEFT JOIN LATERAL (SELECT true AS taken FROM events e \
-                                WHERE e.user_id = p.user_id AND e.id = t.id LIMIT 1) x ON true \
-             WHERE p.connected_at <= t.occurred_at \
-               AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-               AND x.taken IS NULL \
-             ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
-             RETURNING id",
-        )
-        .bind(participations)
-        .bind(ids)
-        .bind(occurred)
-        .bind(kinds)
-        .bind(attributes)
-        .fetch_all(conn)
-        .await
-        .map_err(Error::from)
+        let statement = if keyed { INSERT_KEYED } else { INSERT_NEW };
+        sqlx::query_scalar(statement)
+            .bind(participations)
+            .bind(ids)
+            .bind(occurred)
+            .bind(kinds)
+            .bind(attributes)
+            .fetch_all(conn)
+            .await
+            .map_err(Error::from)
     }
 }

@@ -386,16 +386,19 @@ impl Storage {
     }
 
     /// Records one feed item outside any stream (the unary record RPCs); `false` when the
-    /// participation is missing or the item lies outside it.
+    /// participation is missing, the item lies outside it, or (`keyed`: the client chose
+    /// `id`) the id is taken.
     pub async fn insert_feed_item<T: Batched>(
         &self,
         participation_id: Uuid,
         id: Uuid,
+        keyed: bool,
         item: &T,
     ) -> Result<bool, Error> {
         let row = Unary {
             participation_id,
             id,
+            keyed,
             item: item.clone(),
         };
         T::batcher(self).insert(row).await

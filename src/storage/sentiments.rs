@@ -11,6 +11,38 @@ use super::{
 use crate::domain::{NewSentiment, SentimentLabel};
 use crate::error::Error;
 
+/// The checked insert of [`FeedTable::insert_checked`], with or without `$probe` (the
+/// look-up of each id in every partition) and `$untaken` (its condition).
+macro_rules! insert_sentiments {
+    ($probe:literal, $untaken:literal) => {
+        concat!(
+            "INSERT INTO sentiments \
+               (id, user_id, participation_id, started_at, ended_at, label, score) \
+             SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                         $5::text[], $6::float8[]) \
+                  AS t(participation_id, id, started_at, ended_at, label, score) \
+             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) ",
+            $probe,
+            "WHERE p.connected_at <= t.started_at \
+               AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) ",
+            $untaken,
+            "ON CONFLICT (id, user_id, started_at) DO NOTHING \
+             RETURNING id"
+        )
+    };
+}
+
+/// Rows whose ids clients chose.
+const INSERT_KEYED: &str = insert_sentiments!(
+    "LEFT JOIN LATERAL (SELECT true AS taken FROM sentiments s \
+                        WHERE s.user_id = p.user_id AND s.id = t.id LIMIT 1) x ON true ",
+    "AND x.taken IS NULL "
+);
+
+/// Rows with this server's new ids.
+const INSERT_NEW: &str = insert_sentiments!("", "");
+
 /// participation_id, started_at, ended_at, label, score.
 type SentimentRow = (Uuid, DateTime<Utc>, DateTime<Utc>, String, Option<f64>);
 
@@ -62,6 +94,7 @@ impl FeedTable for NewSentiment {
     async fn insert_checked(
         conn: &mut PgConnection,
         rows: &[Unary<Self>],
+        keyed: bool,
     ) -> Result<Vec<Uuid>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
@@ -69,30 +102,16 @@ impl FeedTable for NewSentiment {
         let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
         let labels: Vec<&str> = rows.iter().map(|r| r.item.label.as_str()).collect();
         let scores: Vec<Option<f64>> = rows.iter().map(|r| r.item.score).collect();
-        sqlx::query_scalar(
-            "INSERT INTO sentiments \
-               (id, user_id, participation_id, started_at, ended_at, label, score) \
-             SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
-                         $5::text[], $6::float8[]) \
-                  AS t(participation_id, id, started_at, ended_at, label, score) \
-             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-             LEFT JOIN LATERAL (SELECT true AS taken FROM sentiments s \
-                                WHERE s.user_id = p.user_id AND s.id = t.id LIMIT 1) x ON true \
-             WHERE p.connected_at <= t.started_at \
-               AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-               AND x.taken IS NULL \
-             ON CONFLICT (id, user_id, started_at) DO NOTHING \
-             RETURNING id",
-        )
-        .bind(participations)
-        .bind(ids)
-        .bind(started)
-        .bind(ended)
-        .bind(labels)
-        .bind(scores)
-        .fetch_all(conn)
-        .await
-        .map_err(Error::from)
+        let statement = if keyed { INSERT_KEYED } else { INSERT_NEW };
+        sqlx::query_scalar(statement)
+            .bind(participations)
+            .bind(ids)
+            .bind(started)
+            .bind(ended)
+            .bind(labels)
+            .bind(scores)
+            .fetch_all(conn)
+            .await
+            .map_err(Error::from)
     }
 }

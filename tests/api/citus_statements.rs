@@ -321,13 +321,16 @@ async fn workload(db: &PgPool) {
         })
         .await
         .unwrap();
-    for _ in 0..2 {
-        // The second time is a replay: the stored item is looked up.
-        let request_id = "0190f000-0000-7000-8000-000000000001".to_owned();
+    // Without a request_id (the ids are the server's: no look-up across partitions), then
+    // with one, twice (the second time is a replay: the stored item is looked up).
+    let replayed = "0190f000-0000-7000-8000-000000000001";
+    for request_id in ["", replayed, replayed] {
+        let offset = if request_id.is_empty() { 9010 } else { 9000 };
+        let request_id = request_id.to_owned();
         client
             .record_sentiment(proto::RecordSentimentRequest {
                 participation_id: participation.id.clone(),
-                sentiment: sentiments(9000, 1).pop(),
+                sentiment: sentiments(offset, 1).pop(),
                 request_id: request_id.clone(),
             })
             .await
@@ -336,7 +339,7 @@ async fn workload(db: &PgPool) {
             .record_event(proto::RecordEventRequest {
                 participation_id: participation.id.clone(),
                 event: Some(proto::NewEvent {
-                    occurred_at: crate::helpers::at(crate::helpers::t0(), 9001),
+                    occurred_at: crate::helpers::at(crate::helpers::t0(), offset + 1),
                     kind: proto::EventKind::Connected as i32,
                     attributes: Default::default(),
                 }),

@@ -196,3 +196,47 @@ async fn retried_records_store_one_row_even_when_sent_at_once() {
     assert_eq!(again, first);
     assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 1);
 }
+
+/// A request_id reused for an item at another time is refused, though the stored key
+/// (id, user, time) differs: the id is looked up in every partition. A call without a
+/// request_id gets a new id and is never refused so.
+#[tokio::test]
+async fn a_request_id_reused_at_another_time_is_refused() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let mut client = app.client.clone();
+    let request_id = Uuid::new_v4().to_string();
+    let record = |offset: i64, request_id: &str| proto::RecordSentimentRequest {
+        participation_id: participation.id.clone(),
+        sentiment: sentiments(offset, 1).pop(),
+        request_id: request_id.to_owned(),
+    };
+    client
+        .record_sentiment(record(3, &request_id))
+        .await
+        .unwrap();
+    // A day later: another partition, where daily partitions cover those days.
+    let status = client
+        .record_sentiment(record(3 + 86_400, &request_id))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    for _ in 0..2 {
+        client.record_sentiment(record(3, "")).await.unwrap();
+    }
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 3);
+
+    let event = |offset: i64| proto::RecordEventRequest {
+        participation_id: participation.id.clone(),
+        event: Some(proto::NewEvent {
+            occurred_at: at(t0(), offset),
+            kind: proto::EventKind::TalkStarted as i32,
+            attributes: Default::default(),
+        }),
+        request_id: request_id.clone(),
+    };
+    client.record_event(event(5)).await.unwrap();
+    let status = client.record_event(event(6)).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 1);
+}

@@ -288,7 +288,8 @@ async fn the_timeline_interleaves_events_and_sentiments_in_time_order() {
 }
 
 /// Concurrent unary records are written together (group commit); each call still gets
-/// its own outcome, and one item's failure is never another's.
+/// its own outcome, and one item's failure is never another's. Calls with and without a
+/// request_id are mixed (a batch writes them in a statement each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_records_each_get_their_own_outcome() {
     let app = spawn_app().await;
@@ -318,14 +319,23 @@ async fn concurrent_records_each_get_their_own_outcome() {
                     Code::Ok,
                 ),
             };
+            let request_id = if i % 2 == 0 {
+                uuid::Uuid::new_v4().to_string()
+            } else {
+                String::new()
+            };
             tokio::spawn(async move {
                 let outcome = client
                     .record_sentiment(proto::RecordSentimentRequest {
-                        request_id: String::new(),
+                        request_id: request_id.clone(),
                         participation_id,
                         sentiment: Some(s),
                     })
                     .await;
+                if let (Ok(response), false) = (&outcome, request_id.is_empty()) {
+                    let stored = response.get_ref().sentiment.as_ref().unwrap();
+                    assert_eq!(stored.id, request_id, "call {i}");
+                }
                 let code = outcome
                     .as_ref()
                     .map_or_else(|status| status.code(), |_| Code::Ok);
