@@ -91,7 +91,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "record,get-user,join-session,timeline"
+        default_value = "record,record-new-id,get-user,join-session,timeline"
     )]
     unary_cases: Vec<unary::Case>,
     /// Rows of the single stream during which the server's peak RSS is measured.
@@ -105,6 +105,10 @@ struct Args {
     /// default partition, as a server without pg_partman does.
     #[arg(long, value_enum, default_value_t = PartmanMode::Auto)]
     partitions: PartmanMode,
+    /// Daily partitions of sentiments and events to add for days long past (empty), as a
+    /// service accumulates them without a retention: a year of them is 365.
+    #[arg(long, default_value_t = 0)]
+    old_partitions: u32,
     /// delete-user: rows of other users in the table (0: skip the scenario).
     #[arg(long, default_value_t = 4_000_000)]
     delete_table_rows: u64,
@@ -221,6 +225,7 @@ async fn bench_database(args: &Args) -> anyhow::Result<(PgPool, PgConnectOptions
         "krisp-bench: {}",
         partitions_note(args.partitions, &partitioning)
     );
+    add_old_partitions(&pool, args.old_partitions).await?;
     // Every table that holds rows (the partitions, not their parents).
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT c.oid::regclass::text FROM pg_class c \
@@ -238,6 +243,27 @@ async fn bench_database(args: &Args) -> anyhow::Result<(PgPool, PgConnectOptions
         .await?;
     }
     Ok((pool, options))
+}
+
+/// `days` empty daily partitions of sentiments and events, from 2020-01-01 on: days no
+/// row of the benchmark falls on.
+async fn add_old_partitions(pool: &PgPool, days: u32) -> anyhow::Result<()> {
+    for table in ["sentiments", "events"] {
+        for day in 0..days {
+            sqlx::query(&format!(
+                "CREATE TABLE {table}_old_{day} PARTITION OF {table} FOR VALUES \
+                 FROM ('2020-01-01'::timestamptz + interval '{day} days') \
+                 TO ('2020-01-01'::timestamptz + interval '{next} days')",
+                next = day + 1
+            ))
+            .execute(pool)
+            .await?;
+        }
+    }
+    if days > 0 {
+        eprintln!("krisp-bench: {days} old daily partitions added to sentiments and events");
+    }
+    Ok(())
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {

@@ -33,6 +33,9 @@ const READ_USERS: usize = 64;
 pub(crate) enum Case {
     /// RecordSentiment (with a request_id) against one plain INSERT per row.
     Record,
+    /// RecordSentiment without a request_id (the server picks the id, so the insert does
+    /// not look it up across partitions) against the same plain INSERT.
+    RecordNewId,
     /// GetUser against `SELECT ... FROM users WHERE id = $1`.
     GetUser,
     /// JoinSession (with a request_id) against one plain INSERT INTO participations.
@@ -46,6 +49,7 @@ impl Case {
     pub(crate) fn methods(self) -> (&'static str, &'static str) {
         match self {
             Case::Record => ("grpc-unary", "sqlx-insert"),
+            Case::RecordNewId => ("grpc-unary-new-id", "sqlx-insert"),
             Case::GetUser => ("grpc-get-user", "sqlx-get-user"),
             Case::JoinSession => ("grpc-join-session", "sqlx-join-session"),
             Case::Timeline => ("grpc-timeline-first", "sqlx-timeline-first"),
@@ -77,7 +81,7 @@ type Call = Arc<dyn Fn(u64) -> BoxFuture<'static, anyhow::Result<()>> + Send + S
 
 async fn prepare(fx: &Fixtures, case: Case, requests: usize) -> anyhow::Result<Target> {
     Ok(match case {
-        Case::Record => Target::Participation(fx.participation().await?),
+        Case::Record | Case::RecordNewId => Target::Participation(fx.participation().await?),
         Case::GetUser => Target::Users(Arc::new(fx.users(READ_USERS).await?)),
         Case::JoinSession => Target::Users(Arc::new(fx.users(requests).await?)),
         Case::Timeline => {
@@ -103,7 +107,9 @@ async fn prepare(fx: &Fixtures, case: Case, requests: usize) -> anyhow::Result<T
 /// Checks afterwards that exactly the calls' rows were stored.
 async fn verify(fx: &Fixtures, case: Case, target: &Target, requests: usize) -> anyhow::Result<()> {
     match (case, target) {
-        (Case::Record, Target::Participation(p)) => check_stored(fx, p, requests as u64).await,
+        (Case::Record | Case::RecordNewId, Target::Participation(p)) => {
+            check_stored(fx, p, requests as u64).await
+        }
         (Case::JoinSession, Target::Users(users)) => {
             let joined: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM participations WHERE user_id = ANY($1) AND session_id = $2",
@@ -134,11 +140,14 @@ fn grpc_call(fx: &Arc<Fixtures>, case: Case, target: Target, channel: Channel) -
         let (mut client, fx, target) = (client.clone(), Arc::clone(&fx), target.clone());
         Box::pin(async move {
             match (case, target) {
-                (Case::Record, Target::Participation(p)) => {
+                (Case::Record | Case::RecordNewId, Target::Participation(p)) => {
                     client
                         .record_sentiment(proto::RecordSentimentRequest {
-                            // Retry-safe calls, as a careful client makes them.
-                            request_id: Uuid::new_v4().to_string(),
+                            // Retry-safe calls, as a careful client makes them; or not.
+                            request_id: match case {
+                                Case::Record => Uuid::new_v4().to_string(),
+                                _ => String::new(),
+                            },
                             participation_id: p.id.to_string(),
                             sentiment: Some(fx.proto_sentiment(i)),
                         })
@@ -182,13 +191,16 @@ fn grpc_call(fx: &Arc<Fixtures>, case: Case, target: Target, channel: Channel) -
     })
 }
 
-/// The timeline query of the service (`storage::timeline`), the same text.
+/// The timeline query of the service (`storage::timeline`), the same text, also not
+/// prepared.
 const TIMELINE_QUERY: &str = "SELECT false AS is_event, id, started_at AS at, ended_at, \
         label AS kind, score, NULL::jsonb AS attributes \
-     FROM sentiments WHERE user_id = $1 AND participation_id = $2 \
+     FROM sentiments \
+     WHERE user_id = $1 AND participation_id = $2 AND started_at >= $3 \
      UNION ALL \
      SELECT true, id, occurred_at, NULL, kind, NULL, attributes \
-     FROM events WHERE user_id = $1 AND participation_id = $2 \
+     FROM events \
+     WHERE user_id = $1 AND participation_id = $2 AND occurred_at >= $3 \
      ORDER BY at, is_event DESC, id";
 
 /// The direct-SQL side of `case`, on `pool`. Not the same work as the RPC:
@@ -198,7 +210,8 @@ const TIMELINE_QUERY: &str = "SELECT false AS is_event, id, started_at AS at, en
 ///   through the batcher: one `INSERT ... SELECT FROM UNNEST(...) JOIN participations`
 ///   per batch of concurrent calls, which looks up the participation's user, checks the
 ///   item lies in its span and that no other partition holds the id (a replayed request
-///   stores nothing), and commits once for the batch.
+///   stores nothing), and commits once for the batch. RecordNewId: the same without a
+///   `request_id`, so the server picks the id and skips the look-up across partitions.
 /// - GetUser: the same SELECT by primary key the RPC runs; the RPC adds only gRPC and the
 ///   conversion.
 /// - JoinSession: one INSERT of the participation (the foreign keys check user, session,
@@ -214,7 +227,7 @@ fn sql_call(fx: &Arc<Fixtures>, case: Case, target: Target, pool: PgPool) -> Cal
         let (pool, fx, target) = (pool.clone(), Arc::clone(&fx), target.clone());
         Box::pin(async move {
             match (case, target) {
-                (Case::Record, Target::Participation(p)) => {
+                (Case::Record | Case::RecordNewId, Target::Participation(p)) => {
                     insert_plain(&pool, &p, &fx.sentiment(i)).await?;
                 }
                 (Case::GetUser, Target::Users(users)) => {
@@ -244,6 +257,8 @@ fn sql_call(fx: &Arc<Fixtures>, case: Case, target: Target, pool: PgPool) -> Cal
                     let mut rows = sqlx::query(TIMELINE_QUERY)
                         .bind(p.user_id)
                         .bind(p.id)
+                        .bind(p.connected_at)
+                        .persistent(false)
                         .fetch(&pool);
                     ensure!(rows.try_next().await?.is_some(), "empty timeline");
                 }
@@ -284,13 +299,13 @@ async fn sql_side(
     concurrency: usize,
 ) -> anyhow::Result<Measurement> {
     let size = u32::try_from(concurrency)?;
-    // As many connections as calls in flight, with the service's planner setting
-    // (`app::pool_options` would leave out the connections the service keeps apart).
+    // As many connections as calls in flight, with the planner's default setting as on
+    // the service's pool (`app::pool_options` would leave out the connections the
+    // service keeps apart).
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(size)
         .min_connections(size)
         .test_before_acquire(false)
-        .after_connect(|conn, _| Box::pin(krisp_ingest::storage::use_generic_plans(conn)))
         .connect_with(options.clone())
         .await?;
     // Warm-up (statements prepared on every connection), not timed.
@@ -365,8 +380,14 @@ pub(crate) async fn run(
     let requests = args.unary_requests;
     for &c in &args.unary_concurrency {
         for round in 1..=args.repeat {
+            let mut baselines = Vec::new();
             for &case in &args.unary_cases {
-                eprintln!("round {round}: {} x{c} ...", case.methods().1);
+                let sql = case.methods().1;
+                if baselines.contains(&sql) {
+                    continue; // the same baseline as a case before it
+                }
+                baselines.push(sql);
+                eprintln!("round {round}: {sql} x{c} ...");
                 runs.push(sql_side(fx, options, case, requests, c).await?);
                 checkpoint(&fx.pool).await?;
             }

@@ -20,14 +20,14 @@ use crate::{
 /// (measured in docs/BENCHMARKS.md); a connection found broken fails its call with
 /// UNAVAILABLE and is replaced.
 ///
-/// Every statement runs its generic plan (`plan_cache_mode = force_generic_plan`, set once
-/// per connection): the service's statements are prepared and reused, and PostgreSQL's
-/// default re-plans a statement for every execution when the generic plan's guessed cost
-/// is higher than a custom plan's. For the unary records (a join of arrays with
-/// participations and a look-up across every partition) that meant 0.36 ms of planning
-/// per call once participations held 30,000 rows (pgbench, measured: 0.73 ms against 0.36
-/// ms per statement; docs/BENCHMARKS.md, issue 16). The statements are written so that
-/// their generic plans use the keys (`storage::items::FeedTable::insert_checked`).
+/// The pool's statements keep PostgreSQL's default choice between a statement's generic
+/// plan and one made for its parameters. A generic plan that reads a partitioned table
+/// locks every partition when it starts (PostgreSQL 15), even those its parameters rule
+/// out; a plan made for the parameters prunes them before it locks anything. With a year
+/// of daily partitions, 16 timelines at once with generic plans ran out of the lock table
+/// ("out of shared memory"; docs/BENCHMARKS.md, issue 16). The writers' connections run
+/// generic plans (`storage::use_generic_plans`): their statements' arrays are what a plan
+/// made for the parameters gets wrong.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(
@@ -37,7 +37,6 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
         )
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
-        .after_connect(|conn, _| Box::pin(storage::use_generic_plans(conn)))
 }
 
 /// The database the service runs against, and the local cluster behind it, if any.

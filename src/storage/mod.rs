@@ -236,8 +236,9 @@ impl HealthProbe {
     }
 }
 
-/// Makes `conn` run the generic plan of every prepared statement (`app::pool_options`
-/// and `feeds::append_feeds` say why).
+/// Makes `conn` run the generic plan of every prepared statement: the writers' and the
+/// live feeds' connections (`FeedTable::insert_checked` and `feeds::append_feeds` say
+/// why; `app::pool_options` why the pool does not).
 pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan")
         .await
@@ -245,7 +246,7 @@ pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx
 }
 
 /// A pool of `size` connections beside `pool`, to the same database, connected when first
-/// used, with generic plans as on the pool's own ([`use_generic_plans`]).
+/// used, with generic plans as on the feed writers' ([`use_generic_plans`]).
 fn side_pool(pool: &PgPool, size: u32) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(size)

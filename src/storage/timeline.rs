@@ -69,10 +69,14 @@ impl Storage {
         let connected_at = participation.connected_at;
         tokio::spawn(async move {
             // No item starts before its participation connected (every way in checks it),
-            // and saying so lets PostgreSQL skip the older partitions when the statement
-            // starts: with a year of daily partitions the query took 17 ms without it and
-            // 0.35 ms with it (docs/BENCHMARKS.md, issue 16). No upper bound: a leave does
-            // not move items recorded ahead of it.
+            // and saying so lets PostgreSQL leave the older partitions out: with a year of
+            // daily partitions the query took 17 ms without it and 0.35 ms with it
+            // (docs/BENCHMARKS.md, issue 16). No upper bound: a leave does not move items
+            // recorded ahead of it. Not a prepared statement: a plan made for these
+            // parameters leaves the partitions out before locking them, where a generic
+            // plan (which PostgreSQL also builds at a prepared statement's sixth run, to
+            // compare) locks all of them, ~3,000 locks with a year of partitions: 16
+            // timelines at once ran out of the lock table ("out of shared memory").
             let mut rows = sqlx::query_as::<_, TimelineRow>(
                 "SELECT false AS is_event, id, started_at AS at, ended_at, label AS kind, score, \
                         NULL::jsonb AS attributes \
@@ -87,6 +91,7 @@ impl Storage {
             .bind(user_id)
             .bind(participation_id)
             .bind(connected_at)
+            .persistent(false)
             .fetch(&pool);
             loop {
                 let item = match rows.try_next().await {

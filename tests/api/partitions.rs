@@ -362,3 +362,64 @@ async fn replicas_starting_together_register_the_tables_once() {
         2
     );
 }
+
+/// A year of daily partitions (no retention): timelines read at once still work. A
+/// generic plan locks every partition of both tables when it starts (~3,000 locks here;
+/// PostgreSQL builds one at a prepared statement's sixth run, to compare), and eight of
+/// them at once ran out of the lock table ("out of shared memory"); the timeline is
+/// planned for its participation instead, which leaves the older partitions out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timelines_read_at_once_with_a_year_of_partitions() {
+    let db = fresh_database().await;
+    for table in ["sentiments", "events"] {
+        let days: Vec<String> = (0..365)
+            .map(|day| {
+                format!(
+                    "CREATE TABLE {table}_old_{day} PARTITION OF {table} FOR VALUES \
+                     FROM ('2020-01-01'::timestamptz + interval '{day} days') \
+                     TO ('2020-01-01'::timestamptz + interval '{} days')",
+                    day + 1
+                )
+            })
+            .collect();
+        sqlx::raw_sql(&days.join(";\n")).execute(&db).await.unwrap();
+    }
+    // The service's own pool settings, with a connection for each read.
+    let own = krisp_ingest::storage::OWN_CONNECTIONS;
+    let pool = krisp_ingest::app::pool_options(16 + own)
+        .connect_with((*db.connect_options()).clone())
+        .await
+        .unwrap();
+    let app = spawn_app_on(pool).await;
+    let participation = app.participation().await;
+    record(
+        &app,
+        &participation,
+        crate::helpers::t0() + TimeDelta::seconds(1),
+    )
+    .await;
+    for round in 0..8 {
+        let reads: Vec<_> = (0..16)
+            .map(|_| {
+                let mut client = app.client.clone();
+                let participation_id = participation.id.clone();
+                tokio::spawn(async move {
+                    let mut entries = client
+                        .get_timeline(proto::GetTimelineRequest { participation_id })
+                        .await?
+                        .into_inner();
+                    let mut read = 0;
+                    while entries.message().await?.is_some() {
+                        read += 1;
+                    }
+                    Ok::<_, tonic::Status>(read)
+                })
+            })
+            .collect();
+        for read in reads {
+            // The sentiment and the event `record` stored.
+            let read = read.await.unwrap();
+            assert!(matches!(read, Ok(2)), "round {round}: {read:?}");
+        }
+    }
+}
