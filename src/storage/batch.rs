@@ -227,10 +227,22 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// partition, [`FeedTable::insert_checked`]); `false` when the database could not be
 /// reached through `conn` (every call not yet answered is told UNAVAILABLE, and the
 /// connection is to be opened again).
+///
+/// A `request_id` sent more than once at a time (a retry racing its first attempt, or a
+/// reuse) goes in a statement after the first's: a statement's look-up sees none of the
+/// rows it inserts itself, and the same id at two times would both be stored.
 async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> bool {
-    let (keyed, new): (Vec<_>, Vec<_>) = batch.into_iter().partition(|job| job.row.keyed);
+    let (mut keyed, new): (Vec<_>, Vec<_>) = batch.into_iter().partition(|job| job.row.keyed);
+    let mut groups = Vec::new();
+    while !keyed.is_empty() {
+        let mut ids = HashSet::new();
+        let (first, again) = keyed.into_iter().partition(|job| ids.insert(job.row.id));
+        groups.push((first, true));
+        keyed = again;
+    }
+    groups.push((new, false));
     let mut unreachable = None;
-    for (group, keyed) in [(keyed, true), (new, false)] {
+    for (group, keyed) in groups {
         if group.is_empty() {
             continue;
         }

@@ -5,7 +5,7 @@ use krisp_ingest::proto;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{at, count, sentiments, spawn_app, t0, violated_fields};
+use crate::helpers::{at, count, eventually, sentiments, spawn_app, t0, violated_fields};
 
 #[tokio::test]
 async fn a_retried_create_user_returns_the_first_user() {
@@ -239,4 +239,73 @@ async fn a_request_id_reused_at_another_time_is_refused() {
     let status = client.record_event(event(6)).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 1);
+}
+
+/// One request_id sent for items at ten different times, twice each, all written in one
+/// batch: one item is stored, its two calls get it, the other eighteen are
+/// ALREADY_EXISTS. (In one statement they each passed the look-up of the id, which sees
+/// none of the rows its own statement inserts: ten were stored.) Both sentiment writers
+/// are first held on a locked participation, so that the twenty calls queue and make one
+/// batch when it is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_id_sent_at_once_for_different_items_stores_one() {
+    let app = spawn_app().await;
+    let (held, participation) = (app.participation().await, app.participation().await);
+    let mut locker = app.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM participations WHERE id = $1::uuid FOR UPDATE")
+        .bind(&held.id)
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let record = |participation_id: &str, offset: i64, request_id: &str| {
+        let mut client = app.client.clone();
+        let request = proto::RecordSentimentRequest {
+            participation_id: participation_id.to_owned(),
+            sentiment: sentiments(offset, 1).pop(),
+            request_id: request_id.to_owned(),
+        };
+        tokio::spawn(async move {
+            let reply = client.record_sentiment(request).await;
+            reply.map(|r| r.into_inner().sentiment.unwrap().started_at)
+        })
+    };
+    let mut held_calls = Vec::new();
+    for writers in 1..=2 {
+        held_calls.push(record(&held.id, writers, ""));
+        eventually("a writer waits on the locked participation", || async {
+            count(
+                &app.db,
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO sentiments%'",
+            )
+            .await
+                == writers
+        })
+        .await;
+        // Older than the batcher's STALLED (20 ms): the next batch goes to the other writer.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let request_id = Uuid::new_v4().to_string();
+    let calls: Vec<_> = (0..20)
+        .map(|i| record(&participation.id, i % 10, &request_id))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    locker.rollback().await.unwrap();
+    for call in held_calls {
+        call.await.unwrap().unwrap();
+    }
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(started_at) => stored.push(started_at),
+            Err(status) => {
+                assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((stored.len(), refused), (2, 18), "{stored:?}");
+    assert_eq!(stored[0], stored[1]);
+    let sql = format!("SELECT count(*) FROM sentiments WHERE id = '{request_id}'");
+    assert_eq!(count(&app.db, &sql).await, 1);
 }
