@@ -601,3 +601,32 @@ impl CuttableLink {
         self.tasks.abort_all();
     }
 }
+
+/// Locks participation `id`'s row (FOR UPDATE) in a transaction of `db`'s, until the
+/// transaction ends: a sentiment or event of it waits in its foreign-key check.
+pub async fn lock_participation(
+    db: &PgPool,
+    id: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut locker = db.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM participations WHERE id = $1::uuid FOR UPDATE")
+        .bind(id)
+        .execute(&mut *locker)
+        .await
+        .expect("lock the participation");
+    locker
+}
+
+/// Waits until `n` inserts into sentiments wait on a lock.
+pub async fn sentiment_inserts_waiting(db: &PgPool, n: i64) {
+    eventually("inserts of sentiments wait on a lock", || async {
+        count(
+            db,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO sentiments%'",
+        )
+        .await
+            == n
+    })
+    .await;
+}

@@ -5,7 +5,10 @@ use krisp_ingest::proto;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{at, count, eventually, sentiments, spawn_app, t0, violated_fields};
+use crate::helpers::{
+    at, count, lock_participation, sentiment_inserts_waiting, sentiments, spawn_app, t0,
+    violated_fields,
+};
 
 #[tokio::test]
 async fn a_retried_create_user_returns_the_first_user() {
@@ -251,12 +254,7 @@ async fn a_request_id_reused_at_another_time_is_refused() {
 async fn one_request_id_sent_at_once_for_different_items_stores_one() {
     let app = spawn_app().await;
     let (held, participation) = (app.participation().await, app.participation().await);
-    let mut locker = app.db.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM participations WHERE id = $1::uuid FOR UPDATE")
-        .bind(&held.id)
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = lock_participation(&app.db, &held.id).await;
     let record = |participation_id: &str, offset: i64, request_id: &str| {
         let mut client = app.client.clone();
         let request = proto::RecordSentimentRequest {
@@ -272,16 +270,7 @@ async fn one_request_id_sent_at_once_for_different_items_stores_one() {
     let mut held_calls = Vec::new();
     for writers in 1..=2 {
         held_calls.push(record(&held.id, writers, ""));
-        eventually("a writer waits on the locked participation", || async {
-            count(
-                &app.db,
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO sentiments%'",
-            )
-            .await
-                == writers
-        })
-        .await;
+        sentiment_inserts_waiting(&app.db, writers).await;
         // Older than the batcher's STALLED (20 ms): the next batch goes to the other writer.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

@@ -2,7 +2,8 @@ use krisp_ingest::proto::{self, timeline_entry::Entry};
 use tonic::Code;
 
 use crate::helpers::{
-    at, count, eventually, refuse_sentiments_scored, sentiments, spawn_app, t0, violated_fields,
+    at, count, lock_participation, refuse_sentiments_scored, sentiment_inserts_waiting, sentiments,
+    spawn_app, t0, violated_fields,
 };
 
 fn sentiment(start: i64, end: i64, score: Option<f64>) -> proto::NewSentiment {
@@ -365,12 +366,7 @@ async fn a_batch_stuck_on_a_lock_does_not_hold_up_other_calls() {
     let other = app.participation().await;
     // Another session locks the stuck participation's row: a sentiment of it waits in
     // its foreign-key check until that transaction ends.
-    let mut locker = app.db.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM participations WHERE id = $1::uuid FOR UPDATE")
-        .bind(&stuck.id)
-        .execute(&mut *locker)
-        .await
-        .unwrap();
+    let locker = lock_participation(&app.db, &stuck.id).await;
     let record = |participation_id: &str, second: i64| {
         let mut client = app.client.clone();
         let request = proto::RecordSentimentRequest {
@@ -381,16 +377,7 @@ async fn a_batch_stuck_on_a_lock_does_not_hold_up_other_calls() {
         async move { client.record_sentiment(request).await.map(drop) }
     };
     let waiting = tokio::spawn(record(&stuck.id, 1));
-    eventually("the stuck call's batch waits on the lock", || async {
-        count(
-            &app.db,
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO sentiments%'",
-        )
-        .await
-            == 1
-    })
-    .await;
+    sentiment_inserts_waiting(&app.db, 1).await;
     for second in 0..5 {
         tokio::time::timeout(
             std::time::Duration::from_secs(10),
