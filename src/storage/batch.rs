@@ -25,7 +25,7 @@
 //! measured and bought nothing measurable.)
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -228,17 +228,29 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// reached through `conn` (every call not yet answered is told UNAVAILABLE, and the
 /// connection is to be opened again).
 ///
-/// A `request_id` sent more than once at a time (a retry racing its first attempt, or a
-/// reuse) goes in a statement after the first's: a statement's look-up sees none of the
-/// rows it inserts itself, and the same id at two times would both be stored.
+/// A `request_id` sent at once for two different items goes in a statement after the
+/// first's: a statement's look-up sees none of the rows it inserts itself, and the same
+/// id at two times would both be stored.
 async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> bool {
     let (mut keyed, new): (Vec<_>, Vec<_>) = batch.into_iter().partition(|job| job.row.keyed);
     let mut groups = Vec::new();
     while !keyed.is_empty() {
-        let mut ids = HashSet::new();
-        let (first, again) = keyed.into_iter().partition(|job| ids.insert(job.row.id));
-        groups.push((first, true));
-        keyed = again;
+        // The first call of each id, with its exact copies (retries sent at once: the
+        // conflict on the key stores one of them); any other call of the id waits.
+        let (mut round, mut later): (Vec<Job<T>>, _) = (Vec::new(), Vec::new());
+        let mut first: HashMap<Uuid, usize> = HashMap::new();
+        for job in keyed {
+            match first.get(&job.row.id) {
+                Some(&at) if round[at].row != job.row => later.push(job),
+                Some(_) => round.push(job),
+                None => {
+                    first.insert(job.row.id, round.len());
+                    round.push(job);
+                }
+            }
+        }
+        groups.push((round, true));
+        keyed = later;
     }
     groups.push((new, false));
     let mut unreachable = None;

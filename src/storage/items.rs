@@ -59,7 +59,7 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
 }
 
 /// One item recorded by a unary RPC.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Unary<T> {
     pub participation_id: Uuid,
     pub id: Uuid,
