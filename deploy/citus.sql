@@ -30,5 +30,7 @@ SELECT create_distributed_table('ingest_streams', 'user_id', colocate_with => 'u
 SELECT create_distributed_table('live_feeds', 'user_id', colocate_with => 'users');
 SELECT create_distributed_table('sentiments', 'user_id', colocate_with => 'users');
 SELECT create_distributed_table('events', 'user_id', colocate_with => 'users');
+SELECT create_distributed_table('sentiment_request_ids', 'user_id', colocate_with => 'users');
+SELECT create_distributed_table('event_request_ids', 'user_id', colocate_with => 'users');
 
 -- _sqlx_migrations stays a local table of the coordinator.

@@ -263,6 +263,17 @@ impl IngestService {
                         Err(reused(id, field))
                     };
                 }
+                // Claimed, and its item gone since (the retention dropped its partition).
+                if self
+                    .storage
+                    .feed_id_claimed::<T>(&participation, id)
+                    .await?
+                {
+                    return Err(Error::AlreadyExists(format!(
+                        "request_id {id} was used already, for a {field} no longer stored \
+                         (older than the retention)"
+                    )));
+                }
             }
             // Neither missing nor out of span now: it changed between the two statements.
         }

@@ -1,7 +1,7 @@
 //! Group commit for the unary record RPCs: calls that arrive while others are being
-//! written are gathered and written together, in one statement and one commit (two when
-//! calls with and without a `request_id` are mixed: only the first need their ids looked
-//! up in every partition). Each call
+//! written are gathered and written together, in one statement and one commit (calls
+//! with a `request_id` also claim their ids first, in the same transaction; a batch with
+//! both kinds writes each kind apart). Each call
 //! still returns only once its own row is committed (or refused); a batch that fails is
 //! retried item by item, so that one item's failure is never another's.
 //!
@@ -25,17 +25,15 @@
 //! measured and bought nothing measurable.)
 
 use std::{
-    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use sqlx::{PgConnection, postgres::PgConnectOptions};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
-use uuid::Uuid;
 
 use super::{
-    items::{FeedTable, Unary},
+    items::{self, FeedTable, Unary},
     writer_connection::{WriterConnection, unavailable},
 };
 use crate::error::Error;
@@ -223,38 +221,14 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Writes `batch` on `conn`, replying to each job: the rows whose ids clients chose and
-/// those with new ids in a statement each (only the first look their ids up in every
-/// partition, [`FeedTable::insert_checked`]); `false` when the database could not be
-/// reached through `conn` (every call not yet answered is told UNAVAILABLE, and the
-/// connection is to be opened again).
-///
-/// A `request_id` sent at once for two different items goes in a statement after the
-/// first's: a statement's look-up sees none of the rows it inserts itself, and the same
-/// id at two times would both be stored.
+/// those with new ids apart (only the first claim their ids,
+/// [`items::insert_checked`]); `false` when the database could not be reached through
+/// `conn` (every call not yet answered is told UNAVAILABLE, and the connection is to be
+/// opened again).
 async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> bool {
-    let (mut keyed, new): (Vec<_>, Vec<_>) = batch.into_iter().partition(|job| job.row.keyed);
-    let mut groups = Vec::new();
-    while !keyed.is_empty() {
-        // The first call of each id, with its exact copies (retries sent at once: the
-        // conflict on the key stores one of them); any other call of the id waits.
-        let (mut round, mut later): (Vec<Job<T>>, _) = (Vec::new(), Vec::new());
-        let mut first: HashMap<Uuid, usize> = HashMap::new();
-        for job in keyed {
-            match first.get(&job.row.id) {
-                Some(&at) if round[at].row != job.row => later.push(job),
-                Some(_) => round.push(job),
-                None => {
-                    first.insert(job.row.id, round.len());
-                    round.push(job);
-                }
-            }
-        }
-        groups.push((round, true));
-        keyed = later;
-    }
-    groups.push((new, false));
+    let (keyed, new): (Vec<_>, Vec<_>) = batch.into_iter().partition(|job| job.row.keyed);
     let mut unreachable = None;
-    for (group, keyed) in groups {
+    for (group, keyed) in [(keyed, true), (new, false)] {
         if group.is_empty() {
             continue;
         }
@@ -275,11 +249,10 @@ async fn write_group<T: FeedTable>(
 ) -> Result<(), Error> {
     let (rows, replies): (Vec<Unary<T>>, Vec<_>) =
         group.into_iter().map(|job| (job.row, job.done)).unzip();
-    match T::insert_checked(conn, &rows, keyed).await {
+    match items::insert_checked(conn, &rows, keyed).await {
         Ok(stored) => {
-            let stored: HashSet<Uuid> = stored.into_iter().collect();
             for (row, reply) in rows.iter().zip(replies) {
-                let _ = reply.send(Ok(stored.contains(&row.id)));
+                let _ = reply.send(Ok(stored.contains(&row.key())));
             }
         }
         Err(error @ Error::Unavailable(_)) => {
@@ -295,9 +268,9 @@ async fn write_group<T: FeedTable>(
         Err(_) => {
             // Nothing of the batch was stored: retry alone, so each gets its own outcome.
             for (row, reply) in rows.iter().zip(replies) {
-                let outcome = T::insert_checked(conn, std::slice::from_ref(row), keyed)
+                let outcome = items::insert_checked(conn, std::slice::from_ref(row), keyed)
                     .await
-                    .map(|stored| stored.contains(&row.id));
+                    .map(|stored| stored.contains(&row.key()));
                 let _ = reply.send(outcome);
             }
         }

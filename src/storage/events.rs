@@ -6,40 +6,34 @@ use uuid::Uuid;
 
 use super::{
     copy::CopyEncoder,
-    items::{FeedTable, Unary},
+    items::{FeedTable, Key, Unary},
 };
 use crate::domain::{EventKind, NewEvent};
 use crate::error::Error;
 
-/// The checked insert of [`FeedTable::insert_checked`], with or without `$probe` (the
-/// look-up of each id in every partition) and `$untaken` (its condition).
-macro_rules! insert_events {
-    ($probe:literal, $untaken:literal) => {
-        concat!(
-            "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
-             SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
-                  AS t(participation_id, id, occurred_at, kind, attributes) \
-             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) ",
-            $probe,
-            "WHERE p.connected_at <= t.occurred_at \
-               AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) ",
-            $untaken,
-            "ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
-             RETURNING id"
-        )
-    };
-}
+/// Items with ids no partition holds yet, each for its own participation (see
+/// [`FeedTable::insert_new`]).
+const INSERT_NEW: &str = "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
+     SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
+     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
+          AS t(participation_id, id, occurred_at, kind, attributes) \
+     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+     WHERE p.connected_at <= t.occurred_at \
+       AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
+     ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
+     RETURNING participation_id, id, occurred_at";
 
-/// Rows whose ids clients chose.
-const INSERT_KEYED: &str = insert_events!(
-    "LEFT JOIN LATERAL (SELECT true AS taken FROM events e \
-                        WHERE e.user_id = p.user_id AND e.id = t.id LIMIT 1) x ON true ",
-    "AND x.taken IS NULL "
-);
-
-/// Rows with this server's new ids.
-const INSERT_NEW: &str = insert_events!("", "");
+/// Clients' ids claimed for items that would be stored (see [`FeedTable::claim_ids`]).
+const CLAIM_IDS: &str = "INSERT INTO event_request_ids \
+       (user_id, id, participation_id, occurred_at) \
+     SELECT p.user_id, t.id, p.id, t.occurred_at \
+     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) \
+          AS t(participation_id, id, occurred_at) \
+     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+     WHERE p.connected_at <= t.occurred_at \
+       AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
+     ON CONFLICT (user_id, id) DO NOTHING \
+     RETURNING participation_id, id, occurred_at";
 
 impl FeedTable for NewEvent {
     async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
@@ -86,11 +80,7 @@ impl FeedTable for NewEvent {
         Ok(())
     }
 
-    async fn insert_checked(
-        conn: &mut PgConnection,
-        rows: &[Unary<Self>],
-        keyed: bool,
-    ) -> Result<Vec<Uuid>, Error> {
+    async fn insert_new(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.occurred_at).collect();
@@ -100,8 +90,7 @@ impl FeedTable for NewEvent {
             .map(|r| serde_json::to_string(&r.item.attributes))
             .collect::<Result<Vec<String>, _>>()
             .map_err(Error::internal)?;
-        let statement = if keyed { INSERT_KEYED } else { INSERT_NEW };
-        sqlx::query_scalar(statement)
+        sqlx::query_as(INSERT_NEW)
             .bind(participations)
             .bind(ids)
             .bind(occurred)
@@ -110,5 +99,29 @@ impl FeedTable for NewEvent {
             .fetch_all(conn)
             .await
             .map_err(Error::from)
+    }
+
+    async fn claim_ids(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
+        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.occurred_at).collect();
+        sqlx::query_as(CLAIM_IDS)
+            .bind(participations)
+            .bind(ids)
+            .bind(occurred)
+            .fetch_all(conn)
+            .await
+            .map_err(Error::from)
+    }
+
+    async fn id_claimed(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<bool, Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM event_request_ids WHERE user_id = $1 AND id = $2)",
+        )
+        .bind(user_id)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)
     }
 }

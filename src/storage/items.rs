@@ -2,9 +2,10 @@
 //! stream, inserted outside one, and read back. The tables themselves are in
 //! `sentiments.rs` and `events.rs`.
 
-use std::future::Future;
+use std::{collections::HashSet, future::Future};
 
-use sqlx::{PgConnection, PgPool};
+use chrono::{DateTime, Utc};
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::copy::CopyEncoder;
@@ -27,28 +28,36 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     /// Encodes the item's own columns of its COPY row.
     fn encode_columns(&self, encoder: &mut CopyEncoder) -> Result<(), Error>;
 
-    /// Inserts items outside any stream, each for its own participation, in one
-    /// statement: an item is stored when its participation exists, the item lies inside
-    /// it, and its id is not taken. The participations are also restricted by
-    /// `id = ANY(<the array>)`: the generic plan guesses an array parameter's length, and
+    /// Inserts items outside any stream whose ids no partition holds, each for its own
+    /// participation, in one statement: an item is stored when its participation exists
+    /// and the item lies inside it; the conflict on the key (id, user, time) leaves out
+    /// an item stored already. The participations are also restricted by `id =
+    /// ANY(<the array>)`: the generic plan guesses an array parameter's length, and
     /// without that restriction it joined by scanning every participation (5 ms per call
     /// with 26,000 of them, measured; issue 16). The writers run generic plans
     /// (`storage::use_generic_plans`): PostgreSQL's default re-planned this statement at
-    /// every execution, 0.36 ms of planning per call with 11 partitions. Returns the ids stored; the caller finds out why any other was not.
-    ///
-    /// With `keyed` (every row's id is a client's `request_id`), the id is also looked up
-    /// in every partition, since the key includes the timestamp and the same id may have
-    /// been stored at another time (LATERAL with LIMIT 1, so that the look-up always
-    /// probes the key by both id and user). That look-up costs one index probe per
-    /// partition: 0.42 ms per one-row statement with 10 partitions, 2.5 ms with 370 (a
-    /// year of daily ones), against 0.34-0.39 ms without it at either count. Without `keyed` the ids
-    /// are this server's new UUIDv7s, which no partition can hold yet, and the conflict
-    /// on the key is the only check.
-    fn insert_checked<'c>(
+    /// every execution, 0.36 ms of planning per call with 11 partitions. Returns the
+    /// [`Key`] of each item stored; the caller finds out why any other was not.
+    fn insert_new<'c>(
         conn: &'c mut PgConnection,
-        rows: &'c [Unary<Self>],
-        keyed: bool,
-    ) -> impl Future<Output = Result<Vec<Uuid>, Error>> + Send + 'c;
+        rows: &'c [&'c Unary<Self>],
+    ) -> impl Future<Output = Result<Vec<Key>, Error>> + Send + 'c;
+
+    /// Claims the ids clients chose (`request_id`) for the rows that would be stored
+    /// (participation found, item inside it), in the table of those ids, whose key
+    /// (user, id) holds whatever the item's time: the [`Key`] of each row claimed. A row whose id its user has claimed before, or that an earlier row of
+    /// `rows` claims, is left out.
+    fn claim_ids<'c>(
+        conn: &'c mut PgConnection,
+        rows: &'c [&'c Unary<Self>],
+    ) -> impl Future<Output = Result<Vec<Key>, Error>> + Send + 'c;
+
+    /// Whether `user_id` has claimed `id` for an item of this table.
+    fn id_claimed(
+        pool: &PgPool,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
 
     /// The item stored under `id` for `user_id`, with its participation.
     fn stored(
@@ -56,6 +65,43 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
         user_id: Uuid,
         id: Uuid,
     ) -> impl Future<Output = Result<Option<(Uuid, Self)>, Error>> + Send;
+}
+
+/// An item by its participation, id and time (its start).
+pub type Key = (Uuid, Uuid, DateTime<Utc>);
+
+/// Stores unary `rows` of one table: with `keyed` (every id is a client's `request_id`),
+/// first claims their ids ([`FeedTable::claim_ids`]) and inserts the rows claimed, in one
+/// transaction; without, the ids are this server's new UUIDv7s, which nothing holds yet,
+/// and the rows are inserted at once. Returns the keys of the items stored.
+///
+/// The claim is what makes a `request_id` unique for its user whatever the item's time:
+/// one index, where a look-up of the id in every partition cost one probe per partition
+/// (2.6 ms a call with 370 of them, against 0.64 ms for the claim and the insert in a
+/// transaction; docs/BENCHMARKS.md, issue 16). One statement with a data-modifying CTE
+/// would save the round trips, but Citus documents no such statement across shards.
+pub async fn insert_checked<T: FeedTable>(
+    conn: &mut PgConnection,
+    rows: &[Unary<T>],
+    keyed: bool,
+) -> Result<HashSet<Key>, Error> {
+    let rows: Vec<&Unary<T>> = rows.iter().collect();
+    if !keyed {
+        return Ok(T::insert_new(conn, &rows).await?.into_iter().collect());
+    }
+    let mut tx = conn.begin().await?;
+    let claimed: HashSet<Key> = T::claim_ids(&mut tx, &rows).await?.into_iter().collect();
+    let rows: Vec<&Unary<T>> = rows
+        .into_iter()
+        .filter(|row| claimed.contains(&row.key()))
+        .collect();
+    let stored = if rows.is_empty() {
+        Vec::new()
+    } else {
+        T::insert_new(&mut tx, &rows).await?
+    };
+    tx.commit().await?;
+    Ok(stored.into_iter().collect())
 }
 
 /// One item recorded by a unary RPC.
@@ -66,4 +112,12 @@ pub struct Unary<T> {
     /// Whether the client chose `id` (a `request_id`) rather than this server.
     pub keyed: bool,
     pub item: T,
+}
+
+impl<T: FeedItem> Unary<T> {
+    /// The row's [`Key`]: two rows of one batch may share the id (a retry racing its
+    /// first attempt, or a reuse), not the key unless they are the same item.
+    pub fn key(&self) -> Key {
+        (self.participation_id, self.id, self.item.span().0)
+    }
 }

@@ -58,6 +58,8 @@ const RUNTIME_TABLES: &[&str] = &[
     "live_feeds",
     "sentiments",
     "events",
+    "sentiment_request_ids",
+    "event_request_ids",
 ];
 
 /// Fails unless every embedded migration has been applied, unchanged.
@@ -237,7 +239,7 @@ impl HealthProbe {
 }
 
 /// Makes `conn` run the generic plan of every prepared statement: the writers' and the
-/// live feeds' connections (`FeedTable::insert_checked` and `feeds::append_feeds` say
+/// live feeds' connections (`FeedTable::insert_new` and `feeds::append_feeds` say
 /// why; `app::pool_options` why the pool does not).
 pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan")
@@ -387,8 +389,8 @@ impl Storage {
     }
 
     /// Records one feed item outside any stream (the unary record RPCs); `false` when the
-    /// participation is missing, the item lies outside it, or (`keyed`: the client chose
-    /// `id`) the id is taken.
+    /// participation is missing, the item lies outside it, or the id is taken (`keyed`:
+    /// the client chose `id`, and its user claimed it before).
     pub async fn insert_feed_item<T: Batched>(
         &self,
         participation_id: Uuid,
@@ -403,6 +405,16 @@ impl Storage {
             item: item.clone(),
         };
         T::batcher(self).insert(row).await
+    }
+
+    /// Whether the user of `participation` has claimed `id` (a `request_id`) for an item of
+    /// `T`'s table, stored or since dropped by the retention.
+    pub async fn feed_id_claimed<T: FeedTable>(
+        &self,
+        participation: &Participation,
+        id: Uuid,
+    ) -> Result<bool, Error> {
+        T::id_claimed(&self.pool, participation.user_id, id).await
     }
 
     /// The item stored with `id` for a user of `participation`, and its participation.

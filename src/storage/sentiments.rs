@@ -6,42 +6,36 @@ use uuid::Uuid;
 
 use super::{
     copy::CopyEncoder,
-    items::{FeedTable, Unary},
+    items::{FeedTable, Key, Unary},
 };
 use crate::domain::{NewSentiment, SentimentLabel};
 use crate::error::Error;
 
-/// The checked insert of [`FeedTable::insert_checked`], with or without `$probe` (the
-/// look-up of each id in every partition) and `$untaken` (its condition).
-macro_rules! insert_sentiments {
-    ($probe:literal, $untaken:literal) => {
-        concat!(
-            "INSERT INTO sentiments \
-               (id, user_id, participation_id, started_at, ended_at, label, score) \
-             SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
-                         $5::text[], $6::float8[]) \
-                  AS t(participation_id, id, started_at, ended_at, label, score) \
-             JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) ",
-            $probe,
-            "WHERE p.connected_at <= t.started_at \
-               AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) ",
-            $untaken,
-            "ON CONFLICT (id, user_id, started_at) DO NOTHING \
-             RETURNING id"
-        )
-    };
-}
+/// Items with ids no partition holds yet, each for its own participation (see
+/// [`FeedTable::insert_new`]).
+const INSERT_NEW: &str = "INSERT INTO sentiments \
+       (id, user_id, participation_id, started_at, ended_at, label, score) \
+     SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
+     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                 $5::text[], $6::float8[]) \
+          AS t(participation_id, id, started_at, ended_at, label, score) \
+     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+     WHERE p.connected_at <= t.started_at \
+       AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
+     ON CONFLICT (id, user_id, started_at) DO NOTHING \
+     RETURNING participation_id, id, started_at";
 
-/// Rows whose ids clients chose.
-const INSERT_KEYED: &str = insert_sentiments!(
-    "LEFT JOIN LATERAL (SELECT true AS taken FROM sentiments s \
-                        WHERE s.user_id = p.user_id AND s.id = t.id LIMIT 1) x ON true ",
-    "AND x.taken IS NULL "
-);
-
-/// Rows with this server's new ids.
-const INSERT_NEW: &str = insert_sentiments!("", "");
+/// Clients' ids claimed for items that would be stored (see [`FeedTable::claim_ids`]).
+const CLAIM_IDS: &str = "INSERT INTO sentiment_request_ids \
+       (user_id, id, participation_id, started_at) \
+     SELECT p.user_id, t.id, p.id, t.started_at \
+     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
+          AS t(participation_id, id, started_at, ended_at) \
+     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+     WHERE p.connected_at <= t.started_at \
+       AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
+     ON CONFLICT (user_id, id) DO NOTHING \
+     RETURNING participation_id, id, started_at";
 
 /// participation_id, started_at, ended_at, label, score.
 type SentimentRow = (Uuid, DateTime<Utc>, DateTime<Utc>, String, Option<f64>);
@@ -91,19 +85,14 @@ impl FeedTable for NewSentiment {
         Ok(())
     }
 
-    async fn insert_checked(
-        conn: &mut PgConnection,
-        rows: &[Unary<Self>],
-        keyed: bool,
-    ) -> Result<Vec<Uuid>, Error> {
+    async fn insert_new(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.started_at).collect();
         let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
         let labels: Vec<&str> = rows.iter().map(|r| r.item.label.as_str()).collect();
         let scores: Vec<Option<f64>> = rows.iter().map(|r| r.item.score).collect();
-        let statement = if keyed { INSERT_KEYED } else { INSERT_NEW };
-        sqlx::query_scalar(statement)
+        sqlx::query_as(INSERT_NEW)
             .bind(participations)
             .bind(ids)
             .bind(started)
@@ -113,5 +102,31 @@ impl FeedTable for NewSentiment {
             .fetch_all(conn)
             .await
             .map_err(Error::from)
+    }
+
+    async fn claim_ids(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
+        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.started_at).collect();
+        let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
+        sqlx::query_as(CLAIM_IDS)
+            .bind(participations)
+            .bind(ids)
+            .bind(started)
+            .bind(ended)
+            .fetch_all(conn)
+            .await
+            .map_err(Error::from)
+    }
+
+    async fn id_claimed(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<bool, Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sentiment_request_ids WHERE user_id = $1 AND id = $2)",
+        )
+        .bind(user_id)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)
     }
 }

@@ -298,3 +298,67 @@ async fn one_request_id_sent_at_once_for_different_items_stores_one() {
     let sql = format!("SELECT count(*) FROM sentiments WHERE id = '{request_id}'");
     assert_eq!(count(&app.db, &sql).await, 1);
 }
+
+/// A request_id whose item is gone (the retention dropped its partition; here the row is
+/// deleted) stays taken: sending it again is ALREADY_EXISTS and stores nothing.
+#[tokio::test]
+async fn a_request_id_stays_taken_after_its_item_is_gone() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let mut client = app.client.clone();
+    let request = proto::RecordSentimentRequest {
+        participation_id: participation.id.clone(),
+        sentiment: sentiments(3, 1).pop(),
+        request_id: Uuid::new_v4().to_string(),
+    };
+    client.record_sentiment(request.clone()).await.unwrap();
+    sqlx::query("DELETE FROM sentiments WHERE id = $1::uuid")
+        .bind(&request.request_id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let status = client.record_sentiment(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("no longer stored"), "{status:?}");
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
+}
+
+/// Two users may choose the same request_id: in one batch, one user's new item is stored
+/// and the other's reuse of it (for another item) is ALREADY_EXISTS. The calls are
+/// matched to what the statement stored by participation, id and time, not by id alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_with_one_request_id_in_one_batch_each_get_their_own_outcome() {
+    let app = spawn_app().await;
+    let held = app.participation().await;
+    let (first, second) = (app.participation().await, app.participation().await);
+    let request_id = Uuid::new_v4().to_string();
+    let record = |participation_id: &str, offset: i64, request_id: &str| {
+        let mut client = app.client.clone();
+        let request = proto::RecordSentimentRequest {
+            participation_id: participation_id.to_owned(),
+            sentiment: sentiments(offset, 1).pop(),
+            request_id: request_id.to_owned(),
+        };
+        tokio::spawn(async move { client.record_sentiment(request).await.map(drop) })
+    };
+    record(&second.id, 1, &request_id).await.unwrap().unwrap();
+    let locker = lock_participation(&app.db, &held.id).await;
+    let mut held_calls = Vec::new();
+    for writers in 1..=2 {
+        held_calls.push(record(&held.id, writers, ""));
+        sentiment_inserts_waiting(&app.db, writers).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let new = record(&first.id, 5, &request_id);
+    let reused = record(&second.id, 5, &request_id);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    locker.rollback().await.unwrap();
+    for call in held_calls {
+        call.await.unwrap().unwrap();
+    }
+    new.await.unwrap().unwrap();
+    let status = reused.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let sql = format!("SELECT count(*) FROM sentiments WHERE id = '{request_id}'");
+    assert_eq!(count(&app.db, &sql).await, 2);
+}
