@@ -23,18 +23,6 @@ const INSERT_NEW: &str = "INSERT INTO events (id, user_id, participation_id, occ
      ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
      RETURNING participation_id, id, occurred_at";
 
-/// Clients' ids claimed for items that would be stored (see [`FeedTable::claim_ids`]).
-const CLAIM_IDS: &str = "INSERT INTO event_request_ids \
-       (user_id, id, participation_id, occurred_at) \
-     SELECT p.user_id, t.id, p.id, t.occurred_at \
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) \
-          AS t(participation_id, id, occurred_at) \
-     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-     WHERE p.connected_at <= t.occurred_at \
-       AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-     ON CONFLICT (user_id, id) DO NOTHING \
-     RETURNING participation_id, id, occurred_at";
-
 impl FeedTable for NewEvent {
     async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
         let row: Option<(Uuid, DateTime<Utc>, String, sqlx::types::JsonValue)> = sqlx::query_as(
@@ -60,6 +48,21 @@ impl FeedTable for NewEvent {
         })
         .transpose()
     }
+
+    // The span of an event is its instant: $4 (its end) is $3 again.
+    const CLAIM_IDS: &'static str = "INSERT INTO event_request_ids \
+           (user_id, id, participation_id, occurred_at) \
+         SELECT p.user_id, t.id, p.id, t.occurred_at \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
+              AS t(participation_id, id, occurred_at, ended_at) \
+         JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+         WHERE p.connected_at <= t.occurred_at \
+           AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
+         ON CONFLICT (user_id, id) DO NOTHING \
+         RETURNING participation_id, id, occurred_at";
+
+    const ID_CLAIMED: &'static str =
+        "SELECT EXISTS (SELECT 1 FROM event_request_ids WHERE user_id = $1 AND id = $2)";
 
     const COPY_STATEMENT: &'static str = "COPY events \
          (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \
@@ -99,29 +102,5 @@ impl FeedTable for NewEvent {
             .fetch_all(conn)
             .await
             .map_err(Error::from)
-    }
-
-    async fn claim_ids(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
-        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-        let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.occurred_at).collect();
-        sqlx::query_as(CLAIM_IDS)
-            .bind(participations)
-            .bind(ids)
-            .bind(occurred)
-            .fetch_all(conn)
-            .await
-            .map_err(Error::from)
-    }
-
-    async fn id_claimed(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<bool, Error> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM event_request_ids WHERE user_id = $1 AND id = $2)",
-        )
-        .bind(user_id)
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .map_err(Error::from)
     }
 }

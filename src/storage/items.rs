@@ -43,21 +43,15 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
         rows: &'c [&'c Unary<Self>],
     ) -> impl Future<Output = Result<Vec<Key>, Error>> + Send + 'c;
 
-    /// Claims the ids clients chose (`request_id`) for the rows that would be stored
-    /// (participation found, item inside it), in the table of those ids, whose key
-    /// (user, id) holds whatever the item's time: the [`Key`] of each row claimed. A row whose id its user has claimed before, or that an earlier row of
-    /// `rows` claims, is left out.
-    fn claim_ids<'c>(
-        conn: &'c mut PgConnection,
-        rows: &'c [&'c Unary<Self>],
-    ) -> impl Future<Output = Result<Vec<Key>, Error>> + Send + 'c;
+    /// The statement that claims the ids clients chose (`request_id`) for the rows that
+    /// would be stored (participation found, item inside it), in the table of those ids,
+    /// whose key (user, id) holds whatever the item's time ([`claim_ids`]). Binds the
+    /// participations, ids, starts and ends (the item's span) as arrays; returns each
+    /// claimed row's participation, id and start.
+    const CLAIM_IDS: &'static str;
 
-    /// Whether `user_id` has claimed `id` for an item of this table.
-    fn id_claimed(
-        pool: &PgPool,
-        user_id: Uuid,
-        id: Uuid,
-    ) -> impl Future<Output = Result<bool, Error>> + Send;
+    /// The query whether a user ($1) has claimed an id ($2) for an item of this table.
+    const ID_CLAIMED: &'static str;
 
     /// The item stored under `id` for `user_id`, with its participation.
     fn stored(
@@ -71,7 +65,7 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
 pub type Key = (Uuid, Uuid, DateTime<Utc>);
 
 /// Stores unary `rows` of one table: with `keyed` (every id is a client's `request_id`),
-/// first claims their ids ([`FeedTable::claim_ids`]) and inserts the rows claimed, in one
+/// first claims their ids ([`FeedTable::CLAIM_IDS`]) and inserts the rows claimed, in one
 /// transaction; without, the ids are this server's new UUIDv7s, which nothing holds yet,
 /// and the rows are inserted at once. Returns the keys of the items stored.
 ///
@@ -90,7 +84,7 @@ pub async fn insert_checked<T: FeedTable>(
         return Ok(T::insert_new(conn, &rows).await?.into_iter().collect());
     }
     let mut tx = conn.begin().await?;
-    let claimed: HashSet<Key> = T::claim_ids(&mut tx, &rows).await?.into_iter().collect();
+    let claimed: HashSet<Key> = claim_ids(&mut tx, &rows).await?.into_iter().collect();
     let rows: Vec<&Unary<T>> = rows
         .into_iter()
         .filter(|row| claimed.contains(&row.key()))
@@ -104,8 +98,43 @@ pub async fn insert_checked<T: FeedTable>(
     Ok(stored.into_iter().collect())
 }
 
+/// Claims the ids of `rows` ([`FeedTable::CLAIM_IDS`]): the [`Key`] of each row claimed. A
+/// row whose id its user has claimed before, or that an earlier row of `rows` claims, is
+/// left out.
+async fn claim_ids<T: FeedTable>(
+    conn: &mut PgConnection,
+    rows: &[&Unary<T>],
+) -> Result<Vec<Key>, Error> {
+    let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let (starts, ends): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) =
+        rows.iter().map(|r| r.item.span()).unzip();
+    sqlx::query_as(T::CLAIM_IDS)
+        .bind(participations)
+        .bind(ids)
+        .bind(starts)
+        .bind(ends)
+        .fetch_all(conn)
+        .await
+        .map_err(Error::from)
+}
+
+/// Whether `user_id` has claimed `id` for an item of `T`'s table.
+pub async fn id_claimed<T: FeedTable>(
+    pool: &PgPool,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<bool, Error> {
+    sqlx::query_scalar(T::ID_CLAIMED)
+        .bind(user_id)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)
+}
+
 /// One item recorded by a unary RPC.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Unary<T> {
     pub participation_id: Uuid,
     pub id: Uuid,
@@ -115,8 +144,9 @@ pub struct Unary<T> {
 }
 
 impl<T: FeedItem> Unary<T> {
-    /// The row's [`Key`]: two rows of one batch may share the id (a retry racing its
-    /// first attempt, or a reuse), not the key unless they are the same item.
+    /// The row's [`Key`], by which a batch tells which of its rows a statement stored:
+    /// rows may share the id (a retry racing its first attempt, a reuse, two users' one
+    /// `request_id`); a reuse at another time or by another user has another key.
     pub fn key(&self) -> Key {
         (self.participation_id, self.id, self.item.span().0)
     }

@@ -414,7 +414,7 @@ impl Storage {
         participation: &Participation,
         id: Uuid,
     ) -> Result<bool, Error> {
-        T::id_claimed(&self.pool, participation.user_id, id).await
+        items::id_claimed::<T>(&self.pool, participation.user_id, id).await
     }
 
     /// The item stored with `id` for a user of `participation`, and its participation.

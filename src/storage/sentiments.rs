@@ -25,18 +25,6 @@ const INSERT_NEW: &str = "INSERT INTO sentiments \
      ON CONFLICT (id, user_id, started_at) DO NOTHING \
      RETURNING participation_id, id, started_at";
 
-/// Clients' ids claimed for items that would be stored (see [`FeedTable::claim_ids`]).
-const CLAIM_IDS: &str = "INSERT INTO sentiment_request_ids \
-       (user_id, id, participation_id, started_at) \
-     SELECT p.user_id, t.id, p.id, t.started_at \
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
-          AS t(participation_id, id, started_at, ended_at) \
-     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-     WHERE p.connected_at <= t.started_at \
-       AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-     ON CONFLICT (user_id, id) DO NOTHING \
-     RETURNING participation_id, id, started_at";
-
 /// participation_id, started_at, ended_at, label, score.
 type SentimentRow = (Uuid, DateTime<Utc>, DateTime<Utc>, String, Option<f64>);
 
@@ -65,6 +53,20 @@ impl FeedTable for NewSentiment {
         })
         .transpose()
     }
+
+    const CLAIM_IDS: &'static str = "INSERT INTO sentiment_request_ids \
+           (user_id, id, participation_id, started_at) \
+         SELECT p.user_id, t.id, p.id, t.started_at \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
+              AS t(participation_id, id, started_at, ended_at) \
+         JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+         WHERE p.connected_at <= t.started_at \
+           AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
+         ON CONFLICT (user_id, id) DO NOTHING \
+         RETURNING participation_id, id, started_at";
+
+    const ID_CLAIMED: &'static str =
+        "SELECT EXISTS (SELECT 1 FROM sentiment_request_ids WHERE user_id = $1 AND id = $2)";
 
     const COPY_STATEMENT: &'static str = "COPY sentiments \
          (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
@@ -102,31 +104,5 @@ impl FeedTable for NewSentiment {
             .fetch_all(conn)
             .await
             .map_err(Error::from)
-    }
-
-    async fn claim_ids(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
-        let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-        let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.started_at).collect();
-        let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
-        sqlx::query_as(CLAIM_IDS)
-            .bind(participations)
-            .bind(ids)
-            .bind(started)
-            .bind(ended)
-            .fetch_all(conn)
-            .await
-            .map_err(Error::from)
-    }
-
-    async fn id_claimed(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<bool, Error> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM sentiment_request_ids WHERE user_id = $1 AND id = $2)",
-        )
-        .bind(user_id)
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .map_err(Error::from)
     }
 }

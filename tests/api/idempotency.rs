@@ -2,11 +2,12 @@
 //! their stream_id (see streams.rs), return what the first attempt stored.
 
 use krisp_ingest::proto;
-use tonic::Code;
+use tokio::task::JoinHandle;
+use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::helpers::{
-    at, count, lock_participation, sentiment_inserts_waiting, sentiments, spawn_app, t0,
+    TestApp, at, count, lock_participation, sentiment_inserts_waiting, sentiments, spawn_app, t0,
     violated_fields,
 };
 
@@ -254,35 +255,12 @@ async fn a_request_id_reused_at_another_time_is_refused() {
 async fn one_request_id_sent_at_once_for_different_items_stores_one() {
     let app = spawn_app().await;
     let (held, participation) = (app.participation().await, app.participation().await);
-    let locker = lock_participation(&app.db, &held.id).await;
-    let record = |participation_id: &str, offset: i64, request_id: &str| {
-        let mut client = app.client.clone();
-        let request = proto::RecordSentimentRequest {
-            participation_id: participation_id.to_owned(),
-            sentiment: sentiments(offset, 1).pop(),
-            request_id: request_id.to_owned(),
-        };
-        tokio::spawn(async move {
-            let reply = client.record_sentiment(request).await;
-            reply.map(|r| r.into_inner().sentiment.unwrap().started_at)
-        })
-    };
-    let mut held_calls = Vec::new();
-    for writers in 1..=2 {
-        held_calls.push(record(&held.id, writers, ""));
-        sentiment_inserts_waiting(&app.db, writers).await;
-        // Older than the batcher's STALLED (20 ms): the next batch goes to the other writer.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let held = HeldWriters::hold(&app, &held.id).await;
     let request_id = Uuid::new_v4().to_string();
     let calls: Vec<_> = (0..20)
-        .map(|i| record(&participation.id, i % 10, &request_id))
+        .map(|i| record(&app, &participation.id, i % 10, &request_id))
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    locker.rollback().await.unwrap();
-    for call in held_calls {
-        call.await.unwrap().unwrap();
-    }
+    held.release().await;
     let (mut stored, mut refused) = (Vec::new(), 0);
     for call in calls {
         match call.await.unwrap() {
@@ -332,33 +310,68 @@ async fn two_users_with_one_request_id_in_one_batch_each_get_their_own_outcome()
     let held = app.participation().await;
     let (first, second) = (app.participation().await, app.participation().await);
     let request_id = Uuid::new_v4().to_string();
-    let record = |participation_id: &str, offset: i64, request_id: &str| {
-        let mut client = app.client.clone();
-        let request = proto::RecordSentimentRequest {
-            participation_id: participation_id.to_owned(),
-            sentiment: sentiments(offset, 1).pop(),
-            request_id: request_id.to_owned(),
-        };
-        tokio::spawn(async move { client.record_sentiment(request).await.map(drop) })
-    };
-    record(&second.id, 1, &request_id).await.unwrap().unwrap();
-    let locker = lock_participation(&app.db, &held.id).await;
-    let mut held_calls = Vec::new();
-    for writers in 1..=2 {
-        held_calls.push(record(&held.id, writers, ""));
-        sentiment_inserts_waiting(&app.db, writers).await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let new = record(&first.id, 5, &request_id);
-    let reused = record(&second.id, 5, &request_id);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    locker.rollback().await.unwrap();
-    for call in held_calls {
-        call.await.unwrap().unwrap();
-    }
+    record(&app, &second.id, 1, &request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let held = HeldWriters::hold(&app, &held.id).await;
+    let new = record(&app, &first.id, 5, &request_id);
+    let reused = record(&app, &second.id, 5, &request_id);
+    held.release().await;
     new.await.unwrap().unwrap();
     let status = reused.await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     let sql = format!("SELECT count(*) FROM sentiments WHERE id = '{request_id}'");
     assert_eq!(count(&app.db, &sql).await, 2);
+}
+
+/// A RecordSentiment of one sentiment `offset` seconds in, in a task of its own: the
+/// stored sentiment's start, or the refusal.
+fn record(
+    app: &TestApp,
+    participation_id: &str,
+    offset: i64,
+    request_id: &str,
+) -> JoinHandle<Result<Option<prost_types::Timestamp>, Status>> {
+    let mut client = app.client.clone();
+    let request = proto::RecordSentimentRequest {
+        participation_id: participation_id.to_owned(),
+        sentiment: sentiments(offset, 1).pop(),
+        request_id: request_id.to_owned(),
+    };
+    tokio::spawn(async move {
+        let reply = client.record_sentiment(request).await;
+        reply.map(|r| r.into_inner().sentiment.unwrap().started_at)
+    })
+}
+
+/// Both sentiment writers held on a locked participation, each with a batch of one call
+/// older than the batcher's STALLED (20 ms): the calls made next queue, and make one
+/// batch once released.
+struct HeldWriters {
+    locker: sqlx::Transaction<'static, sqlx::Postgres>,
+    calls: Vec<JoinHandle<Result<Option<prost_types::Timestamp>, Status>>>,
+}
+
+impl HeldWriters {
+    async fn hold(app: &TestApp, participation_id: &str) -> Self {
+        let locker = lock_participation(&app.db, participation_id).await;
+        let mut calls = Vec::new();
+        for writers in 1..=2 {
+            calls.push(record(app, participation_id, writers, ""));
+            sentiment_inserts_waiting(&app.db, writers).await;
+            // Older than STALLED: the next batch goes to the other writer.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Self { locker, calls }
+    }
+
+    /// Lets the calls made meanwhile queue, then releases the writers.
+    async fn release(self) {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        self.locker.rollback().await.unwrap();
+        for call in self.calls {
+            call.await.unwrap().unwrap();
+        }
+    }
 }
