@@ -1,6 +1,6 @@
 //! Group commit for the unary record RPCs: calls that arrive while others are being
 //! written are gathered and written together, in one statement and one commit (calls
-//! with a `request_id` also claim their ids first, in the same transaction; a batch with
+//! with a `request_id` also claim their ids, in the same statement; a batch with
 //! both kinds writes each kind apart). Each call
 //! still returns only once its own row is committed (or refused); a batch that fails is
 //! retried item by item, so that one item's failure is never another's.
@@ -251,8 +251,8 @@ async fn write_group<T: FeedTable>(
         group.into_iter().map(|job| (job.row, job.done)).unzip();
     match items::insert_checked(conn, &rows, keyed).await {
         Ok(stored) => {
-            for (row, reply) in rows.iter().zip(replies) {
-                let _ = reply.send(Ok(stored.contains(&row.key())));
+            for (stored, reply) in stored.into_iter().zip(replies) {
+                let _ = reply.send(Ok(stored));
             }
         }
         Err(error @ Error::Unavailable(_)) => {
@@ -270,7 +270,7 @@ async fn write_group<T: FeedTable>(
             for (row, reply) in rows.iter().zip(replies) {
                 let outcome = items::insert_checked(conn, std::slice::from_ref(row), keyed)
                     .await
-                    .map(|stored| stored.contains(&row.key()));
+                    .map(|stored| stored.first().copied().unwrap_or(false));
                 let _ = reply.send(outcome);
             }
         }

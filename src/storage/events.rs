@@ -11,18 +11,6 @@ use super::{
 use crate::domain::{EventKind, NewEvent};
 use crate::error::Error;
 
-/// Items with ids no partition holds yet, each for its own participation (see
-/// [`FeedTable::insert_new`]).
-const INSERT_NEW: &str = "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
-     SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
-          AS t(participation_id, id, occurred_at, kind, attributes) \
-     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-     WHERE p.connected_at <= t.occurred_at \
-       AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-     ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
-     RETURNING participation_id, id, occurred_at";
-
 impl FeedTable for NewEvent {
     async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
         let row: Option<(Uuid, DateTime<Utc>, String, sqlx::types::JsonValue)> = sqlx::query_as(
@@ -49,16 +37,36 @@ impl FeedTable for NewEvent {
         .transpose()
     }
 
-    // The span of an event is its instant: $4 (its end) is $3 again.
-    const CLAIM_IDS: &'static str = "INSERT INTO event_request_ids \
-           (user_id, id, participation_id, occurred_at) \
-         SELECT p.user_id, t.id, p.id, t.occurred_at \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
-              AS t(participation_id, id, occurred_at, ended_at) \
+    // The span of an event is its instant.
+    const INSERT_NEW: &'static str = "INSERT INTO events \
+           (id, user_id, participation_id, occurred_at, kind, attributes) \
+         SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
+              AS t(participation_id, id, occurred_at, kind, attributes) \
          JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
          WHERE p.connected_at <= t.occurred_at \
            AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-         ON CONFLICT (user_id, id) DO NOTHING \
+         ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
+         RETURNING participation_id, id, occurred_at";
+
+    const INSERT_CLAIMED: &'static str = "WITH claimed AS ( \
+           INSERT INTO event_request_ids (user_id, id, participation_id, occurred_at) \
+           SELECT p.user_id, t.id, p.id, t.occurred_at \
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) \
+                AS t(participation_id, id, occurred_at) \
+           JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+           WHERE p.connected_at <= t.occurred_at \
+             AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
+           ON CONFLICT (user_id, id) DO NOTHING \
+           RETURNING user_id, id, participation_id, occurred_at) \
+         INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
+         SELECT t.id, c.user_id, c.participation_id, t.occurred_at, t.kind, \
+                t.attributes::jsonb \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
+              AS t(participation_id, id, occurred_at, kind, attributes) \
+         JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
+                       AND c.occurred_at = t.occurred_at \
+         ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
          RETURNING participation_id, id, occurred_at";
 
     const ID_CLAIMED: &'static str =
@@ -83,7 +91,11 @@ impl FeedTable for NewEvent {
         Ok(())
     }
 
-    async fn insert_new(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
+    async fn insert(
+        conn: &mut PgConnection,
+        rows: &[&Unary<Self>],
+        statement: &'static str,
+    ) -> Result<Vec<Key>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.occurred_at).collect();
@@ -93,7 +105,7 @@ impl FeedTable for NewEvent {
             .map(|r| serde_json::to_string(&r.item.attributes))
             .collect::<Result<Vec<String>, _>>()
             .map_err(Error::internal)?;
-        sqlx::query_as(INSERT_NEW)
+        sqlx::query_as(statement)
             .bind(participations)
             .bind(ids)
             .bind(occurred)

@@ -2,10 +2,13 @@
 //! stream, inserted outside one, and read back. The tables themselves are in
 //! `sentiments.rs` and `events.rs`.
 
-use std::{collections::HashSet, future::Future};
+use std::{
+    collections::{HashMap, HashSet, hash_map::Entry},
+    future::Future,
+};
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::copy::CopyEncoder;
@@ -28,27 +31,33 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     /// Encodes the item's own columns of its COPY row.
     fn encode_columns(&self, encoder: &mut CopyEncoder) -> Result<(), Error>;
 
-    /// Inserts items outside any stream whose ids no partition holds, each for its own
-    /// participation, in one statement: an item is stored when its participation exists
-    /// and the item lies inside it; the conflict on the key (id, user, time) leaves out
-    /// an item stored already. The participations are also restricted by `id =
+    /// Inserts items outside any stream whose ids the server made (new UUIDv7s), each for
+    /// its own participation, in one statement: an item is stored when its participation
+    /// exists and the item lies inside it; the conflict on the key (id, user, time) leaves
+    /// out an item stored already. The participations are also restricted by `id =
     /// ANY(<the array>)`: the generic plan guesses an array parameter's length, and
     /// without that restriction it joined by scanning every participation (5 ms per call
     /// with 26,000 of them, measured; issue 16). The writers run generic plans
     /// (`storage::use_generic_plans`): PostgreSQL's default re-planned this statement at
-    /// every execution, 0.36 ms of planning per call with 11 partitions. Returns the
-    /// [`Key`] of each item stored; the caller finds out why any other was not.
-    fn insert_new<'c>(
+    /// every execution, 0.36 ms of planning per call with 11 partitions. Binds what
+    /// [`FeedTable::insert`] binds; returns the [`Key`] of each item stored.
+    const INSERT_NEW: &'static str;
+
+    /// [`Self::INSERT_NEW`] for ids clients chose (`request_id`), in one statement: a
+    /// data-modifying CTE first claims each id in the table of those ids, whose key (user,
+    /// id) holds whatever the item's time, for the rows that would be stored (participation
+    /// found, item inside it); the claimed rows then go in. An id its user claimed before,
+    /// or that another row of the statement claims, is not stored.
+    const INSERT_CLAIMED: &'static str;
+
+    /// Runs `statement` ([`Self::INSERT_NEW`] or [`Self::INSERT_CLAIMED`]) for `rows`: the
+    /// participations, ids and the item's columns bound as arrays. Returns the [`Key`] of
+    /// each item stored.
+    fn insert<'c>(
         conn: &'c mut PgConnection,
         rows: &'c [&'c Unary<Self>],
+        statement: &'static str,
     ) -> impl Future<Output = Result<Vec<Key>, Error>> + Send + 'c;
-
-    /// The statement that claims the ids clients chose (`request_id`) for the rows that
-    /// would be stored (participation found, item inside it), in the table of those ids,
-    /// whose key (user, id) holds whatever the item's time ([`claim_ids`]). Binds the
-    /// participations, ids, starts and ends (the item's span) as arrays; returns each
-    /// claimed row's participation, id and start.
-    const CLAIM_IDS: &'static str;
 
     /// The query whether a user ($1) has claimed an id ($2) for an item of this table.
     const ID_CLAIMED: &'static str;
@@ -64,59 +73,52 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
 /// An item by its participation, id and time (its start).
 pub type Key = (Uuid, Uuid, DateTime<Utc>);
 
-/// Stores unary `rows` of one table: with `keyed` (every id is a client's `request_id`),
-/// first claims their ids ([`FeedTable::CLAIM_IDS`]) and inserts the rows claimed, in one
-/// transaction; without, the ids are this server's new UUIDv7s, which nothing holds yet,
-/// and the rows are inserted at once. Returns the keys of the items stored.
+/// Stores unary `rows` of one table in one statement: with `keyed` (every id is a
+/// client's `request_id`), [`FeedTable::INSERT_CLAIMED`], which claims the ids and inserts
+/// the rows claimed; without, the ids are this server's new UUIDv7s, which nothing holds
+/// yet, and [`FeedTable::INSERT_NEW`] inserts them. Returns, for each row, whether it is
+/// stored.
+///
+/// Rows with one [`Key`] (a retry sent beside its first attempt) go in once: the first of
+/// them; a later one counts as stored only when it carries the same item, so that a
+/// `request_id` reused at the same time for another item is never told it was stored.
 ///
 /// The claim is what makes a `request_id` unique for its user whatever the item's time:
 /// one index, where a look-up of the id in every partition cost one probe per partition
-/// (2.6 ms a call with 370 of them, against 0.64 ms for the claim and the insert in a
-/// transaction; docs/BENCHMARKS.md, issue 16). One statement with a data-modifying CTE
-/// would save the round trips, but Citus documents no such statement across shards.
+/// (2.6 ms a call with 370 of them; docs/BENCHMARKS.md, issue 16). Claim and insert are
+/// one statement rather than a transaction of two (BEGIN, two INSERTs, COMMIT: three more
+/// round trips per batch; 0.61 against 0.38 ms for one call). On Citus a data-modifying
+/// CTE runs as its own distributed statement first, its rows passed on to the outer one
+/// (push-pull execution), in the same distributed transaction: docs/SCALING.md.
 pub async fn insert_checked<T: FeedTable>(
     conn: &mut PgConnection,
     rows: &[Unary<T>],
     keyed: bool,
-) -> Result<HashSet<Key>, Error> {
-    let rows: Vec<&Unary<T>> = rows.iter().collect();
-    if !keyed {
-        return Ok(T::insert_new(conn, &rows).await?.into_iter().collect());
+) -> Result<Vec<bool>, Error> {
+    let mut first: HashMap<Key, usize> = HashMap::with_capacity(rows.len());
+    let mut unique: Vec<&Unary<T>> = Vec::with_capacity(rows.len());
+    for (at, row) in rows.iter().enumerate() {
+        if let Entry::Vacant(slot) = first.entry(row.key()) {
+            slot.insert(at);
+            unique.push(row);
+        }
     }
-    let mut tx = conn.begin().await?;
-    let claimed: HashSet<Key> = claim_ids(&mut tx, &rows).await?.into_iter().collect();
-    let rows: Vec<&Unary<T>> = rows
-        .into_iter()
-        .filter(|row| claimed.contains(&row.key()))
-        .collect();
-    let stored = if rows.is_empty() {
-        Vec::new()
+    let statement = if keyed {
+        T::INSERT_CLAIMED
     } else {
-        T::insert_new(&mut tx, &rows).await?
+        T::INSERT_NEW
     };
-    tx.commit().await?;
-    Ok(stored.into_iter().collect())
-}
-
-/// Claims the ids of `rows` ([`FeedTable::CLAIM_IDS`]): the [`Key`] of each row claimed. A
-/// row whose id its user has claimed before, or that an earlier row of `rows` claims, is
-/// left out.
-async fn claim_ids<T: FeedTable>(
-    conn: &mut PgConnection,
-    rows: &[&Unary<T>],
-) -> Result<Vec<Key>, Error> {
-    let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let (starts, ends): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) =
-        rows.iter().map(|r| r.item.span()).unzip();
-    sqlx::query_as(T::CLAIM_IDS)
-        .bind(participations)
-        .bind(ids)
-        .bind(starts)
-        .bind(ends)
-        .fetch_all(conn)
-        .await
-        .map_err(Error::from)
+    let stored: HashSet<Key> = T::insert(conn, &unique, statement)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let key = row.key();
+            stored.contains(&key) && first.get(&key).is_some_and(|&at| rows[at].item == row.item)
+        })
+        .collect())
 }
 
 /// Whether `user_id` has claimed `id` for an item of `T`'s table.

@@ -239,7 +239,7 @@ impl HealthProbe {
 }
 
 /// Makes `conn` run the generic plan of every prepared statement: the writers' and the
-/// live feeds' connections (`FeedTable::insert_new` and `feeds::append_feeds` say
+/// live feeds' connections (`FeedTable::INSERT_NEW` and `feeds::append_feeds` say
 /// why; `app::pool_options` why the pool does not).
 pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan")

@@ -11,20 +11,6 @@ use super::{
 use crate::domain::{NewSentiment, SentimentLabel};
 use crate::error::Error;
 
-/// Items with ids no partition holds yet, each for its own participation (see
-/// [`FeedTable::insert_new`]).
-const INSERT_NEW: &str = "INSERT INTO sentiments \
-       (id, user_id, participation_id, started_at, ended_at, label, score) \
-     SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
-                 $5::text[], $6::float8[]) \
-          AS t(participation_id, id, started_at, ended_at, label, score) \
-     JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-     WHERE p.connected_at <= t.started_at \
-       AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-     ON CONFLICT (id, user_id, started_at) DO NOTHING \
-     RETURNING participation_id, id, started_at";
-
 /// participation_id, started_at, ended_at, label, score.
 type SentimentRow = (Uuid, DateTime<Utc>, DateTime<Utc>, String, Option<f64>);
 
@@ -54,15 +40,38 @@ impl FeedTable for NewSentiment {
         .transpose()
     }
 
-    const CLAIM_IDS: &'static str = "INSERT INTO sentiment_request_ids \
-           (user_id, id, participation_id, started_at) \
-         SELECT p.user_id, t.id, p.id, t.started_at \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
-              AS t(participation_id, id, started_at, ended_at) \
+    const INSERT_NEW: &'static str = "INSERT INTO sentiments \
+           (id, user_id, participation_id, started_at, ended_at, label, score) \
+         SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                     $5::text[], $6::float8[]) \
+              AS t(participation_id, id, started_at, ended_at, label, score) \
          JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
          WHERE p.connected_at <= t.started_at \
            AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-         ON CONFLICT (user_id, id) DO NOTHING \
+         ON CONFLICT (id, user_id, started_at) DO NOTHING \
+         RETURNING participation_id, id, started_at";
+
+    const INSERT_CLAIMED: &'static str = "WITH claimed AS ( \
+           INSERT INTO sentiment_request_ids (user_id, id, participation_id, started_at) \
+           SELECT p.user_id, t.id, p.id, t.started_at \
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
+                AS t(participation_id, id, started_at, ended_at) \
+           JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+           WHERE p.connected_at <= t.started_at \
+             AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
+           ON CONFLICT (user_id, id) DO NOTHING \
+           RETURNING user_id, id, participation_id, started_at) \
+         INSERT INTO sentiments \
+           (id, user_id, participation_id, started_at, ended_at, label, score) \
+         SELECT t.id, c.user_id, c.participation_id, t.started_at, t.ended_at, t.label, \
+                t.score \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                     $5::text[], $6::float8[]) \
+              AS t(participation_id, id, started_at, ended_at, label, score) \
+         JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
+                       AND c.started_at = t.started_at \
+         ON CONFLICT (id, user_id, started_at) DO NOTHING \
          RETURNING participation_id, id, started_at";
 
     const ID_CLAIMED: &'static str =
@@ -87,14 +96,18 @@ impl FeedTable for NewSentiment {
         Ok(())
     }
 
-    async fn insert_new(conn: &mut PgConnection, rows: &[&Unary<Self>]) -> Result<Vec<Key>, Error> {
+    async fn insert(
+        conn: &mut PgConnection,
+        rows: &[&Unary<Self>],
+        statement: &'static str,
+    ) -> Result<Vec<Key>, Error> {
         let participations: Vec<Uuid> = rows.iter().map(|r| r.participation_id).collect();
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let started: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.started_at).collect();
         let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
         let labels: Vec<&str> = rows.iter().map(|r| r.item.label.as_str()).collect();
         let scores: Vec<Option<f64>> = rows.iter().map(|r| r.item.score).collect();
-        sqlx::query_as(INSERT_NEW)
+        sqlx::query_as(statement)
             .bind(participations)
             .bind(ids)
             .bind(started)

@@ -277,6 +277,60 @@ async fn one_request_id_sent_at_once_for_different_items_stores_one() {
     assert_eq!(count(&app.db, &sql).await, 1);
 }
 
+/// One request_id sent at once for two items at the same time that differ in label and
+/// score, each twice, in one batch: one of the items is stored and its two calls get it;
+/// the other two are ALREADY_EXISTS, never told that their item was stored. (Matched by
+/// participation, id and time alone, all four calls were answered OK.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_id_sent_at_once_for_two_items_at_one_time_stores_one() {
+    let app = spawn_app().await;
+    let (held, participation) = (app.participation().await, app.participation().await);
+    let held = HeldWriters::hold(&app, &held.id).await;
+    let request_id = Uuid::new_v4().to_string();
+    let neutral = sentiments(5, 1).pop().unwrap();
+    let negative = proto::NewSentiment {
+        label: proto::SentimentLabel::Negative as i32,
+        score: Some(-0.5),
+        ..neutral
+    };
+    let sent = [&neutral, &negative, &neutral, &negative];
+    let calls: Vec<_> = sent
+        .iter()
+        .map(|&s| record_sentiment(&app, &participation.id, Some(*s), &request_id))
+        .collect();
+    held.release().await;
+    let (mut stored, mut refused) = (Vec::new(), Vec::new());
+    for (call, sent) in calls.into_iter().zip(sent) {
+        match call.await.unwrap() {
+            Ok(answer) => {
+                assert_eq!((answer.label, answer.score), (sent.label, sent.score));
+                stored.push(sent.label);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                refused.push(sent.label);
+            }
+        }
+    }
+    assert_eq!(
+        (stored.len(), refused.len()),
+        (2, 2),
+        "{stored:?} {refused:?}"
+    );
+    assert_eq!(stored[0], stored[1]);
+    assert!(refused.iter().all(|label| *label != stored[0]));
+    let label = if stored[0] == neutral.label {
+        "neutral"
+    } else {
+        "negative"
+    };
+    let sql =
+        format!("SELECT count(*) FROM sentiments WHERE id = '{request_id}' AND label = '{label}'");
+    assert_eq!(count(&app.db, &sql).await, 1);
+    let sql = format!("SELECT count(*) FROM sentiments WHERE id = '{request_id}'");
+    assert_eq!(count(&app.db, &sql).await, 1);
+}
+
 /// A request_id whose item is gone (the retention dropped its partition; here the row is
 /// deleted) stays taken: sending it again is ALREADY_EXISTS and stores nothing.
 #[tokio::test]
@@ -333,15 +387,32 @@ fn record(
     offset: i64,
     request_id: &str,
 ) -> JoinHandle<Result<Option<prost_types::Timestamp>, Status>> {
+    let call = record_sentiment(
+        app,
+        participation_id,
+        sentiments(offset, 1).pop(),
+        request_id,
+    );
+    tokio::spawn(async move { call.await.unwrap().map(|s| s.started_at) })
+}
+
+/// A RecordSentiment of `sentiment`, in a task of its own: the sentiment the server
+/// answered with, or the refusal.
+fn record_sentiment(
+    app: &TestApp,
+    participation_id: &str,
+    sentiment: Option<proto::NewSentiment>,
+    request_id: &str,
+) -> JoinHandle<Result<proto::Sentiment, Status>> {
     let mut client = app.client.clone();
     let request = proto::RecordSentimentRequest {
         participation_id: participation_id.to_owned(),
-        sentiment: sentiments(offset, 1).pop(),
+        sentiment,
         request_id: request_id.to_owned(),
     };
     tokio::spawn(async move {
         let reply = client.record_sentiment(request).await;
-        reply.map(|r| r.into_inner().sentiment.unwrap().started_at)
+        reply.map(|r| r.into_inner().sentiment.unwrap())
     })
 }
 
