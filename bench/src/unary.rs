@@ -33,8 +33,8 @@ const READ_USERS: usize = 64;
 pub(crate) enum Case {
     /// RecordSentiment (with a request_id) against one plain INSERT per row.
     Record,
-    /// RecordSentiment without a request_id (the server picks the id, so the insert does
-    /// not look it up across partitions) against the same plain INSERT.
+    /// RecordSentiment without a request_id (the server picks the id, so the statement
+    /// claims none) against the same plain INSERT.
     RecordNewId,
     /// GetUser against `SELECT ... FROM users WHERE id = $1`.
     GetUser,
@@ -207,11 +207,13 @@ const TIMELINE_QUERY: &str = "SELECT false AS is_event, id, started_at AS at, en
 /// - Record: one plain INSERT of a row whose user and participation the client already
 ///   knows, with an id made by the client, a commit per row. RecordSentiment also
 ///   validates the request, derives the id from `request_id` (retry-safe), and stores
-///   through the batcher: one `INSERT ... SELECT FROM UNNEST(...) JOIN participations`
-///   per batch of concurrent calls, which looks up the participation's user, checks the
-///   item lies in its span and that no other partition holds the id (a replayed request
-///   stores nothing), and commits once for the batch. RecordNewId: the same without a
-///   `request_id`, so the server picks the id and skips the look-up across partitions.
+///   through the batcher: one statement per batch of concurrent calls, which claims each
+///   `request_id` for its user (a data-modifying CTE into `sentiment_request_ids`: a
+///   replayed request stores nothing), then `INSERT ... SELECT FROM UNNEST(...)` of the
+///   claimed rows, having looked up the participation's user and checked the item lies in
+///   its span, and commits once for the batch. RecordNewId: without a `request_id`, so the
+///   server picks the id and the statement claims nothing (`INSERT ... SELECT FROM
+///   UNNEST(...) JOIN participations`).
 /// - GetUser: the same SELECT by primary key the RPC runs; the RPC adds only gRPC and the
 ///   conversion.
 /// - JoinSession: one INSERT of the participation (the foreign keys check user, session,

@@ -253,26 +253,23 @@ impl IngestService {
             let participation = self.get_participation(participation_id).await?;
             check_span(&participation, item).map_err(|e| e.under(field))?;
             if request_id.is_some() {
-                // A retry of a call that stored this id already?
-                if let Some((stored_for, stored)) =
-                    self.storage.get_feed_item::<T>(&participation, id).await?
-                {
-                    return if stored_for == participation_id && stored == *item {
-                        Ok(id)
-                    } else {
-                        Err(reused(id, field))
-                    };
-                }
-                // Claimed, and its item gone since (the retention dropped its partition).
-                if self
-                    .storage
-                    .feed_id_claimed::<T>(&participation, id)
-                    .await?
-                {
-                    return Err(Error::AlreadyExists(format!(
-                        "request_id {id} was used already, for a {field} no longer stored \
-                         (older than the retention)"
-                    )));
+                // A retry of a call that stored this id already, or a reuse?
+                match self.storage.feed_claim::<T>(&participation, id).await? {
+                    Some((claimed_for, Some(stored))) => {
+                        return if claimed_for == participation_id && stored == *item {
+                            Ok(id)
+                        } else {
+                            Err(reused(id, field))
+                        };
+                    }
+                    // Claimed, and its item gone since (the retention dropped its partition).
+                    Some((_, None)) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "request_id {id} was used already, for a {field} no longer stored \
+                             (older than the retention)"
+                        )));
+                    }
+                    None => {}
                 }
             }
             // Neither missing nor out of span now: it changed between the two statements.

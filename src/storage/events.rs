@@ -12,27 +12,31 @@ use crate::domain::{EventKind, NewEvent};
 use crate::error::Error;
 
 impl FeedTable for NewEvent {
-    async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
-        let row: Option<(Uuid, DateTime<Utc>, String, sqlx::types::JsonValue)> = sqlx::query_as(
-            "SELECT participation_id, occurred_at, kind, attributes FROM events \
-             WHERE user_id = $1 AND id = $2",
+    async fn stored(
+        pool: &PgPool,
+        user_id: Uuid,
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Self>, Error> {
+        let row: Option<(String, sqlx::types::JsonValue)> = sqlx::query_as(
+            "SELECT kind, attributes FROM events \
+             WHERE user_id = $1 AND id = $2 AND occurred_at = $3",
         )
         .bind(user_id)
         .bind(id)
+        .bind(at)
+        .persistent(false)
         .fetch_optional(pool)
         .await?;
-        row.map(|(participation_id, occurred_at, kind, attributes)| {
+        row.map(|(kind, attributes)| {
             let kind = EventKind::from_stored(&kind)
                 .ok_or_else(|| Error::internal(anyhow::anyhow!("stored event kind {kind:?}")))?;
             let attributes = serde_json::from_value(attributes).map_err(Error::internal)?;
-            Ok((
-                participation_id,
-                NewEvent {
-                    occurred_at,
-                    kind,
-                    attributes,
-                },
-            ))
+            Ok(NewEvent {
+                occurred_at: at,
+                kind,
+                attributes,
+            })
         })
         .transpose()
     }
@@ -69,8 +73,8 @@ impl FeedTable for NewEvent {
          ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
          RETURNING participation_id, id, occurred_at";
 
-    const ID_CLAIMED: &'static str =
-        "SELECT EXISTS (SELECT 1 FROM event_request_ids WHERE user_id = $1 AND id = $2)";
+    const CLAIM: &'static str = "SELECT participation_id, occurred_at \
+         FROM event_request_ids WHERE user_id = $1 AND id = $2";
 
     const COPY_STATEMENT: &'static str = "COPY events \
          (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \

@@ -59,15 +59,20 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
         statement: &'static str,
     ) -> impl Future<Output = Result<Vec<Key>, Error>> + Send + 'c;
 
-    /// The query whether a user ($1) has claimed an id ($2) for an item of this table.
-    const ID_CLAIMED: &'static str;
+    /// The query of the claim a user ($1) holds on an id ($2) in this table's ids
+    /// chosen by clients: the claiming item's participation and time (its start).
+    const CLAIM: &'static str;
 
-    /// The item stored under `id` for `user_id`, with its participation.
+    /// The item stored under `id` for `user_id` at `at` (its start), which names its
+    /// partition. Not a prepared statement: a plan for its parameters reads and locks
+    /// that partition alone, where a generic plan locks every partition when it starts
+    /// (PostgreSQL 15; the timeline has the same reason, `storage::timeline`).
     fn stored(
         pool: &PgPool,
         user_id: Uuid,
         id: Uuid,
-    ) -> impl Future<Output = Result<Option<(Uuid, Self)>, Error>> + Send;
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Option<Self>, Error>> + Send;
 }
 
 /// An item by its participation, id and time (its start).
@@ -121,18 +126,28 @@ pub async fn insert_checked<T: FeedTable>(
         .collect())
 }
 
-/// Whether `user_id` has claimed `id` for an item of `T`'s table.
-pub async fn id_claimed<T: FeedTable>(
+/// The claim `user_id` holds on `id` (a `request_id`) for an item of `T`'s table: the
+/// participation it was claimed for, and the item when it is still stored (the retention
+/// drops items, not claims). Two reads of one row each: the claim, then the item in the
+/// partition of the claim's time; the item by user and id alone probed every partition
+/// (one index probe each, 2.6 ms with 370 partitions; docs/BENCHMARKS.md, issue 16).
+pub async fn claim<T: FeedTable>(
     pool: &PgPool,
     user_id: Uuid,
     id: Uuid,
-) -> Result<bool, Error> {
-    sqlx::query_scalar(T::ID_CLAIMED)
+) -> Result<Option<(Uuid, Option<T>)>, Error> {
+    let claim: Option<(Uuid, DateTime<Utc>)> = sqlx::query_as(T::CLAIM)
         .bind(user_id)
         .bind(id)
-        .fetch_one(pool)
-        .await
-        .map_err(Error::from)
+        .fetch_optional(pool)
+        .await?;
+    let Some((participation_id, at)) = claim else {
+        return Ok(None);
+    };
+    Ok(Some((
+        participation_id,
+        T::stored(pool, user_id, id, at).await?,
+    )))
 }
 
 /// One item recorded by a unary RPC.

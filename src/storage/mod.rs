@@ -407,22 +407,14 @@ impl Storage {
         T::batcher(self).insert(row).await
     }
 
-    /// Whether the user of `participation` has claimed `id` (a `request_id`) for an item of
-    /// `T`'s table, stored or since dropped by the retention.
-    pub async fn feed_id_claimed<T: FeedTable>(
+    /// The claim the user of `participation` holds on `id` (a `request_id`) for an item of
+    /// `T`: the participation it was claimed for, and the item unless the retention
+    /// dropped it ([`items::claim`]).
+    pub async fn feed_claim<T: FeedTable>(
         &self,
         participation: &Participation,
         id: Uuid,
-    ) -> Result<bool, Error> {
-        items::id_claimed::<T>(&self.pool, participation.user_id, id).await
-    }
-
-    /// The item stored with `id` for a user of `participation`, and its participation.
-    pub async fn get_feed_item<T: FeedTable>(
-        &self,
-        participation: &Participation,
-        id: Uuid,
-    ) -> Result<Option<(Uuid, T)>, Error> {
-        T::stored(&self.pool, participation.user_id, id).await
+    ) -> Result<Option<(Uuid, Option<T>)>, Error> {
+        items::claim::<T>(&self.pool, participation.user_id, id).await
     }
 }

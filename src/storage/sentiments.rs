@@ -11,31 +11,32 @@ use super::{
 use crate::domain::{NewSentiment, SentimentLabel};
 use crate::error::Error;
 
-/// participation_id, started_at, ended_at, label, score.
-type SentimentRow = (Uuid, DateTime<Utc>, DateTime<Utc>, String, Option<f64>);
-
 impl FeedTable for NewSentiment {
-    async fn stored(pool: &PgPool, user_id: Uuid, id: Uuid) -> Result<Option<(Uuid, Self)>, Error> {
-        let row: Option<SentimentRow> = sqlx::query_as(
-            "SELECT participation_id, started_at, ended_at, label, score FROM sentiments \
-                 WHERE user_id = $1 AND id = $2",
+    async fn stored(
+        pool: &PgPool,
+        user_id: Uuid,
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Self>, Error> {
+        let row: Option<(DateTime<Utc>, String, Option<f64>)> = sqlx::query_as(
+            "SELECT ended_at, label, score FROM sentiments \
+             WHERE user_id = $1 AND id = $2 AND started_at = $3",
         )
         .bind(user_id)
         .bind(id)
+        .bind(at)
+        .persistent(false)
         .fetch_optional(pool)
         .await?;
-        row.map(|(participation_id, started_at, ended_at, label, score)| {
+        row.map(|(ended_at, label, score)| {
             let label = SentimentLabel::from_stored(&label)
                 .ok_or_else(|| Error::internal(anyhow::anyhow!("stored label {label:?}")))?;
-            Ok((
-                participation_id,
-                NewSentiment {
-                    started_at,
-                    ended_at,
-                    label,
-                    score,
-                },
-            ))
+            Ok(NewSentiment {
+                started_at: at,
+                ended_at,
+                label,
+                score,
+            })
         })
         .transpose()
     }
@@ -74,8 +75,8 @@ impl FeedTable for NewSentiment {
          ON CONFLICT (id, user_id, started_at) DO NOTHING \
          RETURNING participation_id, id, started_at";
 
-    const ID_CLAIMED: &'static str =
-        "SELECT EXISTS (SELECT 1 FROM sentiment_request_ids WHERE user_id = $1 AND id = $2)";
+    const CLAIM: &'static str = "SELECT participation_id, started_at \
+         FROM sentiment_request_ids WHERE user_id = $1 AND id = $2";
 
     const COPY_STATEMENT: &'static str = "COPY sentiments \
          (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \

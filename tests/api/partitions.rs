@@ -370,27 +370,7 @@ async fn replicas_starting_together_register_the_tables_once() {
 /// planned for its participation instead, which leaves the older partitions out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timelines_read_at_once_with_a_year_of_partitions() {
-    let db = fresh_database().await;
-    for table in ["sentiments", "events"] {
-        let days: Vec<String> = (0..365)
-            .map(|day| {
-                format!(
-                    "CREATE TABLE {table}_old_{day} PARTITION OF {table} FOR VALUES \
-                     FROM ('2020-01-01'::timestamptz + interval '{day} days') \
-                     TO ('2020-01-01'::timestamptz + interval '{} days')",
-                    day + 1
-                )
-            })
-            .collect();
-        sqlx::raw_sql(&days.join(";\n")).execute(&db).await.unwrap();
-    }
-    // The service's own pool settings, with a connection for each read.
-    let own = krisp_ingest::storage::OWN_CONNECTIONS;
-    let pool = krisp_ingest::app::pool_options(16 + own)
-        .connect_with((*db.connect_options()).clone())
-        .await
-        .unwrap();
-    let app = spawn_app_on(pool).await;
+    let app = app_with_a_year_of_partitions().await;
     let participation = app.participation().await;
     record(
         &app,
@@ -422,4 +402,66 @@ async fn timelines_read_at_once_with_a_year_of_partitions() {
             assert!(matches!(read, Ok(2)), "round {round}: {read:?}");
         }
     }
+}
+
+/// A year of daily partitions: retries of one RecordSentiment sent at once all get the
+/// sentiment stored. A retry reads the stored item back; by user and id alone that read
+/// locked every partition (a prepared statement's generic plan), and sixteen at once ran
+/// out of the lock table ("out of shared memory"). It now reads the claim of the
+/// `request_id`, then the item in the partition of the claim's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_at_once_with_a_year_of_partitions() {
+    let app = app_with_a_year_of_partitions().await;
+    let participation = app.participation().await;
+    let request = proto::RecordSentimentRequest {
+        request_id: Uuid::new_v4().to_string(),
+        ..sentiment_at(
+            &participation.id,
+            crate::helpers::t0() + TimeDelta::seconds(1),
+        )
+    };
+    let first = app.client.clone().record_sentiment(request.clone()).await;
+    let first = first.unwrap().into_inner();
+    for round in 0..8 {
+        let retries: Vec<_> = (0..16)
+            .map(|_| {
+                let (mut client, request) = (app.client.clone(), request.clone());
+                tokio::spawn(async move { client.record_sentiment(request).await })
+            })
+            .collect();
+        for retry in retries {
+            let retry = retry.await.unwrap().map(|r| r.into_inner());
+            assert!(
+                matches!(&retry, Ok(r) if *r == first),
+                "round {round}: {retry:?}"
+            );
+        }
+    }
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 1);
+}
+
+/// A server on a fresh database with 365 empty daily partitions of sentiments and events
+/// from 2020 on, and the service's own pool settings with a connection for each of 16
+/// calls at once.
+async fn app_with_a_year_of_partitions() -> TestApp {
+    let db = fresh_database().await;
+    for table in ["sentiments", "events"] {
+        let days: Vec<String> = (0..365)
+            .map(|day| {
+                format!(
+                    "CREATE TABLE {table}_old_{day} PARTITION OF {table} FOR VALUES \
+                     FROM ('2020-01-01'::timestamptz + interval '{day} days') \
+                     TO ('2020-01-01'::timestamptz + interval '{} days')",
+                    day + 1
+                )
+            })
+            .collect();
+        sqlx::raw_sql(&days.join(";\n")).execute(&db).await.unwrap();
+    }
+    let own = krisp_ingest::storage::OWN_CONNECTIONS;
+    let pool = krisp_ingest::app::pool_options(16 + own)
+        .connect_with((*db.connect_options()).clone())
+        .await
+        .unwrap();
+    spawn_app_on(pool).await
 }
