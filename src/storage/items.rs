@@ -129,8 +129,9 @@ pub async fn insert_checked<T: FeedTable>(
 /// The claim `user_id` holds on `id` (a `request_id`) for an item of `T`'s table: the
 /// participation it was claimed for, and the item when it is still stored (the retention
 /// drops items, not claims). Two reads of one row each: the claim, then the item in the
-/// partition of the claim's time; the item by user and id alone probed every partition
-/// (one index probe each, 2.6 ms with 370 partitions; docs/BENCHMARKS.md, issue 16).
+/// partition of the claim's time. The item by user and id alone probed every partition
+/// and locked them all (1.4 ms with 375 partitions, against 0.35 ms for the two reads;
+/// docs/BENCHMARKS.md, issue 16, change 18).
 pub async fn claim<T: FeedTable>(
     pool: &PgPool,
     user_id: Uuid,
