@@ -11,6 +11,29 @@ use super::{
 use crate::domain::{EventKind, NewEvent};
 use crate::error::Error;
 
+/// The pieces the two unary inserts ([`FeedTable::INSERT_NEW`],
+/// [`FeedTable::INSERT_CLAIMED`]) share: the rows bound as arrays, the condition that each
+/// lies in its participation's span (an event's span is its instant), the insert and
+/// what it returns.
+macro_rules! sql {
+    (rows) => {
+        "FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
+              AS t(participation_id, id, occurred_at, kind, attributes) "
+    };
+    (in_span) => {
+        "JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+         WHERE p.connected_at <= t.occurred_at \
+           AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) "
+    };
+    (insert) => {
+        "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) "
+    };
+    (stored) => {
+        "ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
+         RETURNING participation_id, id, occurred_at"
+    };
+}
+
 impl FeedTable for NewEvent {
     async fn stored(
         pool: &PgPool,
@@ -41,37 +64,30 @@ impl FeedTable for NewEvent {
         .transpose()
     }
 
-    // The span of an event is its instant.
-    const INSERT_NEW: &'static str = "INSERT INTO events \
-           (id, user_id, participation_id, occurred_at, kind, attributes) \
-         SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
-              AS t(participation_id, id, occurred_at, kind, attributes) \
-         JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-         WHERE p.connected_at <= t.occurred_at \
-           AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-         ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
-         RETURNING participation_id, id, occurred_at";
+    const INSERT_NEW: &'static str = concat!(
+        sql!(insert),
+        "SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb ",
+        sql!(rows),
+        sql!(in_span),
+        sql!(stored)
+    );
 
-    const INSERT_CLAIMED: &'static str = "WITH claimed AS ( \
+    const INSERT_CLAIMED: &'static str = concat!(
+        "WITH claimed AS ( \
            INSERT INTO event_request_ids (user_id, id, participation_id, occurred_at) \
-           SELECT p.user_id, t.id, p.id, t.occurred_at \
-           FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) \
-                AS t(participation_id, id, occurred_at) \
-           JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-           WHERE p.connected_at <= t.occurred_at \
-             AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) \
-           ON CONFLICT (user_id, id) DO NOTHING \
-           RETURNING user_id, id, participation_id, occurred_at) \
-         INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) \
-         SELECT t.id, c.user_id, c.participation_id, t.occurred_at, t.kind, \
-                t.attributes::jsonb \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
-              AS t(participation_id, id, occurred_at, kind, attributes) \
-         JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
-                       AND c.occurred_at = t.occurred_at \
-         ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
-         RETURNING participation_id, id, occurred_at";
+           SELECT p.user_id, t.id, p.id, t.occurred_at ",
+        sql!(rows),
+        sql!(in_span),
+        "ON CONFLICT (user_id, id) DO NOTHING \
+         RETURNING user_id, id, participation_id, occurred_at) ",
+        sql!(insert),
+        "SELECT t.id, c.user_id, c.participation_id, t.occurred_at, t.kind, \
+                t.attributes::jsonb ",
+        sql!(rows),
+        "JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
+                       AND c.occurred_at = t.occurred_at ",
+        sql!(stored)
+    );
 
     const CLAIM: &'static str = "SELECT participation_id, occurred_at \
          FROM event_request_ids WHERE user_id = $1 AND id = $2";

@@ -11,6 +11,30 @@ use super::{
 use crate::domain::{NewSentiment, SentimentLabel};
 use crate::error::Error;
 
+/// The pieces the two unary inserts ([`FeedTable::INSERT_NEW`],
+/// [`FeedTable::INSERT_CLAIMED`]) share: the rows bound as arrays, the condition that each
+/// lies in its participation's span, the insert and what it returns.
+macro_rules! sql {
+    (rows) => {
+        "FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                     $5::text[], $6::float8[]) \
+              AS t(participation_id, id, started_at, ended_at, label, score) "
+    };
+    (in_span) => {
+        "JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+         WHERE p.connected_at <= t.started_at \
+           AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) "
+    };
+    (insert) => {
+        "INSERT INTO sentiments \
+           (id, user_id, participation_id, started_at, ended_at, label, score) "
+    };
+    (stored) => {
+        "ON CONFLICT (id, user_id, started_at) DO NOTHING \
+         RETURNING participation_id, id, started_at"
+    };
+}
+
 impl FeedTable for NewSentiment {
     async fn stored(
         pool: &PgPool,
@@ -41,39 +65,30 @@ impl FeedTable for NewSentiment {
         .transpose()
     }
 
-    const INSERT_NEW: &'static str = "INSERT INTO sentiments \
-           (id, user_id, participation_id, started_at, ended_at, label, score) \
-         SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
-                     $5::text[], $6::float8[]) \
-              AS t(participation_id, id, started_at, ended_at, label, score) \
-         JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-         WHERE p.connected_at <= t.started_at \
-           AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-         ON CONFLICT (id, user_id, started_at) DO NOTHING \
-         RETURNING participation_id, id, started_at";
+    const INSERT_NEW: &'static str = concat!(
+        sql!(insert),
+        "SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score ",
+        sql!(rows),
+        sql!(in_span),
+        sql!(stored)
+    );
 
-    const INSERT_CLAIMED: &'static str = "WITH claimed AS ( \
+    const INSERT_CLAIMED: &'static str = concat!(
+        "WITH claimed AS ( \
            INSERT INTO sentiment_request_ids (user_id, id, participation_id, started_at) \
-           SELECT p.user_id, t.id, p.id, t.started_at \
-           FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[]) \
-                AS t(participation_id, id, started_at, ended_at) \
-           JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
-           WHERE p.connected_at <= t.started_at \
-             AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) \
-           ON CONFLICT (user_id, id) DO NOTHING \
-           RETURNING user_id, id, participation_id, started_at) \
-         INSERT INTO sentiments \
-           (id, user_id, participation_id, started_at, ended_at, label, score) \
-         SELECT t.id, c.user_id, c.participation_id, t.started_at, t.ended_at, t.label, \
-                t.score \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
-                     $5::text[], $6::float8[]) \
-              AS t(participation_id, id, started_at, ended_at, label, score) \
-         JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
-                       AND c.started_at = t.started_at \
-         ON CONFLICT (id, user_id, started_at) DO NOTHING \
-         RETURNING participation_id, id, started_at";
+           SELECT p.user_id, t.id, p.id, t.started_at ",
+        sql!(rows),
+        sql!(in_span),
+        "ON CONFLICT (user_id, id) DO NOTHING \
+         RETURNING user_id, id, participation_id, started_at) ",
+        sql!(insert),
+        "SELECT t.id, c.user_id, c.participation_id, t.started_at, t.ended_at, t.label, \
+                t.score ",
+        sql!(rows),
+        "JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
+                       AND c.started_at = t.started_at ",
+        sql!(stored)
+    );
 
     const CLAIM: &'static str = "SELECT participation_id, started_at \
          FROM sentiment_request_ids WHERE user_id = $1 AND id = $2";

@@ -617,13 +617,15 @@ pub async fn lock_participation(
     locker
 }
 
-/// Waits until `n` inserts into sentiments wait on a lock.
+/// Waits until `n` inserts into sentiments wait on a lock (with or without a claim of
+/// their `request_id`s first).
 pub async fn sentiment_inserts_waiting(db: &PgPool, n: i64) {
     eventually("inserts of sentiments wait on a lock", || async {
         count(
             db,
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO sentiments%'",
+             WHERE wait_event_type = 'Lock' AND (query LIKE 'INSERT INTO sentiments%' \
+                OR query LIKE 'WITH claimed AS (%INSERT INTO sentiments%')",
         )
         .await
             == n
