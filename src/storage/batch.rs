@@ -140,9 +140,10 @@ async fn write_batches<T: FeedTable>(
         }
         let started = writes.start();
         let calls = batch.len();
+        let mut answers = Vec::with_capacity(calls);
         match conn.get().await {
             Ok(connection) => {
-                if !write(connection, batch).await {
+                if !write(connection, batch, &mut answers).await {
                     conn.drop_broken();
                 }
             }
@@ -151,7 +152,13 @@ async fn write_batches<T: FeedTable>(
         tracing::debug!(calls, took = ?started.elapsed(), "unary batch written");
         metrics::histogram!(crate::metrics::UNARY_BATCH_CALLS, "kind" => T::KIND)
             .record(calls as f64);
+        // Let the next batch go first, then answer: replying wakes every call of the
+        // batch, and the next write need not wait for that (docs/BENCHMARKS.md, issue 16,
+        // change 19).
         writes.finish(started, calls);
+        for (reply, outcome) in answers {
+            let _ = reply.send(outcome);
+        }
     }
     conn.close().await;
 }
@@ -220,12 +227,16 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Writes `batch` on `conn`, replying to each job: the rows whose ids clients chose and
-/// those with new ids apart (only the first claim their ids,
-/// [`items::insert_checked`]); `false` when the database could not be reached through
+/// Writes `batch` on `conn`, collecting in `answers` what each job is to hear (the
+/// caller replies): the rows whose ids clients chose and those with new ids apart (only
+/// the first claim their ids, [`items::insert_checked`]); `false` when the database could not be reached through
 /// `conn` (every call not yet answered is told UNAVAILABLE, and the connection is to be
 /// opened again).
-async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> bool {
+async fn write<T: FeedTable>(
+    conn: &mut PgConnection,
+    batch: Vec<Job<T>>,
+    answers: &mut Vec<(Reply, Result<bool, Error>)>,
+) -> bool {
     let (keyed, new): (Vec<_>, Vec<_>) = batch.into_iter().partition(|job| job.row.keyed);
     let mut unreachable = None;
     for (group, keyed) in [(keyed, true), (new, false)] {
@@ -234,7 +245,7 @@ async fn write<T: FeedTable>(conn: &mut PgConnection, batch: Vec<Job<T>>) -> boo
         }
         match &unreachable {
             Some(error) => unavailable(group.into_iter().map(|job| job.done), error),
-            None => unreachable = write_group(conn, group, keyed).await.err(),
+            None => unreachable = write_group(conn, group, keyed, answers).await.err(),
         }
     }
     unreachable.is_none()
@@ -246,14 +257,13 @@ async fn write_group<T: FeedTable>(
     conn: &mut PgConnection,
     group: Vec<Job<T>>,
     keyed: bool,
+    answers: &mut Vec<(Reply, Result<bool, Error>)>,
 ) -> Result<(), Error> {
     let (rows, replies): (Vec<Unary<T>>, Vec<_>) =
         group.into_iter().map(|job| (job.row, job.done)).unzip();
     match items::insert_checked(conn, &rows, keyed).await {
         Ok(stored) => {
-            for (stored, reply) in stored.into_iter().zip(replies) {
-                let _ = reply.send(Ok(stored));
-            }
+            answers.extend(replies.into_iter().zip(stored.into_iter().map(Ok)));
         }
         Err(error @ Error::Unavailable(_)) => {
             // Item by item would only fail again, once per call.
