@@ -20,7 +20,7 @@ use crate::domain::{
     TimelineEntry, Timezone, Usage, User,
 };
 use crate::error::Error;
-use crate::storage::{Batched, Spooler, Storage};
+use crate::storage::{Batched, Leaving, Spooler, Storage};
 
 /// Bounds on one client stream (its bytes are bounded by the spool, [`SpoolSettings`]).
 ///
@@ -206,15 +206,21 @@ impl IngestService {
             microphone_used: leave.microphone_used,
             speaker_used: leave.speaker_used,
         };
-        self.storage
+        match self
+            .storage
             .leave_participation(&participation, leave.disconnected_at, &usage)
             .await?
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "participation {} was left already",
-                    participation.id
-                ))
-            })
+        {
+            Leaving::Left(left) => Ok(left),
+            Leaving::Closed => Err(Error::FailedPrecondition(format!(
+                "participation {} was left already",
+                participation.id
+            ))),
+            Leaving::ItemsUntil(last) => Err(Error::invalid(
+                "disconnected_at",
+                format!("must not be before the end of the items stored for it ({last})"),
+            )),
+        }
     }
 
     /// Records one sentiment or event outside any stream; with a request id, a retry

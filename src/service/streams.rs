@@ -10,7 +10,7 @@
 
 use std::{marker::PhantomData, pin::Pin, time::Duration};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -21,6 +21,7 @@ use crate::error::{Error, FieldViolation};
 use crate::metrics::{self as names, Gauged};
 use crate::storage::{
     self, FeedCopy, FeedTable, Spool, StreamClaim, StreamConnection, claim_stream, finish_stream,
+    hold_participation,
 };
 
 impl IngestService {
@@ -46,6 +47,7 @@ impl IngestService {
             participation,
             stream_id,
             received: 0,
+            latest: None,
             ended: false,
             ends_at: Instant::now() + self.limits.max_duration,
             service: self,
@@ -101,12 +103,18 @@ impl IngestService {
         let waited = asked.elapsed();
         let mut tx = storage::begin_on(conn.conn()?).await?;
         let (participation, stream_id) = (feed.participation.clone(), feed.stream_id);
+        let ended_now = hold_participation(&mut tx, &participation)
+            .await?
+            .ok_or_else(|| Error::not_found("participation", participation.id))?;
         // A stream whose trailer is in is claimed and recorded complete in one statement.
         let digest = feed.ended.then(|| feed.spool.digest());
         let finished = digest.as_deref().map(|digest| (feed.received, digest));
         let recorded =
             match claim_stream(&mut tx, &participation, stream_id, T::KIND, finished).await? {
-                StreamClaim::New { committed_at } => committed_at,
+                StreamClaim::New { committed_at } => {
+                    feed.left_at(ended_now)?;
+                    committed_at
+                }
                 StreamClaim::Committed {
                     participation_id,
                     kind,
@@ -215,6 +223,8 @@ struct Feed<'a, T, S> {
     stream_id: Uuid,
     /// Items received so far.
     received: u64,
+    /// The latest end of an item received so far, and that item's index.
+    latest: Option<(DateTime<Utc>, u64)>,
     /// The trailer came, and the end of the stream after it.
     ended: bool,
     /// When the stream's time is up.
@@ -302,9 +312,33 @@ where
                 .map_err(|e| e.under(&format!("{}[{}]", T::FIELD, self.received)))?;
             self.spool
                 .push(Uuid::now_v7(), &self.participation, self.stream_id, item)?;
+            let (_, end) = item.span();
+            if self.latest.is_none_or(|(latest, _)| end > latest) {
+                self.latest = Some((end, self.received));
+            }
             self.received += 1;
         }
         Ok(())
+    }
+
+    /// Takes in when the participation ended as it stands in the stream's transaction
+    /// (`None`: still open): the items received so far must end by then, and the ones
+    /// still to come are checked against it.
+    fn left_at(&mut self, ended: Option<DateTime<Utc>>) -> Result<(), Error> {
+        let Some(gone) = ended else {
+            return Ok(());
+        };
+        self.participation.disconnected_at = Some(gone);
+        match self.latest {
+            Some((end, at)) if end > gone => Err(Error::InvalidArgument(vec![
+                FieldViolation::new(
+                    T::END_FIELD,
+                    format!("is after the participation ended ({gone}), while the stream was open"),
+                )
+                .under(&format!("{}[{at}]", T::FIELD)),
+            ])),
+            _ => Ok(()),
+        }
     }
 
     fn too_long(&self) -> Error {

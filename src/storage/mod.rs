@@ -33,8 +33,11 @@ pub(crate) use call::begin_on;
 pub use feeds::OpenFeed;
 pub use items::FeedTable;
 use items::Unary;
+pub use participations::Leaving;
 pub use spool::{Spool, SpoolSettings, Spooler};
-pub(crate) use streams::{FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream};
+pub(crate) use streams::{
+    FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream, hold_participation,
+};
 
 use crate::domain::{NewEvent, NewSentiment, Participation};
 use crate::error::Error;

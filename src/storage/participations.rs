@@ -79,24 +79,63 @@ impl Storage {
         participation(&self.pool, id).await
     }
 
-    /// Closes an open participation; `None` when it was closed already (or is gone).
+    /// Closes an open participation at `disconnected_at`, unless it holds items that end
+    /// after that time (a participation spans its items: the unary, stream and feed
+    /// writes check each item against it, and a leave must not undo that afterwards).
+    ///
+    /// The participation is locked first (`FOR UPDATE`): that waits for the writes whose
+    /// items already hold it (an item's foreign-key check keeps the row share-locked
+    /// until its transaction ends) and holds off the ones that come after, until the
+    /// leave is committed; the items are then read afresh. A write that checked its span
+    /// before the lock and takes its foreign-key lock after it can still commit an item
+    /// past the leave (docs/GUARANTEES.md, "A participation spans its items").
     #[tracing::instrument(skip_all, fields(participation_id = %participation.id))]
     pub async fn leave_participation(
         &self,
         participation: &Participation,
         disconnected_at: DateTime<Utc>,
         usage: &Usage,
-    ) -> Result<Option<Participation>, Error> {
+    ) -> Result<Leaving, Error> {
         let talked_us = usage.talked_time.num_microseconds().ok_or_else(|| {
             Error::invalid(
                 "talked_time",
                 "must not be longer than the participation lasted",
             )
         })?;
-        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+        let mut tx = self.begin().await?;
+        let open: Option<bool> = sqlx::query_scalar(
+            "SELECT disconnected_at IS NULL FROM participations \
+             WHERE user_id = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(participation.user_id)
+        .bind(participation.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if open != Some(true) {
+            return Ok(Leaving::Closed);
+        }
+        // Planned for this call (not prepared), so that only the partitions from the
+        // participation's start on are read and locked.
+        let last: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT greatest( \
+               (SELECT max(ended_at) FROM sentiments \
+                WHERE user_id = $1 AND participation_id = $2 AND started_at >= $3), \
+               (SELECT max(occurred_at) FROM events \
+                WHERE user_id = $1 AND participation_id = $2 AND occurred_at >= $3))",
+        )
+        .bind(participation.user_id)
+        .bind(participation.id)
+        .bind(participation.connected_at)
+        .persistent(false)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(last) = last.filter(|last| *last > disconnected_at) {
+            return Ok(Leaving::ItemsUntil(last));
+        }
+        let row: ParticipationRow = sqlx::query_as(&format!(
             "UPDATE participations SET disconnected_at = $3, talked_time_us = $4, \
              microphone_used = $5, speaker_used = $6 \
-             WHERE user_id = $1 AND id = $2 AND disconnected_at IS NULL \
+             WHERE user_id = $1 AND id = $2 \
              RETURNING {PARTICIPATION_COLUMNS}"
         ))
         .bind(participation.user_id)
@@ -105,10 +144,22 @@ impl Storage {
         .bind(talked_us)
         .bind(usage.microphone_used)
         .bind(usage.speaker_used)
-        .fetch_optional(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(row.map(Participation::from))
+        tx.commit().await?;
+        Ok(Leaving::Left(row.into()))
     }
+}
+
+/// What became of a leave.
+#[derive(Debug)]
+pub enum Leaving {
+    /// Closed as asked.
+    Left(Participation),
+    /// It was closed already, or is gone.
+    Closed,
+    /// Items of it end after the time asked: the latest end. Nothing changed.
+    ItemsUntil(DateTime<Utc>),
 }
 
 /// The participation `id`, read over `pool`.

@@ -117,6 +117,25 @@ struct StreamRow {
     items_digest: Option<Vec<u8>>,
 }
 
+/// Holds `participation` for the rest of the stream's transaction (`FOR SHARE`: a leave,
+/// which locks it `FOR UPDATE`, waits for the stream's commit, and the stream waits for a
+/// leave under way) and returns when it ended as it stands now: the stream's items were
+/// checked against the participation as it was when the stream began, and a leave may
+/// have come since. `None` when the participation is gone.
+pub async fn hold_participation(
+    conn: &mut PgConnection,
+    participation: &Participation,
+) -> Result<Option<Option<DateTime<Utc>>>, Error> {
+    sqlx::query_scalar(
+        "SELECT disconnected_at FROM participations WHERE user_id = $1 AND id = $2 FOR SHARE",
+    )
+    .bind(participation.user_id)
+    .bind(participation.id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(Error::from)
+}
+
 /// Records `stream_id` inside the stream's transaction. A concurrent claim of the same id
 /// waits for this transaction, then finds the committed stream (or claims it, if this
 /// one rolled back): a stream id commits once. A stream whose items are all in already

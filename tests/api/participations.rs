@@ -1,7 +1,7 @@
 use krisp_ingest::proto;
 use tonic::Code;
 
-use crate::helpers::{at, count, spawn_app, t0, violated_fields};
+use crate::helpers::{at, count, eventually, sentiments, spawn_app, t0, violated_fields};
 
 fn leave(participation_id: &str, disconnect: i64, talked: i64) -> proto::LeaveSessionRequest {
     proto::LeaveSessionRequest {
@@ -338,4 +338,122 @@ async fn the_schema_enforces_the_rules_without_the_service() {
         .execute(&app.db)
         .await;
     assert_eq!(constraint(duplicate_tz).as_deref(), Some("timezones_pkey"));
+}
+
+/// A participation spans its items: a leave before the end of one of them would leave
+/// that item outside it, so it is refused, and changes nothing.
+#[tokio::test]
+async fn leave_refuses_a_time_before_the_items_stored() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let participation = app.participation().await;
+    client
+        .record_sentiment(proto::RecordSentimentRequest {
+            participation_id: participation.id.clone(),
+            sentiment: sentiments(100, 1).pop(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    client
+        .record_event(proto::RecordEventRequest {
+            participation_id: participation.id.clone(),
+            event: Some(proto::NewEvent {
+                occurred_at: at(t0(), 200),
+                kind: proto::EventKind::TalkStarted as i32,
+                attributes: Default::default(),
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    app.stream_sentiments(&participation.id, vec![sentiments(300, 2)])
+        .await;
+
+    // Before the sentiment's end (101 s), between it and the event, between the event
+    // and the streamed items (which end at 302 s).
+    for disconnect in [50, 100, 150, 250, 301] {
+        let status = client
+            .leave_session(leave(&participation.id, disconnect, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            violated_fields(&status),
+            ["disconnected_at"],
+            "leave at {disconnect} s: {status:?}"
+        );
+        assert!(
+            status.message().contains("items stored"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        count(
+            &app.db,
+            "SELECT count(*) FROM participations \
+             WHERE disconnected_at IS NULL AND talked_time_us IS NULL"
+        )
+        .await,
+        1
+    );
+
+    // At the last item's end, it closes; the items are all still there.
+    let left = client
+        .leave_session(leave(&participation.id, 302, 10))
+        .await
+        .unwrap()
+        .into_inner()
+        .participation
+        .unwrap();
+    assert_eq!(left.disconnected_at, at(t0(), 302));
+    assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 3);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM events").await, 1);
+}
+
+/// A leave waits for the items being written for its participation (each holds the
+/// participation from its foreign-key check until its transaction ends), and is judged
+/// against them once they are committed.
+#[tokio::test]
+async fn leave_waits_for_items_being_written_and_is_judged_with_them() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let mut writer = app.db.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO sentiments (id, user_id, participation_id, started_at, ended_at, label) \
+         VALUES (gen_random_uuid(), $1::uuid, $2::uuid, $3, $4, 'neutral')",
+    )
+    .bind(&participation.user_id)
+    .bind(&participation.id)
+    .bind(t0() + chrono::TimeDelta::seconds(300))
+    .bind(t0() + chrono::TimeDelta::seconds(301))
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+
+    let mut client = app.client.clone();
+    let request = leave(&participation.id, 200, 0);
+    let leaving = tokio::spawn(async move { client.leave_session(request).await });
+    eventually("the leave waits for the participation's lock", || async {
+        count(
+            &app.db,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT disconnected_at IS NULL%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    writer.commit().await.unwrap();
+
+    let status = leaving.await.unwrap().unwrap_err();
+    assert_eq!(violated_fields(&status), ["disconnected_at"], "{status:?}");
+    assert_eq!(
+        count(
+            &app.db,
+            "SELECT count(*) FROM participations WHERE disconnected_at IS NULL"
+        )
+        .await,
+        1
+    );
 }

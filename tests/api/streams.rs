@@ -156,6 +156,50 @@ async fn an_item_outside_the_participation_stores_nothing() {
     assert_eq!(count(&app.db, "SELECT count(*) FROM sentiments").await, 0);
 }
 
+/// A stream checks its items against its participation as it began; a leave while the
+/// stream is open is taken in when the stream writes (it holds the participation from
+/// then to its commit): items past the leave are refused, the latest one named, and
+/// nothing is stored.
+#[tokio::test]
+async fn a_leave_while_a_stream_is_open_refuses_its_items_past_the_leave() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let stream_id = Uuid::new_v4().to_string();
+    let (tx, call) = open_stream(&app).await;
+    tx.send(frames::header(&stream_id, &participation.id))
+        .await
+        .unwrap();
+    // Items from 100 s to 103 s, the latest (index 2) ending last.
+    tx.send(frames::batch(sentiments(100, 3))).await.unwrap();
+    // The server reads the header (and the participation, open) before the leave.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    app.client
+        .clone()
+        .leave_session(proto::LeaveSessionRequest {
+            participation_id: participation.id.clone(),
+            disconnected_at: at(t0(), 102),
+            talked_time: Some(prost_types::Duration::default()),
+            microphone_used: false,
+            speaker_used: false,
+        })
+        .await
+        .expect("nothing is stored yet, so the leave is taken");
+    tx.send(frames::trailer(3)).await.unwrap();
+    drop(tx);
+
+    let status = call.await.unwrap().unwrap_err();
+    assert_eq!(
+        violated_fields(&status),
+        ["sentiments[2].ended_at"],
+        "{status:?}"
+    );
+    assert_eq!(stored_for(&app.db, &stream_id).await, 0);
+    assert_eq!(
+        count(&app.db, "SELECT count(*) FROM ingest_streams").await,
+        0
+    );
+}
+
 /// Starts a stream whose messages the test controls, on a connection of its own.
 async fn open_stream(
     app: &TestApp,
