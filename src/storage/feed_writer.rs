@@ -12,7 +12,7 @@ use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{
-    feeds::{Append, append_feeds, superseded},
+    feeds::{Append, Appended, append_feeds, superseded},
     writer_connection::{WriterConnection, unavailable},
 };
 use crate::error::Error;
@@ -107,14 +107,9 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>) -> bool {
     let (appends, replies): (Vec<Append>, Vec<_>) =
         batch.into_iter().map(|job| (job.append, job.done)).unzip();
     match commit(conn, &appends).await {
-        Ok(written) => {
-            for ((append, reply), written) in appends.iter().zip(replies).zip(written) {
-                let outcome = if written {
-                    Ok(())
-                } else {
-                    Err(superseded(append.feed_id))
-                };
-                let _ = reply.send(outcome);
+        Ok(appended) => {
+            for ((append, reply), appended) in appends.iter().zip(replies).zip(appended) {
+                let _ = reply.send(outcome(append, appended));
             }
         }
         Err(error @ Error::Unavailable(_)) => {
@@ -131,21 +126,29 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>) -> bool {
         Err(_) => {
             // Nothing of the batch was stored: alone, each gets its own outcome.
             for (append, reply) in appends.iter().zip(replies) {
-                let outcome =
-                    commit(conn, std::slice::from_ref(append))
-                        .await
-                        .and_then(|written| match written.first() {
-                            Some(true) => Ok(()),
-                            _ => Err(superseded(append.feed_id)),
-                        });
-                let _ = reply.send(outcome);
+                let alone = commit(conn, std::slice::from_ref(append))
+                    .await
+                    .and_then(|appended| match appended.into_iter().next() {
+                        Some(appended) => outcome(append, appended),
+                        None => Err(superseded(append.feed_id)),
+                    });
+                let _ = reply.send(alone);
             }
         }
     }
     true
 }
 
-async fn commit(conn: &mut PgConnection, appends: &[Append]) -> Result<Vec<bool>, Error> {
+/// What the stream of `append` hears of it.
+fn outcome(append: &Append, appended: Appended) -> Result<(), Error> {
+    match appended {
+        Appended::Stored => Ok(()),
+        Appended::Superseded => Err(superseded(append.feed_id)),
+        Appended::Refused(error) => Err(error),
+    }
+}
+
+async fn commit(conn: &mut PgConnection, appends: &[Append]) -> Result<Vec<Appended>, Error> {
     let mut tx = conn.begin().await?;
     let written = append_feeds(&mut tx, appends).await?;
     tx.commit().await?;

@@ -1,15 +1,18 @@
 //! Live feeds (LiveFeed): a feed's record (its committed position and the epoch of the
 //! stream allowed to write it), and the transaction of a batch of appends: advance each
 //! feed's position from the one its writer knows, under its epoch, and store the items
-//! of exactly those appends, together (the writers are in `feed_writer.rs`).
+//! of exactly those appends, together, refusing an append with an item past the end of
+//! its participation (the writers are in `feed_writer.rs`).
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
 use super::{copy::CopyEncoder, items::FeedTable};
-use crate::domain::{FeedEntry, Participation};
-use crate::error::Error;
+use crate::domain::{FeedEntry, FeedItem, NewEvent, NewSentiment, Participation};
+use crate::error::{Error, FieldViolation};
 
 /// A feed as an Open left it: the stream holding `epoch` may write it.
 #[derive(Debug, Clone)]
@@ -86,13 +89,108 @@ impl Append {
     fn through(&self) -> u64 {
         self.from + self.items.len() as u64
     }
+
+    /// The refusal of this append when its participation ended at `left_at`, before the
+    /// end of one of its items: the item that ends last is named.
+    fn past(&self, left_at: DateTime<Utc>) -> Option<Error> {
+        let (seq, end, field) = (self.from + 1..)
+            .zip(&self.items)
+            .map(|(seq, item)| match item {
+                FeedEntry::Sentiment(s) => (seq, s.span().1, NewSentiment::END_FIELD),
+                FeedEntry::Event(e) => (seq, e.span().1, NewEvent::END_FIELD),
+            })
+            .max_by_key(|(_, end, _)| *end)?;
+        (end > left_at).then(|| {
+            Error::InvalidArgument(vec![FieldViolation::new(
+                format!("items[{seq}].{field}"),
+                format!("is after the participation ended ({left_at}), while the feed was open"),
+            )])
+        })
+    }
+}
+
+/// What became of an append of a batch.
+#[derive(Debug)]
+pub enum Appended {
+    Stored,
+    /// The feed was opened again (or closed) since this stream opened it.
+    Superseded,
+    /// Refused, and why: the user left the participation before one of its items ended.
+    Refused(Error),
+}
+
+/// When each participation of `appends` that has been left ended: read in the batch's
+/// transaction, so that a leave committed before it is seen. (A leave locks its
+/// participation `FOR UPDATE`, and waits for the items of a batch that already checked
+/// its foreign key on it; a batch that read the participation open before the leave and
+/// checks its key after is not caught: docs/GUARANTEES.md, "A participation spans its
+/// items".)
+async fn left_participations(
+    conn: &mut PgConnection,
+    appends: &[Append],
+) -> Result<HashMap<(Uuid, Uuid), DateTime<Utc>>, Error> {
+    let users: Vec<Uuid> = appends.iter().map(|a| a.user_id).collect();
+    let participations: Vec<Uuid> = appends.iter().map(|a| a.participation_id).collect();
+    let left: Vec<(Uuid, Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT p.user_id, p.id, p.disconnected_at FROM participations p \
+         JOIN (SELECT * FROM unnest($1::uuid[], $2::uuid[])) AS u (user_id, id) \
+           ON p.user_id = u.user_id AND p.id = u.id \
+         WHERE p.disconnected_at IS NOT NULL",
+    )
+    .bind(&users)
+    .bind(&participations)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(left
+        .into_iter()
+        .map(|(user, participation, at)| ((user, participation), at))
+        .collect())
 }
 
 /// Writes `appends` (of different feeds, or of one feed by different epochs) in `conn`'s
 /// transaction: advances each feed's position from the append's `from` to its last item
 /// where the feed is still there under the append's epoch and open, and stores the
-/// items of exactly those appends. Returns, per append, whether it was written.
-pub async fn append_feeds(conn: &mut PgConnection, appends: &[Append]) -> Result<Vec<bool>, Error> {
+/// items of exactly those appends; an append with an item past the end of its
+/// participation (left since the feed opened) is refused. Returns, per append, what
+/// became of it.
+pub async fn append_feeds(
+    conn: &mut PgConnection,
+    appends: &[Append],
+) -> Result<Vec<Appended>, Error> {
+    let left = left_participations(conn, appends).await?;
+    let mut refused: Vec<Option<Error>> = appends
+        .iter()
+        .map(|a| {
+            left.get(&(a.user_id, a.participation_id))
+                .and_then(|at| a.past(*at))
+        })
+        .collect();
+    let open: Vec<&Append> = appends
+        .iter()
+        .zip(&refused)
+        .filter(|(_, refused)| refused.is_none())
+        .map(|(append, _)| append)
+        .collect();
+    let written = advance_and_store(conn, &open).await?;
+    let mut written = written.into_iter();
+    Ok(refused
+        .iter_mut()
+        .map(|refused| match refused.take() {
+            Some(error) => Appended::Refused(error),
+            None if written.next().unwrap_or(false) => Appended::Stored,
+            None => Appended::Superseded,
+        })
+        .collect())
+}
+
+/// [`append_feeds`] for the appends not refused: whether each was written.
+async fn advance_and_store(
+    conn: &mut PgConnection,
+    appends: &[&Append],
+) -> Result<Vec<bool>, Error> {
+    if appends.is_empty() {
+        return Ok(Vec::new());
+    }
     let seq = |n: u64| i64::try_from(n).map_err(Error::internal);
     let mut user_ids = Vec::with_capacity(appends.len());
     let mut feed_ids = Vec::with_capacity(appends.len());
@@ -135,7 +233,7 @@ pub async fn append_feeds(conn: &mut PgConnection, appends: &[Append]) -> Result
         .collect();
     let mut sentiments = Vec::new();
     let mut events = Vec::new();
-    for (append, _) in appends.iter().zip(&written).filter(|(_, w)| **w) {
+    for (append, _) in appends.iter().copied().zip(&written).filter(|(_, w)| **w) {
         for (n, item) in (append.from + 1..).zip(&append.items) {
             match item {
                 FeedEntry::Sentiment(s) => sentiments.push((append, n, s)),

@@ -200,6 +200,45 @@ async fn a_newer_open_takes_the_feed_over_and_the_older_stream_is_aborted() {
     assert_eq!(feed_rows(&db, &feed_id).await, (5, 5, 5));
 }
 
+/// A feed checks its items against its participation as it opened; a leave while the
+/// feed is open is taken in when its appends are written: items up to the leave are
+/// still taken (they may arrive late), an append with one past it is refused, naming the
+/// item that ends last, and nothing of it is stored.
+#[tokio::test]
+async fn a_leave_while_a_feed_is_open_refuses_its_appends_past_the_leave() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let (mut call, _) = FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    // Items 1 to 3 end by 4 s.
+    assert_eq!(call.ack(append(1, 3)).await, 3);
+    app.client
+        .clone()
+        .leave_session(proto::LeaveSessionRequest {
+            participation_id: participation.id.clone(),
+            disconnected_at: at(t0(), 10),
+            talked_time: Some(prost_types::Duration::default()),
+            microphone_used: false,
+            speaker_used: false,
+        })
+        .await
+        .expect("the items stored end before the leave");
+    // Items 4 to 9 end by 10 s: taken.
+    assert_eq!(call.ack(append(4, 6)).await, 9);
+    // Item 10 (an event at 10 s) is in; item 11 ends at 12 s.
+    let status = call.send(append(10, 2)).await.unwrap_err();
+    assert_eq!(
+        violated_fields(&status),
+        ["items[11].ended_at"],
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("participation ended"),
+        "{status:?}"
+    );
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (9, 9, 9));
+}
+
 #[tokio::test]
 async fn hostile_feed_messages_get_clear_statuses_and_store_nothing_wrongly() {
     let app = spawn_app().await;
