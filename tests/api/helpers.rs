@@ -436,6 +436,21 @@ impl TestApp {
     }
 }
 
+/// A LeaveSession of `participation_id` at t0 + `disconnect` s, having talked `talked` s
+/// (microphone used, speaker not).
+pub fn leave(participation_id: &str, disconnect: i64, talked: i64) -> proto::LeaveSessionRequest {
+    proto::LeaveSessionRequest {
+        participation_id: participation_id.into(),
+        disconnected_at: at(t0(), disconnect),
+        talked_time: Some(prost_types::Duration {
+            seconds: talked,
+            nanos: 0,
+        }),
+        microphone_used: true,
+        speaker_used: false,
+    }
+}
+
 /// `n` valid sentiments of 1 s each, starting `offset` seconds after t0.
 pub fn sentiments(offset: i64, n: usize) -> Vec<proto::NewSentiment> {
     (0..n as i64)

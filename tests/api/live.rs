@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, transport::Channel};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, at, count, spawn_app, spawn_app_on, t0, violated_fields};
+use crate::helpers::{TestApp, at, count, leave, spawn_app, spawn_app_on, t0, violated_fields};
 
 /// The item with sequence number `seq`: a sentiment of 1 s at t0 + seq s, or every
 /// fifth an event.
@@ -214,13 +214,7 @@ async fn a_leave_while_a_feed_is_open_refuses_its_appends_past_the_leave() {
     assert_eq!(call.ack(append(1, 3)).await, 3);
     app.client
         .clone()
-        .leave_session(proto::LeaveSessionRequest {
-            participation_id: participation.id.clone(),
-            disconnected_at: at(t0(), 10),
-            talked_time: Some(prost_types::Duration::default()),
-            microphone_used: false,
-            speaker_used: false,
-        })
+        .leave_session(leave(&participation.id, 10, 0))
         .await
         .expect("the items stored end before the leave");
     // Items 4 to 9 end by 10 s: taken.

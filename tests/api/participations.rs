@@ -1,20 +1,7 @@
 use krisp_ingest::proto;
 use tonic::Code;
 
-use crate::helpers::{at, count, eventually, sentiments, spawn_app, t0, violated_fields};
-
-fn leave(participation_id: &str, disconnect: i64, talked: i64) -> proto::LeaveSessionRequest {
-    proto::LeaveSessionRequest {
-        participation_id: participation_id.into(),
-        disconnected_at: at(t0(), disconnect),
-        talked_time: Some(prost_types::Duration {
-            seconds: talked,
-            nanos: 0,
-        }),
-        microphone_used: true,
-        speaker_used: false,
-    }
-}
+use crate::helpers::{at, count, eventually, leave, sentiments, spawn_app, t0, violated_fields};
 
 #[tokio::test]
 async fn join_and_leave_record_the_participation() {

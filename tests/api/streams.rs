@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::helpers::{
-    BULK_ITEMS, TestApp, at, connect, count, eventually, frames, refuse_sentiments_scored,
+    BULK_ITEMS, TestApp, at, connect, count, eventually, frames, leave, refuse_sentiments_scored,
     sentiments, spawn_app, spawn_writing_app, t0, violated_fields,
 };
 
@@ -175,13 +175,7 @@ async fn a_leave_while_a_stream_is_open_refuses_its_items_past_the_leave() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     app.client
         .clone()
-        .leave_session(proto::LeaveSessionRequest {
-            participation_id: participation.id.clone(),
-            disconnected_at: at(t0(), 102),
-            talked_time: Some(prost_types::Duration::default()),
-            microphone_used: false,
-            speaker_used: false,
-        })
+        .leave_session(leave(&participation.id, 102, 0))
         .await
         .expect("nothing is stored yet, so the leave is taken");
     tx.send(frames::trailer(3)).await.unwrap();
