@@ -229,9 +229,9 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Writes `batch` on `conn`, collecting in `answers` what each job is to hear (the
 /// caller replies): the rows whose ids clients chose and those with new ids apart (only
-/// the first claim their ids, [`items::insert_checked`]); `false` when the database could not be reached through
-/// `conn` (every call not yet answered is told UNAVAILABLE, and the connection is to be
-/// opened again).
+/// the first claim their ids, [`items::insert_checked`]); `false` when the database
+/// could not be reached through `conn` (every call not yet answered is told
+/// UNAVAILABLE, and the connection is to be opened again).
 async fn write<T: FeedTable>(
     conn: &mut PgConnection,
     batch: Vec<Job<T>>,

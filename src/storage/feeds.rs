@@ -4,11 +4,11 @@
 //! of exactly those appends, together, refusing an append with an item past the end of
 //! its participation (the writers are in `feed_writer.rs`).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
-
-use std::collections::HashMap;
 
 use super::{copy::CopyEncoder, items::FeedTable};
 use crate::domain::{FeedEntry, FeedItem, NewEvent, NewSentiment, Participation};
