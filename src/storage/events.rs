@@ -6,15 +6,15 @@ use uuid::Uuid;
 
 use super::{
     copy::CopyEncoder,
-    items::{FeedTable, Key, Unary},
+    items::{FeedTable, Key, Unary, unary_statements},
 };
 use crate::domain::{EventKind, NewEvent};
 use crate::error::Error;
 
-/// The pieces the two unary inserts ([`FeedTable::INSERT_NEW`],
-/// [`FeedTable::INSERT_CLAIMED`]) share: the rows bound as arrays, the condition that each
-/// lies in its participation's span (an event's span is its instant), the insert and
-/// what it returns.
+/// This table's pieces of its unary statements (`items::unary_statements`, which says
+/// what each arm gives): its columns, the rows bound as arrays, the condition that each
+/// lies in its participation's span (an event's span is its instant), the table of the
+/// ids clients chose and the item's time.
 macro_rules! sql {
     (rows) => {
         "FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[]) \
@@ -28,9 +28,14 @@ macro_rules! sql {
     (insert) => {
         "INSERT INTO events (id, user_id, participation_id, occurred_at, kind, attributes) "
     };
-    (stored) => {
-        "ON CONFLICT (id, user_id, occurred_at) DO NOTHING \
-         RETURNING participation_id, id, occurred_at"
+    (item) => {
+        "t.occurred_at, t.kind, t.attributes::jsonb"
+    };
+    (ids) => {
+        "event_request_ids"
+    };
+    (at) => {
+        "occurred_at"
     };
 }
 
@@ -64,33 +69,7 @@ impl FeedTable for NewEvent {
         .transpose()
     }
 
-    const INSERT_NEW: &'static str = concat!(
-        sql!(insert),
-        "SELECT t.id, p.user_id, p.id, t.occurred_at, t.kind, t.attributes::jsonb ",
-        sql!(rows),
-        sql!(in_span),
-        sql!(stored)
-    );
-
-    const INSERT_CLAIMED: &'static str = concat!(
-        "WITH claimed AS ( \
-           INSERT INTO event_request_ids (user_id, id, participation_id, occurred_at) \
-           SELECT p.user_id, t.id, p.id, t.occurred_at ",
-        sql!(rows),
-        sql!(in_span),
-        "ON CONFLICT (user_id, id) DO NOTHING \
-         RETURNING user_id, id, participation_id, occurred_at) ",
-        sql!(insert),
-        "SELECT t.id, c.user_id, c.participation_id, t.occurred_at, t.kind, \
-                t.attributes::jsonb ",
-        sql!(rows),
-        "JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
-                       AND c.occurred_at = t.occurred_at ",
-        sql!(stored)
-    );
-
-    const CLAIM: &'static str = "SELECT participation_id, occurred_at \
-         FROM event_request_ids WHERE user_id = $1 AND id = $2";
+    unary_statements!(sql);
 
     const COPY_STATEMENT: &'static str = "COPY events \
          (id, user_id, participation_id, stream_id, occurred_at, kind, attributes) \

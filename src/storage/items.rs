@@ -75,6 +75,74 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     ) -> impl Future<Output = Result<Option<Self>, Error>> + Send;
 }
 
+/// The three statements of a table's unary records ([`FeedTable::INSERT_NEW`],
+/// [`FeedTable::INSERT_CLAIMED`], [`FeedTable::CLAIM`]), the same for both tables, built
+/// inside the table's `impl FeedTable` from its own pieces: `$sql` names the table's macro,
+/// whose arms give `insert` (the table and its columns), `item` (the item's columns as
+/// selected from the rows), `rows` (the rows bound as arrays, `t`), `in_span` (the join
+/// to each row's participation, `p`, where the item lies in its span), `ids` (the table
+/// of the ids clients chose) and `at` (the item's time, the last column of its key).
+// rustfmt dedents the nested call to the `stored` arm; the layout is kept by hand.
+#[rustfmt::skip]
+macro_rules! unary_statements {
+    ($sql:ident) => {
+        const INSERT_NEW: &'static str = concat!(
+            $sql!(insert),
+            "SELECT t.id, p.user_id, p.id, ",
+            $sql!(item),
+            " ",
+            $sql!(rows),
+            $sql!(in_span),
+            unary_statements!(stored: $sql)
+        );
+
+        const INSERT_CLAIMED: &'static str = concat!(
+            "WITH claimed AS ( INSERT INTO ",
+            $sql!(ids),
+            " (user_id, id, participation_id, ",
+            $sql!(at),
+            ") SELECT p.user_id, t.id, p.id, t.",
+            $sql!(at),
+            " ",
+            $sql!(rows),
+            $sql!(in_span),
+            "ON CONFLICT (user_id, id) DO NOTHING \
+             RETURNING user_id, id, participation_id, ",
+            $sql!(at),
+            ") ",
+            $sql!(insert),
+            "SELECT t.id, c.user_id, c.participation_id, ",
+            $sql!(item),
+            " ",
+            $sql!(rows),
+            "JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
+             AND c.",
+            $sql!(at),
+            " = t.",
+            $sql!(at),
+            " ",
+            unary_statements!(stored: $sql)
+        );
+
+        const CLAIM: &'static str = concat!(
+            "SELECT participation_id, ",
+            $sql!(at),
+            " FROM ",
+            $sql!(ids),
+            " WHERE user_id = $1 AND id = $2"
+        );
+    };
+    (stored: $sql:ident) => {
+        concat!(
+            "ON CONFLICT (id, user_id, ",
+            $sql!(at),
+            ") DO NOTHING RETURNING participation_id, id, ",
+            $sql!(at)
+        )
+    };
+}
+pub(super) use unary_statements;
+
 /// An item by its participation, id and time (its start).
 pub type Key = (Uuid, Uuid, DateTime<Utc>);
 

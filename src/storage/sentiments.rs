@@ -6,14 +6,15 @@ use uuid::Uuid;
 
 use super::{
     copy::CopyEncoder,
-    items::{FeedTable, Key, Unary},
+    items::{FeedTable, Key, Unary, unary_statements},
 };
 use crate::domain::{NewSentiment, SentimentLabel};
 use crate::error::Error;
 
-/// The pieces the two unary inserts ([`FeedTable::INSERT_NEW`],
-/// [`FeedTable::INSERT_CLAIMED`]) share: the rows bound as arrays, the condition that each
-/// lies in its participation's span, the insert and what it returns.
+/// This table's pieces of its unary statements (`items::unary_statements`, which says
+/// what each arm gives): its columns, the rows bound as arrays, the condition that each
+/// lies in its participation's span, the table of the ids clients chose and the
+/// item's time.
 macro_rules! sql {
     (rows) => {
         "FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
@@ -29,9 +30,14 @@ macro_rules! sql {
         "INSERT INTO sentiments \
            (id, user_id, participation_id, started_at, ended_at, label, score) "
     };
-    (stored) => {
-        "ON CONFLICT (id, user_id, started_at) DO NOTHING \
-         RETURNING participation_id, id, started_at"
+    (item) => {
+        "t.started_at, t.ended_at, t.label, t.score"
+    };
+    (ids) => {
+        "sentiment_request_ids"
+    };
+    (at) => {
+        "started_at"
     };
 }
 
@@ -65,33 +71,7 @@ impl FeedTable for NewSentiment {
         .transpose()
     }
 
-    const INSERT_NEW: &'static str = concat!(
-        sql!(insert),
-        "SELECT t.id, p.user_id, p.id, t.started_at, t.ended_at, t.label, t.score ",
-        sql!(rows),
-        sql!(in_span),
-        sql!(stored)
-    );
-
-    const INSERT_CLAIMED: &'static str = concat!(
-        "WITH claimed AS ( \
-           INSERT INTO sentiment_request_ids (user_id, id, participation_id, started_at) \
-           SELECT p.user_id, t.id, p.id, t.started_at ",
-        sql!(rows),
-        sql!(in_span),
-        "ON CONFLICT (user_id, id) DO NOTHING \
-         RETURNING user_id, id, participation_id, started_at) ",
-        sql!(insert),
-        "SELECT t.id, c.user_id, c.participation_id, t.started_at, t.ended_at, t.label, \
-                t.score ",
-        sql!(rows),
-        "JOIN claimed c ON c.participation_id = t.participation_id AND c.id = t.id \
-                       AND c.started_at = t.started_at ",
-        sql!(stored)
-    );
-
-    const CLAIM: &'static str = "SELECT participation_id, started_at \
-         FROM sentiment_request_ids WHERE user_id = $1 AND id = $2";
+    unary_statements!(sql);
 
     const COPY_STATEMENT: &'static str = "COPY sentiments \
          (id, user_id, participation_id, stream_id, started_at, ended_at, label, score) \
