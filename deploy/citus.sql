@@ -2,8 +2,8 @@
 -- coordinator, as the schema owner, once `krisp-ingest migrate` has created the tables
 -- and before any data is loaded (or accept that Citus copies the existing rows).
 --
--- tests/api/distribution.rs reads this file: every table of the schema must appear here,
--- and the catalog must satisfy Citus' rules for the choice made for each table.
+-- The Citus suite (tests/api/citus/) runs this file on a real cluster and checks, in
+-- Citus' catalog, that every table of the schema is placed as it says.
 
 CREATE EXTENSION IF NOT EXISTS citus;
 

@@ -20,14 +20,13 @@ use crate::{
 /// (measured in docs/BENCHMARKS.md); a connection found broken fails its call with
 /// UNAVAILABLE and is replaced.
 ///
-/// The pool's statements keep PostgreSQL's default choice between a statement's generic
-/// plan and one made for its parameters. A generic plan that reads a partitioned table
-/// locks every partition when it starts (PostgreSQL 15), even those its parameters rule
-/// out; a plan made for the parameters prunes them before it locks anything. With a year
-/// of daily partitions, 16 timelines at once with generic plans ran out of the lock table
-/// ("out of shared memory"; docs/BENCHMARKS.md, issue 16). The writers' connections run
-/// generic plans (`storage::use_generic_plans`): their statements' arrays are what a plan
-/// made for the parameters gets wrong.
+/// Every connection of the service keeps PostgreSQL's default choice between a
+/// statement's generic plan and one made for its parameters: Citus can build some
+/// statements only with their parameters' values, and forcing generic plans made them fail
+/// there (docs/decisions/0001-plans-chosen-by-postgresql.md). A generic plan that reads a
+/// partitioned table also locks every partition when it starts (PostgreSQL 15), even those
+/// its parameters rule out; with a year of daily partitions, 16 timelines at once with
+/// generic plans ran out of the lock table ("out of shared memory").
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(

@@ -204,11 +204,12 @@ async fn advance_and_store(
         froms.push(seq(append.from)?);
         throughs.push(seq(append.through())?);
     }
-    // Each feed by its key. A plan made for the batch's actual size joins the arrays to
-    // every feed's row (hash join, or a nested loop over a materialized array: measured,
-    // 5.5 ms for 200 of 10,000 feeds and growing with the table); the generic plan
-    // (arrays of unknown length) looks each feed up in the primary key (1.9 ms). The
-    // service's connections all run generic plans (`storage::use_generic_plans`).
+    // Each feed by its key. A plan made for the batch's actual size can join the arrays
+    // to every feed's row (a hash join: 5.5 ms for 200 of 10,000 feeds, growing with the
+    // table), where the generic plan looks each feed up in the primary key (1.9 ms).
+    // PostgreSQL's plan cache settles on the generic plan by itself after five executions
+    // (it costs less); on Citus the statement is planned for its parameters
+    // (docs/decisions/0001-plans-chosen-by-postgresql.md).
     // One statement for every feed of the batch; the subquery keeps the arrays a
     // relation of their own (Citus plans it as an intermediate result joined on the
     // distribution column).

@@ -35,11 +35,10 @@ pub trait FeedTable: FeedItem + Clone + PartialEq + Sized {
     /// its own participation, in one statement: an item is stored when its participation
     /// exists and the item lies inside it; the conflict on the key (id, user, time) leaves
     /// out an item stored already. The participations are also restricted by `id =
-    /// ANY(<the array>)`: the generic plan guesses an array parameter's length, and
+    /// ANY(<the array>)`: a generic plan guesses an array parameter's length, and
     /// without that restriction it joined by scanning every participation (5 ms per call
-    /// with 26,000 of them, measured; issue 16). The writers run generic plans
-    /// (`storage::use_generic_plans`): PostgreSQL's default re-planned this statement at
-    /// every execution, 0.36 ms of planning per call with 11 partitions. Binds what
+    /// with 26,000 of them, measured). The plan is PostgreSQL's default choice, which Citus
+    /// needs (docs/decisions/0001-plans-chosen-by-postgresql.md). Binds what
     /// [`FeedTable::insert`] binds; returns the [`Key`] of each item stored.
     const INSERT_NEW: &'static str;
 

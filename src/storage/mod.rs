@@ -241,23 +241,13 @@ impl HealthProbe {
     }
 }
 
-/// Makes `conn` run the generic plan of every prepared statement: the writers' and the
-/// live feeds' connections (`FeedTable::INSERT_NEW` and `feeds::append_feeds` say
-/// why; `app::pool_options` why the pool does not).
-pub async fn use_generic_plans(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan")
-        .await
-        .map(drop)
-}
-
 /// A pool of `size` connections beside `pool`, to the same database, connected when first
-/// used, with generic plans as on the feed writers' ([`use_generic_plans`]).
+/// used.
 fn side_pool(pool: &PgPool, size: u32) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(std::time::Duration::from_secs(5))
         .test_before_acquire(false)
-        .after_connect(|conn, _| Box::pin(use_generic_plans(conn)))
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 

@@ -54,9 +54,7 @@ impl WriterConnection {
         let opened = tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(&self.options))
             .await
             .map_err(|_| Error::Unavailable(sqlx::Error::PoolTimedOut))?;
-        let mut conn = opened?;
-        super::use_generic_plans(&mut conn).await?;
-        Ok(conn)
+        Ok(opened?)
     }
 
     pub(super) fn drop_broken(&mut self) {

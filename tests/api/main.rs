@@ -6,7 +6,7 @@
 
 mod auth;
 mod binary;
-mod citus_statements;
+mod citus;
 mod deletes;
 mod distribution;
 mod helpers;

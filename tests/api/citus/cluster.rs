@@ -1,0 +1,427 @@
+//! A real Citus cluster on loopback for the tests: a coordinator and two workers, each a
+//! PostgreSQL of its own (own data directory and socket, run as `postgres` when the tests
+//! run as root, as the service's local cluster is), with Citus preloaded. One cluster per
+//! test process, started on first use; a watchdog stops it when the process exits.
+//!
+//! Citus comes from Citus' own packages, or here from `../shared/citus/install.sh`. Where
+//! it is not installed the tests say so and pass, unless `KRISP_REQUIRE_CITUS=1` (set by
+//! `.ci/run`), which makes them fail instead.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use krisp_ingest::local_postgres;
+use sqlx::{
+    Connection, PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use tokio::sync::{OnceCell, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use uuid::Uuid;
+
+/// The nodes: the coordinator first, then the workers.
+const NODES: usize = 3;
+
+static CLUSTER: OnceCell<Option<Cluster>> = OnceCell::const_new();
+/// The database the tests share (each with users, sessions and ids of its own).
+static SHARED: OnceCell<PgConnectOptions> = OnceCell::const_new();
+/// Tests that restart a worker take it for writing; every other test for reading, so that
+/// no test sees a restart it did not make.
+static RESTARTS: RwLock<()> = RwLock::const_new(());
+
+pub struct Cluster {
+    bin_dir: PathBuf,
+    root: PathBuf,
+    ports: [u16; NODES],
+    run_as: Option<nix::unistd::User>,
+}
+
+/// The cluster (started on first use), or `None` where Citus is not installed and
+/// `KRISP_REQUIRE_CITUS` is not set (the caller then skips).
+pub async fn cluster() -> Option<&'static Cluster> {
+    CLUSTER
+        .get_or_init(|| async {
+            // The directory the server binaries really are in (PATH may hold links to
+            // them), where pg_config and psql are too.
+            let postgres = local_postgres::find_bin_dir()
+                .and_then(|dir| Ok(std::fs::canonicalize(dir.join("postgres"))?))
+                .expect("PostgreSQL server binaries");
+            let bin_dir = postgres.parent().expect("a bin directory").to_path_buf();
+            if let Err(missing) = citus_installed(&bin_dir) {
+                let required = std::env::var("KRISP_REQUIRE_CITUS").is_ok_and(|v| v == "1");
+                assert!(!required, "KRISP_REQUIRE_CITUS=1, but {missing}");
+                eprintln!(
+                    "SKIPPED: the Citus tests, because {missing}. Install Citus 13 for this \
+                     PostgreSQL (Citus' packages; in this workplace ../shared/citus/install.sh) \
+                     to run them; KRISP_REQUIRE_CITUS=1 makes its absence a failure."
+                );
+                return None;
+            }
+            Some(Cluster::start(bin_dir).await)
+        })
+        .await
+        .as_ref()
+}
+
+/// Skips the calling test (returns from it) where there is no Citus.
+#[macro_export]
+macro_rules! require_citus {
+    () => {
+        match $crate::citus::cluster::cluster().await {
+            Some(cluster) => cluster,
+            None => return,
+        }
+    };
+}
+
+fn citus_installed(bin_dir: &Path) -> Result<(), String> {
+    let output = Command::new(bin_dir.join("pg_config"))
+        .arg("--pkglibdir")
+        .output()
+        .map_err(|e| format!("pg_config could not be run: {e}"))?;
+    let libdir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if libdir.join("citus.so").is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "Citus is not installed ({} has no citus.so)",
+            libdir.display()
+        ))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    )
+}
+
+impl Cluster {
+    async fn start(bin_dir: PathBuf) -> Self {
+        let run_as = if nix::unistd::geteuid().is_root() {
+            nix::unistd::User::from_name("postgres").expect("look up the postgres user")
+        } else {
+            None
+        };
+        let root = std::env::temp_dir().join(format!("krisp-citus-{}", std::process::id()));
+        let cluster = Self {
+            bin_dir,
+            root,
+            ports: [free_port(), free_port(), free_port()],
+            run_as,
+        };
+        let _ = std::fs::remove_dir_all(&cluster.root);
+        std::fs::create_dir_all(&cluster.root).expect("create the cluster's directory");
+        if let Some(user) = &cluster.run_as {
+            std::os::unix::fs::chown(
+                &cluster.root,
+                Some(user.uid.as_raw()),
+                Some(user.gid.as_raw()),
+            )
+            .expect("hand the cluster's directory to postgres");
+        }
+        cluster.watch();
+        for node in 0..NODES {
+            cluster.init(node);
+        }
+        cluster
+    }
+
+    /// Stops the nodes and removes their directory once this process has exited.
+    fn watch(&self) {
+        let mut script = format!(
+            "while [ -d /proc/{} ]; do sleep 1; done; ",
+            std::process::id()
+        );
+        for node in 0..NODES {
+            script.push_str(&format!(
+                "{} stop -D {} -m immediate >/dev/null 2>&1; ",
+                self.bin_dir.join("pg_ctl").display(),
+                self.data_dir(node).display()
+            ));
+        }
+        script.push_str(&format!("rm -rf {}", self.root.display()));
+        // Run in the background by a shell that exits at once: the watchdog is nobody's
+        // child to wait for, and outlives this process.
+        let mut command = self.command("sh");
+        command.args(["-c", &format!("( {script} ) >/dev/null 2>&1 &")]);
+        // A process group of its own: what ends the test run's group leaves it running.
+        command.process_group(0);
+        let status = command.status().expect("start the cluster's watchdog");
+        assert!(status.success(), "the cluster's watchdog did not start");
+    }
+
+    fn data_dir(&self, node: usize) -> PathBuf {
+        self.root.join(format!("node{node}"))
+    }
+
+    /// A command run as the cluster's owner.
+    fn command(&self, program: &str) -> Command {
+        let path = if program == "sh" {
+            PathBuf::from("/bin/sh")
+        } else {
+            self.bin_dir.join(program)
+        };
+        let mut command = Command::new(path);
+        command.current_dir("/").env("LC_ALL", "C");
+        if let Some(user) = &self.run_as {
+            // And a home of its own: libpq in the nodes (Citus' connections between them)
+            // would otherwise look for client certificates in the caller's.
+            command
+                .uid(user.uid.as_raw())
+                .gid(user.gid.as_raw())
+                .env("HOME", &self.root);
+        }
+        command
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}",
+            describe(&output)
+        );
+    }
+
+    fn init(&self, node: usize) {
+        let dir = self.data_dir(node);
+        let dir = dir.to_str().expect("a UTF-8 path");
+        self.run(
+            "initdb",
+            &[
+                "-D",
+                dir,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+            ],
+        );
+        // fsync off: a node killed in a test loses nothing it wrote (the operating
+        // system keeps it), and the suite runs faster. Connections: every test's server
+        // keeps a pool, and the coordinator opens its own to the workers.
+        let settings = format!(
+            "shared_preload_libraries = 'citus'\nmax_connections = 400\nfsync = off\n\
+             full_page_writes = off\nlisten_addresses = '127.0.0.1'\nport = {}\n\
+             unix_socket_directories = '{}'\n",
+            self.ports[node],
+            self.root.display()
+        );
+        let conf = self.data_dir(node).join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str(&settings);
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        let log = self.root.join(format!("node{node}.log"));
+        self.run(
+            "pg_ctl",
+            &[
+                "start",
+                "-D",
+                dir,
+                "-l",
+                log.to_str().expect("UTF-8"),
+                "-w",
+                "-t",
+                "60",
+            ],
+        );
+    }
+
+    /// Connect options of `database` on `node` (0: the coordinator).
+    pub fn options(&self, node: usize, database: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.ports[node])
+            .username("postgres")
+            .database(database)
+    }
+
+    /// The port `node` listens on (0: the coordinator).
+    pub fn port(&self, node: usize) -> u16 {
+        self.ports[node]
+    }
+
+    /// The DATABASE_URL of `database` on the coordinator.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.ports[0])
+    }
+
+    async fn execute(&self, node: usize, database: &str, sql: &str) {
+        let mut conn = PgConnection::connect_with(&self.options(node, database))
+            .await
+            .unwrap_or_else(|e| panic!("connect to node {node}: {e}"));
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{sql} on node {node}: {e}\ncoordinator: {}",
+                    self.logged_errors(0)
+                )
+            });
+        conn.close().await.ok();
+    }
+
+    /// A new database on every node, with the workers added, and the schema set up as
+    /// docs/SCALING.md says: `krisp-ingest migrate --partman off`, `psql -f
+    /// deploy/citus.sql`, then `krisp-ingest migrate` (pg_partman, where installed). Returns
+    /// a pool on the coordinator.
+    pub async fn database(&self) -> PgPool {
+        let name = format!("krisp_{}", Uuid::new_v4().simple());
+        for node in 0..NODES {
+            self.execute(node, "postgres", &format!("CREATE DATABASE {name}"))
+                .await;
+            self.execute(node, &name, "CREATE EXTENSION citus").await;
+        }
+        let mut nodes = format!(
+            "SELECT citus_set_coordinator_host('127.0.0.1', {});",
+            self.ports[0]
+        );
+        for port in &self.ports[1..] {
+            nodes.push_str(&format!("SELECT citus_add_node('127.0.0.1', {port});"));
+        }
+        self.execute(0, &name, &nodes).await;
+
+        let url = self.url(&name);
+        self.krisp_ingest(&url, &["migrate", "--partman", "off"]);
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/citus.sql");
+        self.run(
+            "psql",
+            &[
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &url,
+                "-f",
+                script,
+            ],
+        );
+        self.krisp_ingest(&url, &["migrate"]);
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(self.options(0, &name))
+            .await
+            .expect("connect to the coordinator")
+    }
+
+    /// A pool on the database the tests share, set up once as [`Self::database`] does.
+    pub async fn shared_database(&self) -> PgPool {
+        let options = SHARED
+            .get_or_init(|| async { self.database().await.connect_options().as_ref().clone() })
+            .await;
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.clone())
+            .await
+            .expect("connect to the coordinator")
+    }
+
+    /// Runs the real binary with `args` against `url`; panics unless it succeeds.
+    pub fn krisp_ingest(&self, url: &str, args: &[&str]) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
+            .args(args)
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run krisp-ingest");
+        assert!(
+            output.status.success(),
+            "krisp-ingest {args:?} failed: {}",
+            describe(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Restarts worker `worker` (1 or 2) in immediate mode: every backend is killed at
+    /// once, as in a crash, and the node recovers from its WAL.
+    pub fn restart_worker(&self, worker: usize) {
+        assert!((1..NODES).contains(&worker), "worker {worker}");
+        let dir = self.data_dir(worker);
+        let log = self.root.join(format!("node{worker}.log"));
+        // With its log file: a server started by pg_ctl without one would hold this
+        // command's output open.
+        self.run(
+            "pg_ctl",
+            &[
+                "restart",
+                "-D",
+                dir.to_str().expect("UTF-8"),
+                "-l",
+                log.to_str().expect("UTF-8"),
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "60",
+            ],
+        );
+    }
+
+    /// Waits until every node reaches every other again (after a restart), at most a
+    /// minute.
+    pub async fn wait_until_healthy(&self, db: &PgPool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let unhealthy: Result<i64, _> = sqlx::query_scalar(
+                "SELECT count(*) FROM citus_check_cluster_node_health() WHERE result IS NOT TRUE",
+            )
+            .fetch_one(db)
+            .await;
+            match unhealthy {
+                Ok(0) => return,
+                other => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster is not healthy a minute after a restart: {other:?}"
+                ),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The errors `node` has logged, each with the lines that follow it (detail,
+    /// statement): what a failing test shows of the cluster's side.
+    pub fn logged_errors(&self, node: usize) -> String {
+        let log =
+            std::fs::read_to_string(self.root.join(format!("node{node}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let mut errors = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            if line.contains("ERROR:") {
+                for line in lines[i..].iter().take(3) {
+                    errors.push_str(line);
+                    errors.push('\n');
+                }
+            }
+        }
+        errors
+    }
+
+    /// Holds off restarts until dropped (every test but the restarts').
+    pub async fn shared(&self) -> RwLockReadGuard<'static, ()> {
+        RESTARTS.read().await
+    }
+
+    /// The cluster for a test that restarts workers, alone.
+    pub async fn exclusive(&self) -> RwLockWriteGuard<'static, ()> {
+        RESTARTS.write().await
+    }
+}
