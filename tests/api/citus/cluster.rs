@@ -92,11 +92,21 @@ fn citus_installed(bin_dir: &Path) -> Result<(), String> {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
+/// Three free ports below the kernel's range of ephemeral ports (32768 and up on Linux):
+/// a worker restarted in a test must find its port still free, which a port of that range
+/// is not sure to be once the worker is down (any outgoing connection may take it).
+fn free_ports() -> [u16; NODES] {
+    let mut ports = Vec::with_capacity(NODES);
+    let start = 15_000 + (std::process::id() % 1_000) as u16 * 15;
+    for port in start..32_000 {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+            if ports.len() == NODES {
+                break;
+            }
+        }
+    }
+    ports.try_into().expect("three free ports below 32000")
 }
 
 fn describe(output: &Output) -> String {
@@ -118,7 +128,7 @@ impl Cluster {
         let cluster = Self {
             bin_dir,
             root,
-            ports: [free_port(), free_port(), free_port()],
+            ports: free_ports(),
             run_as,
         };
         let _ = std::fs::remove_dir_all(&cluster.root);
@@ -264,19 +274,19 @@ impl Cluster {
     }
 
     async fn execute(&self, node: usize, database: &str, sql: &str) {
-        let mut conn = PgConnection::connect_with(&self.options(node, database))
-            .await
-            .unwrap_or_else(|e| panic!("connect to node {node}: {e}"));
-        sqlx::raw_sql(sql)
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{sql} on node {node}: {e}\ncoordinator: {}",
-                    self.logged_errors(0)
-                )
-            });
+        if let Err(e) = self.try_execute(node, database, sql).await {
+            panic!(
+                "{sql} on node {node}: {e}\ncoordinator: {}",
+                self.logged_errors(0)
+            );
+        }
+    }
+
+    async fn try_execute(&self, node: usize, database: &str, sql: &str) -> sqlx::Result<()> {
+        let mut conn = PgConnection::connect_with(&self.options(node, database)).await?;
+        sqlx::raw_sql(sql).execute(&mut conn).await?;
         conn.close().await.ok();
+        Ok(())
     }
 
     /// A new database on every node, with the workers added, and the schema set up as
@@ -297,7 +307,23 @@ impl Cluster {
         for port in &self.ports[1..] {
             nodes.push_str(&format!("SELECT citus_add_node('127.0.0.1', {port});"));
         }
-        self.execute(0, &name, &nodes).await;
+        // Registering the nodes opens the coordinator's connections to them. Right after a
+        // test has restarted a worker, the first of those has been seen to fail ("failure
+        // on connection marked as essential"); the registration is one transaction, and
+        // is tried again.
+        for attempt in 1.. {
+            match self.try_execute(0, &name, &nodes).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    eprintln!("registering the nodes of {name} failed, again in 1 s: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => panic!(
+                    "registering the nodes of {name}: {e}\ncoordinator: {}",
+                    self.logged_errors(0)
+                ),
+            }
+        }
 
         let url = self.url(&name);
         self.krisp_ingest(&url, &["migrate", "--partman", "off"]);
@@ -405,7 +431,7 @@ impl Cluster {
         let lines: Vec<&str> = log.lines().collect();
         let mut errors = String::new();
         for (i, line) in lines.iter().enumerate() {
-            if line.contains("ERROR:") {
+            if line.contains("ERROR:") || line.contains("WARNING:") {
                 for line in lines[i..].iter().take(3) {
                     errors.push_str(line);
                     errors.push('\n');
