@@ -227,10 +227,13 @@ impl Cluster {
         // fsync off: a node killed in a test loses nothing it wrote (the operating
         // system keeps it), and the suite runs faster. Connections: every test's server
         // keeps a pool, and the coordinator opens its own to the workers.
+        // Every statement logged with its database: what a call costs the workers is
+        // counted from their logs ([`Cluster::worker_statements`]).
         let settings = format!(
             "shared_preload_libraries = 'citus'\nmax_connections = 400\nfsync = off\n\
              full_page_writes = off\nlisten_addresses = '127.0.0.1'\nport = {}\n\
-             unix_socket_directories = '{}'\n",
+             unix_socket_directories = '{}'\nlog_statement = 'all'\n\
+             log_line_prefix = '%m [%p] %d '\n",
             self.ports[node],
             self.root.display()
         );
@@ -294,6 +297,11 @@ impl Cluster {
     /// deploy/citus.sql`, then `krisp-ingest migrate` (pg_partman, where installed). Returns
     /// a pool on the coordinator.
     pub async fn database(&self) -> PgPool {
+        self.database_with_shards(32).await
+    }
+
+    /// [`Self::database`] with `shards` shards per distributed table (Citus' default is 32).
+    pub async fn database_with_shards(&self, shards: u32) -> PgPool {
         let name = format!("krisp_{}", Uuid::new_v4().simple());
         for node in 0..NODES {
             self.execute(node, "postgres", &format!("CREATE DATABASE {name}"))
@@ -325,6 +333,12 @@ impl Cluster {
             }
         }
 
+        self.execute(
+            0,
+            &name,
+            &format!("ALTER DATABASE {name} SET citus.shard_count = {shards}"),
+        )
+        .await;
         let url = self.url(&name);
         self.krisp_ingest(&url, &["migrate", "--partman", "off"]);
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/citus.sql");
@@ -402,6 +416,33 @@ impl Cluster {
         );
     }
 
+    /// The statements that the workers ran on shards of `database` while `work` ran:
+    /// the text of each logged statement that names a shard (`<table>_<shard id>`), so
+    /// that Citus' own bookkeeping (BEGIN, transaction ids, PREPARE, COMMIT) is left out.
+    pub async fn worker_statements(
+        &self,
+        database: &str,
+        work: impl std::future::Future<Output = ()>,
+    ) -> Vec<String> {
+        let logs: Vec<PathBuf> = (1..NODES)
+            .map(|node| self.root.join(format!("node{node}.log")))
+            .collect();
+        let before: Vec<u64> = logs
+            .iter()
+            .map(|log| std::fs::metadata(log).map(|m| m.len()).unwrap_or(0))
+            .collect();
+        work.await;
+        // The workers write their logs as they go; let the last lines land.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut statements = Vec::new();
+        for (log, from) in logs.iter().zip(before) {
+            let text = std::fs::read(log).expect("read a worker's log");
+            let text = String::from_utf8_lossy(&text[from as usize..]).into_owned();
+            statements.extend(shard_statements(&text, database));
+        }
+        statements
+    }
+
     /// Waits until every node reaches every other again (after a restart), at most a
     /// minute.
     pub async fn wait_until_healthy(&self, db: &PgPool) {
@@ -450,4 +491,42 @@ impl Cluster {
     pub async fn exclusive(&self) -> RwLockWriteGuard<'static, ()> {
         RESTARTS.write().await
     }
+}
+
+/// The statements in `log` (a worker's, from [`Cluster::init`]'s prefix) that ran in
+/// `database` and name a shard.
+fn shard_statements(log: &str, database: &str) -> Vec<String> {
+    // An entry starts with its timestamp; a statement's text may go on over more lines.
+    let mut entries: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.starts_with(|c: char| c.is_ascii_digit()) || entries.is_empty() {
+            entries.push(line.to_owned());
+        } else if let Some(last) = entries.last_mut() {
+            last.push(' ');
+            last.push_str(line.trim());
+        }
+    }
+    let marker = format!(" {database} LOG:  ");
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let (_, rest) = entry.split_once(&marker)?;
+            let statement = rest.strip_prefix("statement: ").or_else(|| {
+                rest.split_once(": ")
+                    .map(|(_, text)| text)
+                    .filter(|_| rest.starts_with("execute"))
+            })?;
+            names_a_shard(statement).then(|| statement.to_owned())
+        })
+        .collect()
+}
+
+/// Whether `sql` names a shard: an identifier that ends in `_` and six or more digits.
+fn names_a_shard(sql: &str) -> bool {
+    sql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|word| {
+            word.rsplit_once('_').is_some_and(|(table, id)| {
+                !table.is_empty() && id.len() >= 6 && id.bytes().all(|b| b.is_ascii_digit())
+            })
+        })
 }

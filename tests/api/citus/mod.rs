@@ -10,3 +10,4 @@ mod keys;
 mod partitions;
 mod rpcs;
 mod schema;
+mod shards;
