@@ -22,6 +22,7 @@ macro_rules! sql {
     };
     (in_span) => {
         "JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+             AND p.user_id = ANY($6) \
          WHERE p.connected_at <= t.occurred_at \
            AND (p.disconnected_at IS NULL OR t.occurred_at <= p.disconnected_at) "
     };
@@ -104,12 +105,14 @@ impl FeedTable for NewEvent {
             .map(|r| serde_json::to_string(&r.item.attributes))
             .collect::<Result<Vec<String>, _>>()
             .map_err(Error::internal)?;
+        let users: Vec<Uuid> = rows.iter().map(|r| r.user_id).collect();
         sqlx::query_as(statement)
             .bind(participations)
             .bind(ids)
             .bind(occurred)
             .bind(kinds)
             .bind(attributes)
+            .bind(users)
             .fetch_all(conn)
             .await
             .map_err(Error::from)

@@ -135,7 +135,7 @@ async fn left_participations(
         "SELECT p.user_id, p.id, p.disconnected_at FROM participations p \
          JOIN (SELECT * FROM unnest($1::uuid[], $2::uuid[])) AS u (user_id, id) \
            ON p.user_id = u.user_id AND p.id = u.id \
-         WHERE p.disconnected_at IS NOT NULL",
+         WHERE p.disconnected_at IS NOT NULL AND p.user_id = ANY($1)",
     )
     .bind(&users)
     .bind(&participations)
@@ -212,13 +212,14 @@ async fn advance_and_store(
     // (docs/decisions/0001-plans-chosen-by-postgresql.md).
     // One statement for every feed of the batch; the subquery keeps the arrays a
     // relation of their own (Citus plans it as an intermediate result joined on the
-    // distribution column).
+    // distribution column), and `f.user_id = ANY($1)` lets Citus run it on the shards of
+    // the batch's users only.
     let advanced: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
         "UPDATE live_feeds AS f SET committed_seq = u.through \
          FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[])) \
              AS u (user_id, feed_id, epoch, from_seq, through) \
          WHERE f.user_id = u.user_id AND f.feed_id = u.feed_id AND f.epoch = u.epoch \
-           AND f.committed_seq = u.from_seq AND f.closed_at IS NULL \
+           AND f.committed_seq = u.from_seq AND f.closed_at IS NULL AND f.user_id = ANY($1) \
          RETURNING f.user_id, f.feed_id, f.epoch",
     )
     .bind(&user_ids)

@@ -222,6 +222,9 @@ pub async fn claim<T: FeedTable>(
 #[derive(Debug)]
 pub struct Unary<T> {
     pub participation_id: Uuid,
+    /// The participation's user, as the server's route has it: the statement reads that
+    /// user's participations only (on Citus, that user's shard).
+    pub user_id: Uuid,
     pub id: Uuid,
     /// Whether the client chose `id` (a `request_id`) rather than this server.
     pub keyed: bool,

@@ -11,6 +11,7 @@ mod feed_writer;
 mod feeds;
 mod items;
 mod participations;
+mod routes;
 mod sentiments;
 mod sessions;
 mod spool;
@@ -159,6 +160,8 @@ pub struct Storage {
     /// The live-feed opens' and closes' connections ([`FEED_OPENS`]), outside `pool`
     /// (the feed writers keep theirs, [`FEED_WRITERS`]).
     feed_pool: PgPool,
+    /// The users of the participations this server has joined or found.
+    routes: Arc<routes::Routes>,
 }
 
 /// Of a pool of `connections`, how many streams may hold at once: all but a quarter
@@ -286,6 +289,7 @@ impl Storage {
                 FEED_WRITERS as usize,
             )),
             feed_pool: side_pool(&pool, FEED_OPENS),
+            routes: Arc::default(),
             stream_slots,
             feed_opens: Arc::new(Semaphore::new(FEED_OPENS as usize)),
             pool,
@@ -329,7 +333,7 @@ impl Storage {
     ) -> Result<Option<OpenFeed>, Error> {
         let _turn = self.feed_opens.acquire().await.map_err(Error::internal)?;
         let Some(participation) =
-            participations::participation(&self.feed_pool, participation_id).await?
+            participations::participation(&self.feed_pool, &self.routes, participation_id).await?
         else {
             return Ok(None);
         };
@@ -391,13 +395,28 @@ impl Storage {
         keyed: bool,
         item: &T,
     ) -> Result<bool, Error> {
+        let Some(user_id) = self.user_of(participation_id).await? else {
+            return Ok(false);
+        };
         let row = Unary {
             participation_id,
+            user_id,
             id,
             keyed,
             item: item.clone(),
         };
         T::batcher(self).insert(row).await
+    }
+
+    /// The user of participation `id`: from this server's routes, or looked up (and then
+    /// known); `None` when the participation does not exist.
+    async fn user_of(&self, id: Uuid) -> Result<Option<Uuid>, Error> {
+        if let Some(user) = self.routes.user_of(id) {
+            return Ok(Some(user));
+        }
+        Ok(participations::participation(&self.pool, &self.routes, id)
+            .await?
+            .map(|found| found.user_id))
     }
 
     /// The claim the user of `participation` holds on `id` (a `request_id`) for an item of

@@ -4,7 +4,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::Storage;
+use super::{Storage, routes::Routes};
 use crate::domain::{NewParticipation, Participation, TimezoneCode, Usage};
 use crate::error::Error;
 
@@ -71,12 +71,16 @@ impl Storage {
         .bind(participation.connected_at)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(Participation::from))
+        let participation = row.map(Participation::from);
+        if let Some(joined) = &participation {
+            self.routes.learn(joined.id, joined.user_id);
+        }
+        Ok(participation)
     }
 
     #[tracing::instrument(skip_all, fields(participation_id = %id))]
     pub async fn get_participation(&self, id: Uuid) -> Result<Option<Participation>, Error> {
-        participation(&self.pool, id).await
+        participation(&self.pool, &self.routes, id).await
     }
 
     /// Closes an open participation at `disconnected_at`, unless it holds items that end
@@ -162,13 +166,37 @@ pub enum Leaving {
     ItemsUntil(DateTime<Utc>),
 }
 
-/// The participation `id`, read over `pool`.
-pub(super) async fn participation(pool: &PgPool, id: Uuid) -> Result<Option<Participation>, Error> {
+/// The participation `id`, read over `pool`: from its user's rows when `routes` knows the
+/// user (on Citus, one shard), otherwise by its id alone (on Citus, every shard), after
+/// which the route is known.
+pub(super) async fn participation(
+    pool: &PgPool,
+    routes: &Routes,
+    id: Uuid,
+) -> Result<Option<Participation>, Error> {
+    if let Some(user_id) = routes.user_of(id) {
+        let row: Option<ParticipationRow> = sqlx::query_as(&format!(
+            "SELECT {PARTICIPATION_COLUMNS} FROM participations WHERE user_id = $1 AND id = $2"
+        ))
+        .bind(user_id)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(row) = row {
+            return Ok(Some(row.into()));
+        }
+        // Gone with its user, or its id taken since by another user's participation.
+        routes.forget(id);
+    }
     let row: Option<ParticipationRow> = sqlx::query_as(&format!(
         "SELECT {PARTICIPATION_COLUMNS} FROM participations WHERE id = $1"
     ))
     .bind(id)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(Participation::from))
+    let participation = row.map(Participation::from);
+    if let Some(found) = &participation {
+        routes.learn(found.id, found.user_id);
+    }
+    Ok(participation)
 }

@@ -23,6 +23,7 @@ macro_rules! sql {
     };
     (in_span) => {
         "JOIN participations p ON p.id = t.participation_id AND p.id = ANY($1) \
+             AND p.user_id = ANY($7) \
          WHERE p.connected_at <= t.started_at \
            AND (p.disconnected_at IS NULL OR t.ended_at <= p.disconnected_at) "
     };
@@ -103,6 +104,7 @@ impl FeedTable for NewSentiment {
         let ended: Vec<DateTime<Utc>> = rows.iter().map(|r| r.item.ended_at).collect();
         let labels: Vec<&str> = rows.iter().map(|r| r.item.label.as_str()).collect();
         let scores: Vec<Option<f64>> = rows.iter().map(|r| r.item.score).collect();
+        let users: Vec<Uuid> = rows.iter().map(|r| r.user_id).collect();
         sqlx::query_as(statement)
             .bind(participations)
             .bind(ids)
@@ -110,6 +112,7 @@ impl FeedTable for NewSentiment {
             .bind(ended)
             .bind(labels)
             .bind(scores)
+            .bind(users)
             .fetch_all(conn)
             .await
             .map_err(Error::from)

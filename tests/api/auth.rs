@@ -76,7 +76,7 @@ async fn the_first_key_created_while_the_server_runs_makes_keys_required_for_goo
     assert_eq!(count(&db, "SELECT count(*) FROM users").await, 2);
 }
 
-fn with_key<T>(message: T, key: &str) -> Request<T> {
+pub(crate) fn with_key<T>(message: T, key: &str) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
@@ -84,7 +84,7 @@ fn with_key<T>(message: T, key: &str) -> Request<T> {
     request
 }
 
-fn create_user(external_id: &str) -> proto::CreateUserRequest {
+pub(crate) fn create_user(external_id: &str) -> proto::CreateUserRequest {
     proto::CreateUserRequest {
         external_id: external_id.into(),
         ..Default::default()

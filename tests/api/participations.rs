@@ -444,3 +444,60 @@ async fn leave_waits_for_items_being_written_and_is_judged_with_them() {
         1
     );
 }
+
+/// A server remembers the user of each participation it has seen, to read that user's
+/// rows only. Another server deletes the user, and the participation's id (a client's
+/// `request_id`) is taken again by another user's participation: the first server still
+/// finds the participation as it is now, for every call that names it.
+#[tokio::test]
+async fn a_participation_whose_user_changed_behind_a_server_is_found_as_it_is() {
+    let db = crate::helpers::fresh_database().await;
+    let first = crate::helpers::spawn_app_on(db.clone()).await;
+    let second = crate::helpers::spawn_app_on(db.clone()).await;
+    first.upsert_timezone("UTC", 0).await;
+    let session = first.create_session(t0()).await;
+    let join = |user_id: &str| proto::JoinSessionRequest {
+        request_id: "0d4c5a6e-8f1b-4c2d-9e3a-7b6c5d4e3f21".into(),
+        user_id: user_id.into(),
+        session_id: session.id.clone(),
+        timezone_code: "UTC".into(),
+        connected_at: at(t0(), 0),
+    };
+    let alice = first.create_user("alice").await;
+    let mut client = first.client.clone();
+    let joined = client
+        .join_session(join(&alice.id))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = joined.participation.unwrap().id;
+    crate::helpers::fetch_participation(&mut client, &id).await;
+
+    let mut other = second.client.clone();
+    other
+        .delete_user(proto::DeleteUserRequest {
+            user_id: alice.id.clone(),
+        })
+        .await
+        .unwrap();
+    let bob = second.create_user("bob").await;
+    let rejoined = other
+        .join_session(join(&bob.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rejoined.participation.unwrap().id, id);
+
+    let found = crate::helpers::fetch_participation(&mut client, &id).await;
+    assert_eq!(found.user_id, bob.id);
+    let stored = first.stream_sentiments(&id, vec![sentiments(0, 3)]).await;
+    assert_eq!(stored.items_stored, 3);
+    let owner: String = sqlx::query_scalar(
+        "SELECT DISTINCT user_id::text FROM sentiments WHERE participation_id = $1::uuid",
+    )
+    .bind(&id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(owner, bob.id);
+}

@@ -4,24 +4,13 @@
 use std::time::Duration;
 
 use krisp_ingest::proto;
-use tonic::{Code, Request};
+use tonic::Code;
 
-use crate::{helpers::spawn_app_configured, require_citus};
-
-fn with_key<T>(message: T, key: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
-}
-
-fn create_user(external_id: &str) -> proto::CreateUserRequest {
-    proto::CreateUserRequest {
-        external_id: external_id.into(),
-        ..Default::default()
-    }
-}
+use crate::{
+    auth::{create_user, with_key},
+    helpers::spawn_app_configured,
+    require_citus,
+};
 
 #[tokio::test]
 async fn api_keys_are_created_enforced_and_revoked_on_citus() {

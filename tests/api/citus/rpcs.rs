@@ -117,16 +117,10 @@ async fn users_timezones_sessions_and_participations_work_on_citus() {
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert_eq!(rows(&db, "users", "id", &user.id).await, 1);
     assert_eq!(rows(&db, "user_external_ids", "user_id", &user.id).await, 1);
-    let fetched = client
-        .get_user(proto::GetUserRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
-    assert_eq!(fetched, user);
+    assert_eq!(
+        crate::helpers::fetch_user(&mut client, &user.id).await,
+        user
+    );
     let status = client
         .get_user(proto::GetUserRequest {
             user_id: Uuid::new_v4().to_string(),
