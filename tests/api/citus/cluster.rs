@@ -21,8 +21,11 @@ use sqlx::{
 use tokio::sync::{OnceCell, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
 
-/// The nodes: the coordinator first, then the workers.
-const NODES: usize = 3;
+/// The nodes: the coordinator first, then the workers, and last a spare node that only
+/// the scale-out test adds to its database ([`Cluster::scale_out`]).
+const NODES: usize = 4;
+/// The nodes every database has: the coordinator and two workers.
+const MEMBERS: usize = 3;
 
 static CLUSTER: OnceCell<Option<Cluster>> = OnceCell::const_new();
 /// The database the tests share (each with users, sessions and ids of its own).
@@ -228,12 +231,13 @@ impl Cluster {
         // system keeps it), and the suite runs faster. Connections: every test's server
         // keeps a pool, and the coordinator opens its own to the workers.
         // Every statement logged with its database: what a call costs the workers is
-        // counted from their logs ([`Cluster::worker_statements`]).
+        // counted from their logs ([`Cluster::worker_statements`]). Logical WAL: Citus
+        // moves shards online by logical replication ([`Cluster::scale_out`]).
         let settings = format!(
             "shared_preload_libraries = 'citus'\nmax_connections = 400\nfsync = off\n\
              full_page_writes = off\nlisten_addresses = '127.0.0.1'\nport = {}\n\
              unix_socket_directories = '{}'\nlog_statement = 'all'\n\
-             log_line_prefix = '%m [%p] %d '\n",
+             log_line_prefix = '%m [%p] %d '\nwal_level = logical\n",
             self.ports[node],
             self.root.display()
         );
@@ -303,7 +307,7 @@ impl Cluster {
     /// [`Self::database`] with `shards` shards per distributed table (Citus' default is 32).
     pub async fn database_with_shards(&self, shards: u32) -> PgPool {
         let name = format!("krisp_{}", Uuid::new_v4().simple());
-        for node in 0..NODES {
+        for node in 0..MEMBERS {
             self.execute(node, "postgres", &format!("CREATE DATABASE {name}"))
                 .await;
             self.execute(node, &name, "CREATE EXTENSION citus").await;
@@ -312,7 +316,7 @@ impl Cluster {
             "SELECT citus_set_coordinator_host('127.0.0.1', {});",
             self.ports[0]
         );
-        for port in &self.ports[1..] {
+        for port in &self.ports[1..MEMBERS] {
             nodes.push_str(&format!("SELECT citus_add_node('127.0.0.1', {port});"));
         }
         // Registering the nodes opens the coordinator's connections to them. Right after a
@@ -462,6 +466,49 @@ impl Cluster {
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
+    }
+
+    /// Adds the spare node to `database` and moves shards onto it while the cluster
+    /// serves (`citus_rebalance_start`, logical replication, a short write block per
+    /// shard group at its switch-over); returns once every move is done, with the
+    /// number of shard placements the spare node holds then.
+    pub async fn scale_out(&self, database: &str) -> i64 {
+        let spare = NODES - 1;
+        self.execute(spare, "postgres", &format!("CREATE DATABASE {database}"))
+            .await;
+        self.execute(spare, database, "CREATE EXTENSION citus")
+            .await;
+        let mut conn = PgConnection::connect_with(&self.options(0, database))
+            .await
+            .expect("connect to the coordinator");
+        for statement in [
+            format!("SELECT citus_add_node('127.0.0.1', {})", self.ports[spare]),
+            "SELECT citus_rebalance_start()".to_owned(),
+            "SELECT citus_rebalance_wait()".to_owned(),
+        ] {
+            sqlx::query(&statement)
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        }
+        let failed: Vec<String> = sqlx::query_scalar(
+            "SELECT state::text FROM citus_rebalance_status() WHERE state::text <> 'finished'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("the rebalance's status");
+        assert!(
+            failed.is_empty(),
+            "the rebalance did not finish: {failed:?}"
+        );
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_node n USING (groupid) \
+             WHERE n.nodeport = $1",
+        )
+        .bind(i32::from(self.ports[spare]))
+        .fetch_one(&mut conn)
+        .await
+        .expect("the spare node's placements")
     }
 
     /// The errors `node` has logged, each with the lines that follow it (detail,

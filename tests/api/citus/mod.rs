@@ -9,5 +9,6 @@ mod faults;
 mod keys;
 mod partitions;
 mod rpcs;
+mod scale_out;
 mod schema;
 mod shards;
