@@ -414,7 +414,7 @@ impl Storage {
         if let Some(user) = self.routes.user_of(id) {
             return Ok(Some(user));
         }
-        Ok(participations::participation(&self.pool, &self.routes, id)
+        Ok(participations::by_id(&self.pool, &self.routes, id)
             .await?
             .map(|found| found.user_id))
     }

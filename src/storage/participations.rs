@@ -188,6 +188,16 @@ pub(super) async fn participation(
         // Gone with its user, or its id taken since by another user's participation.
         routes.forget(id);
     }
+    by_id(pool, routes, id).await
+}
+
+/// The participation `id`, looked up by its id alone (on Citus, on every shard); its
+/// route is then known.
+pub(super) async fn by_id(
+    pool: &PgPool,
+    routes: &Routes,
+    id: Uuid,
+) -> Result<Option<Participation>, Error> {
     let row: Option<ParticipationRow> = sqlx::query_as(&format!(
         "SELECT {PARTICIPATION_COLUMNS} FROM participations WHERE id = $1"
     ))

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::{helpers::spawn_app_on, require_citus};
+use crate::{citus::shared_app, require_citus};
 
 fn client(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_krisp-ingest"))
@@ -22,9 +22,7 @@ fn client(args: &[&str]) -> String {
 #[tokio::test]
 async fn the_demo_and_a_live_feed_run_against_the_coordinator() {
     let cluster = require_citus!();
-    let _shared = cluster.shared().await;
-    let db = cluster.shared_database().await;
-    let app = spawn_app_on(db.clone()).await;
+    let (_shared, _, app) = shared_app(cluster).await;
     let server = format!("http://{}", app.address);
     let (demo, feed) = tokio::task::spawn_blocking(move || {
         let demo = client(&["demo", "--server", &server]);

@@ -29,9 +29,13 @@ fn retryable(status: &Status) -> bool {
     ) || (status.code() == Code::ResourceExhausted && status.message().contains("retry"))
 }
 
-/// Every failed attempt of the test, to be judged at the end: (what, retryable, status).
+/// Every failed attempt of one test, to be judged at the end: (what, retryable, status);
+/// and when its retries stop: set at its first failure, two minutes on.
 #[derive(Clone, Default)]
-pub(super) struct Failures(Arc<Mutex<Vec<(String, bool, String)>>>);
+pub(super) struct Failures(
+    Arc<Mutex<Vec<(String, bool, String)>>>,
+    Arc<std::sync::OnceLock<Instant>>,
+);
 
 impl Failures {
     fn note(&self, what: &str, status: &Status) {
@@ -65,16 +69,16 @@ impl Failures {
     async fn retry_after(&self, what: &str, status: &Status, pause: Duration) {
         self.note(what, status);
         assert!(
-            Instant::now() < *GIVE_UP.get_or_init(|| Instant::now() + Duration::from_secs(120)),
+            Instant::now()
+                < *self
+                    .1
+                    .get_or_init(|| Instant::now() + Duration::from_secs(120)),
             "{what} still fails after two minutes: {:#?}",
             self.0.lock().unwrap()
         );
         tokio::time::sleep(pause).await;
     }
 }
-
-/// When retries stop: set at the first failure, two minutes on.
-static GIVE_UP: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
 /// Users whose shard is on the worker listening on `port`, until `on` of them, and `off`
 /// elsewhere: each with a participation.

@@ -8,7 +8,7 @@ use tonic::Code;
 
 use crate::{
     auth::{create_user, with_key},
-    helpers::spawn_app_configured,
+    helpers::{current_database, spawn_app_configured},
     require_citus,
 };
 
@@ -18,11 +18,7 @@ async fn api_keys_are_created_enforced_and_revoked_on_citus() {
     let _shared = cluster.shared().await;
     // Keys apply to every server of a database: this test has one of its own.
     let db = cluster.database().await;
-    let url = db
-        .connect_options()
-        .get_database()
-        .map(|name| cluster.url(name))
-        .unwrap();
+    let url = cluster.url(&current_database(&db).await);
     let writer = cluster.krisp_ingest(
         &url,
         &["keys", "create", "--name", "voice", "--scope", "ingest"],

@@ -7,7 +7,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::PgPool;
 
 use crate::{
-    helpers::spawn_app_on,
+    helpers::{current_database, spawn_app_on},
     partitions::{participation_since, record},
     require_citus,
 };
@@ -48,11 +48,7 @@ async fn day_partitions_are_distributed_maintained_and_retained_on_citus() {
     let _shared = cluster.shared().await;
     // The retention drops partitions of every user: a database of its own.
     let db = cluster.database().await;
-    let url = db
-        .connect_options()
-        .get_database()
-        .map(|name| cluster.url(name))
-        .unwrap();
+    let url = cluster.url(&current_database(&db).await);
     let registered: Vec<String> =
         sqlx::query_scalar("SELECT parent_table FROM partman.part_config ORDER BY 1")
             .fetch_all(&db)

@@ -9,6 +9,7 @@ use tonic::Code;
 use uuid::Uuid;
 
 use crate::{
+    citus::shared_app,
     helpers::{
         BULK_ITEMS, TestApp, at, event_frames, frames, leave, sentiments, spawn_app_on, t0,
         violated_fields,
@@ -72,9 +73,7 @@ fn record_event(
 #[tokio::test]
 async fn users_timezones_sessions_and_participations_work_on_citus() {
     let cluster = require_citus!();
-    let _shared = cluster.shared().await;
-    let db = cluster.shared_database().await;
-    let app = spawn_app_on(db.clone()).await;
+    let (_shared, db, app) = shared_app(cluster).await;
     let mut client = app.client.clone();
 
     // Users: a retry with the request id returns the first; a taken external id is refused.
@@ -251,9 +250,7 @@ async fn users_timezones_sessions_and_participations_work_on_citus() {
 #[tokio::test]
 async fn unary_records_store_once_and_retries_return_the_first_on_citus() {
     let cluster = require_citus!();
-    let _shared = cluster.shared().await;
-    let db = cluster.shared_database().await;
-    let app = spawn_app_on(db.clone()).await;
+    let (_shared, db, app) = shared_app(cluster).await;
     let mut client = app.client.clone();
     let participation = app.participation().await;
     let id = participation.id.as_str();
@@ -426,9 +423,7 @@ fn entry_second(entry: &proto::TimelineEntry) -> i64 {
 #[tokio::test]
 async fn client_streams_commit_all_or_nothing_on_citus() {
     let cluster = require_citus!();
-    let _shared = cluster.shared().await;
-    let db = cluster.shared_database().await;
-    let app = spawn_app_on(db.clone()).await;
+    let (_shared, db, app) = shared_app(cluster).await;
     let mut client = app.client.clone();
     let participation = app.participation().await;
     let id = participation.id.as_str();
@@ -553,9 +548,7 @@ async fn client_streams_commit_all_or_nothing_on_citus() {
 #[tokio::test]
 async fn live_feeds_resume_and_are_fenced_on_citus() {
     let cluster = require_citus!();
-    let _shared = cluster.shared().await;
-    let db = cluster.shared_database().await;
-    let a = spawn_app_on(db.clone()).await;
+    let (_shared, db, a) = shared_app(cluster).await;
     let b = spawn_app_on(db.clone()).await;
     let participation = a.participation().await;
     let feed_id = Uuid::new_v4().to_string();
@@ -607,9 +600,7 @@ async fn live_feeds_resume_and_are_fenced_on_citus() {
 #[tokio::test]
 async fn leave_and_delete_user_keep_their_rules_on_citus() {
     let cluster = require_citus!();
-    let _shared = cluster.shared().await;
-    let db = cluster.shared_database().await;
-    let app = spawn_app_on(db.clone()).await;
+    let (_shared, db, app) = shared_app(cluster).await;
     let mut client = app.client.clone();
     let participation = app.participation().await;
     let id = participation.id.as_str();

@@ -5,7 +5,7 @@
 
 use crate::{
     citus::faults::{ingest_through, participations},
-    helpers::spawn_app_on,
+    helpers::{current_database, spawn_app_on},
     require_citus,
 };
 
@@ -16,7 +16,7 @@ async fn shards_move_to_a_new_node_while_ingest_goes_on() {
     // Eight shards per table: four shard groups a worker, some of which move; each
     // group holds every table and its day partitions.
     let db = cluster.database_with_shards(8).await;
-    let name = db.connect_options().get_database().unwrap().to_owned();
+    let name = current_database(&db).await;
     let app = spawn_app_on(db.clone()).await;
     app.upsert_timezone("UTC", 0).await;
     // Users on both workers, so that some of their shards move.

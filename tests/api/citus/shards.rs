@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::{
     citus::cluster::Cluster,
-    helpers::{at, leave, sentiments, spawn_app_on, t0},
+    helpers::{at, current_database, leave, sentiments, spawn_app_on, t0},
     live::{FeedCall, append, close},
     require_citus,
 };
@@ -18,7 +18,7 @@ use crate::{
 /// Statements on the workers per RPC, for a database of `shards` shards per table.
 async fn statements_per_rpc(cluster: &Cluster, shards: u32) -> BTreeMap<&'static str, usize> {
     let db = cluster.database_with_shards(shards).await;
-    let name = db.connect_options().get_database().unwrap().to_owned();
+    let name = current_database(&db).await;
     let app = spawn_app_on(db.clone()).await;
     let mut client = app.client.clone();
     app.upsert_timezone("UTC", 0).await;
