@@ -17,11 +17,18 @@ SET citus.enable_local_reference_table_foreign_keys = off;
 -- Small, shared by all users, read on every join: copied to every node.
 SELECT create_reference_table('timezones');
 SELECT create_reference_table('api_keys');
--- Sessions are shared by the users who take part in them; a reference table keeps the
--- participations -> sessions foreign key in the schema.
-SELECT create_reference_table('sessions');
 -- One row per user, keyed by external id: keeps external ids unique across shards.
 SELECT create_reference_table('user_external_ids');
+
+-- Sessions are shared by the users who take part in them, and a voice service creates
+-- one per call: distributed by their own id, each on one shard, so that CreateSession and
+-- EndSession write one shard instead of every node. Citus keeps no foreign key between
+-- distributed tables that are not co-located, so participations -> sessions goes;
+-- JoinSession keeps the rule in its transaction, with the session's row locked, and the
+-- session's own CHECKs keep its end after every connection (docs/GUARANTEES.md, "On
+-- Citus").
+ALTER TABLE participations DROP CONSTRAINT participations_session_fkey;
+SELECT create_distributed_table('sessions', 'id', colocate_with => 'none');
 
 -- Everything of one user on one shard: distributed by the user id, co-located.
 SELECT create_distributed_table('users', 'id');

@@ -19,6 +19,8 @@ pub struct Session {
     pub session_type: SessionType,
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// The latest connection of a participation in it, which its end may not precede.
+    pub last_connected_at: Option<DateTime<Utc>>,
 }
 
 impl Session {
@@ -42,6 +44,38 @@ impl Session {
             _ => None,
         }
     }
+
+    /// Why the session cannot end at `ended_at`, if it cannot.
+    pub fn refuses_end_at(&self, ended_at: DateTime<Utc>) -> Option<SessionEndRefusal> {
+        if let Some(end) = self.ended_at {
+            return Some(SessionEndRefusal::Ended(format!(
+                "session {} ended already, at {end}",
+                self.id
+            )));
+        }
+        if ended_at < self.started_at {
+            return Some(SessionEndRefusal::BeforeStart(format!(
+                "must not be before the session started ({})",
+                self.started_at
+            )));
+        }
+        match self.last_connected_at {
+            Some(last) if ended_at < last => Some(SessionEndRefusal::Ended(format!(
+                "a participant of session {} connected at {last}, after the end asked",
+                self.id
+            ))),
+            _ => None,
+        }
+    }
+}
+
+/// Why a session cannot end at the time asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEndRefusal {
+    /// `ended_at` is before the session started: the request is wrong whatever is stored.
+    BeforeStart(String),
+    /// What is stored refuses it: the session ended, or a participant connected later.
+    Ended(String),
 }
 
 /// A participation to create when a user joins a session.
@@ -222,10 +256,39 @@ mod tests {
             session_type: SessionType::Call,
             started_at: at(0),
             ended_at: Some(at(100)),
+            last_connected_at: None,
         };
         assert!(session.refuses_connection_at(at(0)).is_none());
         assert!(session.refuses_connection_at(at(-1)).is_some());
         assert!(session.refuses_connection_at(at(101)).is_some());
         assert_eq!(session.duration(), Some(TimeDelta::seconds(100)));
+    }
+
+    #[test]
+    fn sessions_end_after_their_start_and_their_last_connection() {
+        let session = Session {
+            id: Uuid::nil(),
+            session_type: SessionType::Call,
+            started_at: at(0),
+            ended_at: None,
+            last_connected_at: Some(at(50)),
+        };
+        assert!(session.refuses_end_at(at(50)).is_none());
+        assert!(matches!(
+            session.refuses_end_at(at(-1)),
+            Some(SessionEndRefusal::BeforeStart(_))
+        ));
+        assert!(matches!(
+            session.refuses_end_at(at(49)),
+            Some(SessionEndRefusal::Ended(_))
+        ));
+        let ended = Session {
+            ended_at: Some(at(60)),
+            ..session
+        };
+        assert!(matches!(
+            ended.refuses_end_at(at(70)),
+            Some(SessionEndRefusal::Ended(_))
+        ));
     }
 }

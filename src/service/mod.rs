@@ -16,8 +16,8 @@ mod streams;
 use items::{check_clock, check_span};
 
 use crate::domain::{
-    ItemClock, Leave, LeaveRefusal, NewParticipation, NewUser, Participation, Session, SessionType,
-    TimelineEntry, Timezone, Usage, User,
+    ItemClock, Leave, LeaveRefusal, NewParticipation, NewUser, Participation, Session,
+    SessionEndRefusal, SessionType, TimelineEntry, Timezone, Usage, User,
 };
 use crate::error::Error;
 use crate::storage::{Batched, Leaving, Spooler, Storage};
@@ -115,6 +115,7 @@ impl IngestService {
             session_type,
             started_at,
             ended_at: None,
+            last_connected_at: None,
         };
         if let Some(created) = self.storage.insert_session(&session).await? {
             return Ok(created);
@@ -134,19 +135,12 @@ impl IngestService {
 
     pub async fn end_session(&self, id: Uuid, ended_at: DateTime<Utc>) -> Result<Session, Error> {
         let session = self.get_session(id).await?;
-        if let Some(end) = session.ended_at {
-            return Err(Error::FailedPrecondition(format!(
-                "session {id} ended already, at {end}"
-            )));
-        }
-        if ended_at < session.started_at {
-            return Err(Error::invalid(
-                "ended_at",
-                format!(
-                    "must not be before the session started ({})",
-                    session.started_at
-                ),
-            ));
+        match session.refuses_end_at(ended_at) {
+            None => {}
+            Some(SessionEndRefusal::BeforeStart(why)) => {
+                return Err(Error::invalid("ended_at", why));
+            }
+            Some(SessionEndRefusal::Ended(why)) => return Err(Error::FailedPrecondition(why)),
         }
         match self.storage.end_session(id, ended_at).await? {
             Some(session) => Ok(session),

@@ -31,6 +31,10 @@ fn constraint_error(constraint: &str) -> Option<Error> {
             Error::NotFound("the participation of the request does not exist".into())
         }
         "sessions_ends_after_start" => Error::invalid("ended_at", "must not be before started_at"),
+        // A JoinSession committed between EndSession's read and its update.
+        "sessions_ends_after_last_connection" => Error::FailedPrecondition(
+            "a participant of the session connected after the end asked".into(),
+        ),
         "sentiments_ends_after_start" => Error::invalid("ended_at", "must be after started_at"),
         "sentiments_score_range" => {
             Error::invalid("score", "must be a finite number from -1.0 to 1.0")

@@ -48,19 +48,38 @@ impl From<ParticipationRow> for Participation {
 
 impl Storage {
     /// Inserts a participation if its session takes a connection at its time (started,
-    /// and not ended before it): one statement, the session read in it. `None` when
-    /// nothing was inserted: the session is missing or refuses the time, or this user has
-    /// a participation with this id already; the caller finds out which.
+    /// and not ended before it). `None` when nothing was inserted: the session is missing
+    /// or refuses the time, or this user has a participation with this id already; the
+    /// caller finds out which.
+    ///
+    /// One transaction: the session's row first, its latest connection raised to this
+    /// one (the schema then refuses an end before it), which also holds the row until the
+    /// participation is committed: an EndSession waits for this join, then sees its
+    /// connection; or it ended the session first, and this join sees that. On Citus the
+    /// session and the participation live on different shards, and this transaction is
+    /// the participations -> sessions rule (docs/GUARANTEES.md, "On Citus").
     #[tracing::instrument(skip_all)]
     pub async fn insert_participation(
         &self,
         id: Uuid,
         participation: &NewParticipation,
     ) -> Result<Option<Participation>, Error> {
+        let mut tx = self.begin().await?;
+        let takes: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE sessions SET last_connected_at = greatest(last_connected_at, $2) \
+             WHERE id = $1 AND started_at <= $2 AND (ended_at IS NULL OR $2 <= ended_at) \
+             RETURNING id",
+        )
+        .bind(participation.session_id)
+        .bind(participation.connected_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if takes.is_none() {
+            return Ok(None);
+        }
         let row: Option<ParticipationRow> = sqlx::query_as(&format!(
             "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
-             SELECT $1::uuid, $2::uuid, s.id, $4::text, $5::timestamptz FROM sessions s \
-             WHERE s.id = $3 AND s.started_at <= $5 AND (s.ended_at IS NULL OR $5 <= s.ended_at) \
+             VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (user_id, id) DO NOTHING \
              RETURNING {PARTICIPATION_COLUMNS}"
         ))
@@ -69,13 +88,15 @@ impl Storage {
         .bind(participation.session_id)
         .bind(participation.timezone_code.as_str())
         .bind(participation.connected_at)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        let participation = row.map(Participation::from);
-        if let Some(joined) = &participation {
-            self.routes.learn(joined.id, joined.user_id);
-        }
-        Ok(participation)
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        tx.commit().await?;
+        let joined = Participation::from(row);
+        self.routes.learn(joined.id, joined.user_id);
+        Ok(Some(joined))
     }
 
     #[tracing::instrument(skip_all, fields(participation_id = %id))]

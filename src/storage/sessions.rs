@@ -13,7 +13,10 @@ struct SessionRow {
     session_type: String,
     started_at: DateTime<Utc>,
     ended_at: Option<DateTime<Utc>>,
+    last_connected_at: Option<DateTime<Utc>>,
 }
+
+const SESSION_COLUMNS: &str = "id, session_type, started_at, ended_at, last_connected_at";
 
 impl TryFrom<SessionRow> for Session {
     type Error = Error;
@@ -30,6 +33,7 @@ impl TryFrom<SessionRow> for Session {
             session_type,
             started_at: row.started_at,
             ended_at: row.ended_at,
+            last_connected_at: row.last_connected_at,
         })
     }
 }
@@ -74,10 +78,10 @@ impl Storage {
     /// Inserts a session; `None` when a session with this id exists already.
     #[tracing::instrument(skip_all)]
     pub async fn insert_session(&self, session: &Session) -> Result<Option<Session>, Error> {
-        let row: Option<SessionRow> = sqlx::query_as(
+        let row: Option<SessionRow> = sqlx::query_as(&format!(
             "INSERT INTO sessions (id, session_type, started_at, ended_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO NOTHING RETURNING id, session_type, started_at, ended_at",
-        )
+             ON CONFLICT (id) DO NOTHING RETURNING {SESSION_COLUMNS}"
+        ))
         .bind(session.id)
         .bind(session.session_type.as_str())
         .bind(session.started_at)
@@ -89,26 +93,28 @@ impl Storage {
 
     #[tracing::instrument(skip_all, fields(session_id = %id))]
     pub async fn get_session(&self, id: Uuid) -> Result<Option<Session>, Error> {
-        let row: Option<SessionRow> = sqlx::query_as(
-            "SELECT id, session_type, started_at, ended_at FROM sessions WHERE id = $1",
-        )
+        let row: Option<SessionRow> = sqlx::query_as(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
         row.map(Session::try_from).transpose()
     }
 
-    /// Sets the end of a session that has not ended; `None` when it has (or is gone).
+    /// Sets the end of a session that has not ended; `None` when it has (or is gone). The
+    /// schema refuses an end before the session's last connection
+    /// (`sessions_ends_after_last_connection`): a JoinSession that committed first.
     #[tracing::instrument(skip_all, fields(session_id = %id))]
     pub async fn end_session(
         &self,
         id: Uuid,
         ended_at: DateTime<Utc>,
     ) -> Result<Option<Session>, Error> {
-        let row: Option<SessionRow> = sqlx::query_as(
+        let row: Option<SessionRow> = sqlx::query_as(&format!(
             "UPDATE sessions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL \
-             RETURNING id, session_type, started_at, ended_at",
-        )
+             RETURNING {SESSION_COLUMNS}"
+        ))
         .bind(id)
         .bind(ended_at)
         .fetch_optional(&self.pool)

@@ -1,5 +1,6 @@
 //! Migrations keep the data of a database that has been in use: 0003 (scale-out) moves
-//! external ids into user_external_ids and sentiments/events into partitioned tables.
+//! external ids into user_external_ids and sentiments/events into partitioned tables; 0009
+//! gives each session the latest connection of its participations.
 
 use sqlx::PgPool;
 
@@ -105,4 +106,79 @@ async fn the_scale_out_migration_keeps_existing_users_sentiments_and_events() {
     assert_eq!(count(&db, "SELECT count(*) FROM users").await, 1);
     assert_eq!(count(&db, "SELECT count(*) FROM sentiments").await, 0);
     assert_eq!(count(&db, "SELECT count(*) FROM events").await, 0);
+}
+
+#[tokio::test]
+async fn sessions_learn_their_latest_connection_from_the_participations_stored() {
+    let db = empty_database().await;
+    for sql in [
+        include_str!("../../migrations/0001_schema.sql"),
+        include_str!("../../migrations/0002_api_keys.sql"),
+        include_str!("../../migrations/0003_scale_out.sql"),
+        include_str!("../../migrations/0004_rows_hang_from_participations.sql"),
+        include_str!("../../migrations/0005_stream_digest.sql"),
+        include_str!("../../migrations/0006_live_feeds.sql"),
+        include_str!("../../migrations/0007_text_without_control_characters.sql"),
+        include_str!("../../migrations/0008_request_ids.sql"),
+    ] {
+        run(&db, sql).await;
+    }
+    run(
+        &db,
+        "INSERT INTO timezones VALUES ('UTC', 0);
+         INSERT INTO user_external_ids VALUES
+             ('alice', '00000000-0000-7000-8000-000000000001'),
+             ('bob', '00000000-0000-7000-8000-000000000002');
+         INSERT INTO users (id, external_id) VALUES
+             ('00000000-0000-7000-8000-000000000001', 'alice'),
+             ('00000000-0000-7000-8000-000000000002', 'bob');
+         INSERT INTO sessions (id, session_type, started_at) VALUES
+             ('00000000-0000-7000-8000-0000000000aa', 'call', '2026-01-01T10:00:00Z'),
+             ('00000000-0000-7000-8000-0000000000bb', 'call', '2026-01-01T10:00:00Z');
+         INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at)
+             VALUES ('00000000-0000-7000-8000-0000000000b1',
+                     '00000000-0000-7000-8000-000000000001',
+                     '00000000-0000-7000-8000-0000000000aa', 'UTC', '2026-01-01T10:05:00Z'),
+                    ('00000000-0000-7000-8000-0000000000b2',
+                     '00000000-0000-7000-8000-000000000002',
+                     '00000000-0000-7000-8000-0000000000aa', 'UTC', '2026-01-01T10:20:00Z');",
+    )
+    .await;
+
+    run(
+        &db,
+        include_str!("../../migrations/0009_sessions_span_their_connections.sql"),
+    )
+    .await;
+
+    let latest: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT id::text, to_char(last_connected_at AT TIME ZONE 'UTC', 'HH24:MI') \
+         FROM sessions ORDER BY id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        latest,
+        [
+            (
+                "00000000-0000-7000-8000-0000000000aa".into(),
+                Some("10:20".into())
+            ),
+            ("00000000-0000-7000-8000-0000000000bb".into(), None),
+        ]
+    );
+    let early_end = sqlx::raw_sql(
+        "UPDATE sessions SET ended_at = '2026-01-01T10:10:00Z' \
+         WHERE id = '00000000-0000-7000-8000-0000000000aa'",
+    )
+    .execute(&db)
+    .await
+    .unwrap_err();
+    assert!(
+        early_end
+            .to_string()
+            .contains("sessions_ends_after_last_connection"),
+        "{early_end}"
+    );
 }

@@ -1,7 +1,11 @@
+use std::collections::HashMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
 use krisp_ingest::proto;
 use tonic::Code;
+use uuid::Uuid;
 
-use crate::helpers::{at, count, spawn_app, t0, violated_fields, violations};
+use crate::helpers::{TestApp, at, count, spawn_app, t0, violated_fields, violations};
 
 #[tokio::test]
 async fn users_are_created_read_and_deleted() {
@@ -313,4 +317,84 @@ async fn sessions_refuse_bad_input() {
         .await,
         0
     );
+}
+
+#[tokio::test]
+async fn a_session_never_ends_before_a_participant_connected() {
+    let app = spawn_app().await;
+    app.upsert_timezone("UTC", 0).await;
+    sessions_end_after_their_connections(&app).await;
+}
+
+/// A session's end is held to the connections it took, one after the other and when
+/// EndSession and JoinSession run at once: one of the two is refused, never both taken.
+pub async fn sessions_end_after_their_connections(app: &TestApp) {
+    let mut client = app.client.clone();
+    let user = app.create_user(&format!("late-{}", Uuid::new_v4())).await;
+    let session = app.create_session(t0()).await;
+    app.join(&user, &session, at_time(100)).await.unwrap();
+    let end = |seconds| proto::EndSessionRequest {
+        session_id: session.id.clone(),
+        ended_at: at(t0(), seconds),
+    };
+    let status = client.end_session(end(50)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("connected at"), "{status:?}");
+    client.end_session(end(100)).await.unwrap();
+
+    let (mut joined, mut ended) = (0, 0);
+    let mut raced = vec![Uuid::parse_str(&session.id).unwrap()];
+    for _ in 0..30 {
+        let user = app.create_user(&format!("racer-{}", Uuid::new_v4())).await;
+        let session = app.create_session(t0()).await;
+        raced.push(Uuid::parse_str(&session.id).unwrap());
+        let mut client = app.client.clone();
+        let (join, end) = tokio::join!(
+            app.join(&user, &session, at_time(20)),
+            client.end_session(proto::EndSessionRequest {
+                session_id: session.id.clone(),
+                ended_at: at(t0(), 10),
+            }),
+        );
+        match (join, end) {
+            (Ok(_), Err(status)) => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                joined += 1;
+            }
+            (Err(status), Ok(_)) => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                ended += 1;
+            }
+            outcome => panic!("join and end of one session: {outcome:?}"),
+        }
+    }
+    eprintln!("join first: {joined}, end first: {ended}");
+    // Read apart: on Citus sessions and participations are not co-located.
+    let ends: HashMap<Uuid, Option<DateTime<Utc>>> =
+        sqlx::query_as("SELECT id, ended_at FROM sessions WHERE id = ANY($1)")
+            .bind(&raced)
+            .fetch_all(&app.db)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let connections: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT session_id, connected_at FROM participations WHERE session_id = ANY($1)",
+    )
+    .bind(&raced)
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(connections.len(), 1 + joined);
+    for (session, connected_at) in connections {
+        let end = ends[&session];
+        assert!(
+            end.is_none_or(|end| connected_at <= end),
+            "session {session} ended at {end:?}, before a connection at {connected_at}"
+        );
+    }
+}
+
+fn at_time(seconds: i64) -> DateTime<Utc> {
+    t0() + TimeDelta::seconds(seconds)
 }

@@ -16,6 +16,7 @@ use crate::{
     },
     live::{FeedCall, append, close, feed_rows},
     require_citus,
+    users_timezones_sessions::sessions_end_after_their_connections,
 };
 
 /// Rows of `table` whose `column` is `id`, on the coordinator.
@@ -663,4 +664,12 @@ async fn leave_and_delete_user_keep_their_rules_on_citus() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_session_never_ends_before_a_participant_connected_on_citus() {
+    let cluster = require_citus!();
+    let (_shared, _db, app) = shared_app(cluster).await;
+    app.upsert_timezone("UTC", 0).await;
+    sessions_end_after_their_connections(&app).await;
 }
