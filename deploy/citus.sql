@@ -26,7 +26,7 @@ SELECT create_reference_table('user_external_ids');
 -- distributed tables that are not co-located, so participations -> sessions goes;
 -- JoinSession keeps the rule in its transaction, with the session's row locked, and the
 -- session's own CHECKs keep its end after every connection (docs/GUARANTEES.md, "On
--- Citus").
+-- Citus"; docs/decisions/0003-sessions-distributed-by-id.md).
 ALTER TABLE participations DROP CONSTRAINT participations_session_fkey;
 SELECT create_distributed_table('sessions', 'id', colocate_with => 'none');
 
