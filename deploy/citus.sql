@@ -24,7 +24,7 @@ SELECT create_reference_table('user_external_ids');
 -- one per call: distributed by their own id, each on one shard, so that CreateSession and
 -- EndSession write one shard instead of every node. Citus keeps no foreign key between
 -- distributed tables that are not co-located, so participations -> sessions goes;
--- JoinSession keeps the rule in its transaction, with the session's row locked, and the
+-- JoinSession keeps the rule in its statement, with the session's row locked, and the
 -- session's own CHECKs keep its end after every connection (docs/GUARANTEES.md, "On
 -- Citus"; docs/decisions/0003-sessions-distributed-by-id.md).
 ALTER TABLE participations DROP CONSTRAINT participations_session_fkey;

@@ -4,8 +4,8 @@
 -- at the participations: it could end a session before a participant connected, and an
 -- EndSession running beside a JoinSession could both succeed in either order. Each
 -- session now keeps the latest connection of its participations: JoinSession raises it
--- in the transaction that inserts the participation (and so holds the session's row
--- until it commits), and the CHECK below refuses an end before it. Both rules live in
+-- in the statement that inserts the participation (and holds the session's row until it
+-- commits), and the CHECK below refuses an end before it. Both rules live in
 -- this one row, so they hold on Citus too, where sessions are distributed by their own
 -- id and the participations -> sessions foreign key cannot be kept (docs/GUARANTEES.md,
 -- "On Citus").

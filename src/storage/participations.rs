@@ -52,34 +52,36 @@ impl Storage {
     /// or refuses the time, or this user has a participation with this id already; the
     /// caller finds out which.
     ///
-    /// One transaction: the session's row first, its latest connection raised to this
-    /// one (the schema then refuses an end before it), which also holds the row until the
-    /// participation is committed: an EndSession waits for this join, then sees its
-    /// connection; or it ended the session first, and this join sees that. On Citus the
-    /// session and the participation live on different shards, and this transaction is
-    /// the participations -> sessions rule (docs/GUARANTEES.md, "On Citus").
+    /// One statement, which holds the session's row until the participation is committed,
+    /// so that an EndSession waits for this join and then sees its connection (or ended
+    /// the session first, and this join sees that): `raised` moves the session's latest
+    /// connection up to this one (the schema refuses an end before it), taking the row
+    /// for itself; when it is there already (joins at one time, or out of order), `held`
+    /// only shares the row, so that such joins do not queue behind each other
+    /// (docs/decisions/0003-sessions-distributed-by-id.md). A row `raised` updated is not
+    /// locked again by `held` (PostgreSQL skips a row the statement itself modified; on
+    /// Citus each runs as a statement of its own, and UNION keeps the one id). On Citus
+    /// the session and the participation live on different shards, and this statement
+    /// is the participations -> sessions rule (docs/GUARANTEES.md, "On Citus").
     #[tracing::instrument(skip_all)]
     pub async fn insert_participation(
         &self,
         id: Uuid,
         participation: &NewParticipation,
     ) -> Result<Option<Participation>, Error> {
-        let mut tx = self.begin().await?;
-        let takes: Option<Uuid> = sqlx::query_scalar(
-            "UPDATE sessions SET last_connected_at = greatest(last_connected_at, $2) \
-             WHERE id = $1 AND started_at <= $2 AND (ended_at IS NULL OR $2 <= ended_at) \
-             RETURNING id",
-        )
-        .bind(participation.session_id)
-        .bind(participation.connected_at)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if takes.is_none() {
-            return Ok(None);
-        }
         let row: Option<ParticipationRow> = sqlx::query_as(&format!(
-            "INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "WITH raised AS ( \
+               UPDATE sessions SET last_connected_at = $5 \
+               WHERE id = $3 AND started_at <= $5 AND (ended_at IS NULL OR $5 <= ended_at) \
+                 AND (last_connected_at IS NULL OR last_connected_at < $5) \
+               RETURNING id), \
+             held AS ( \
+               SELECT id FROM sessions \
+               WHERE id = $3 AND started_at <= $5 AND (ended_at IS NULL OR $5 <= ended_at) \
+               FOR SHARE) \
+             INSERT INTO participations (id, user_id, session_id, timezone_code, connected_at) \
+             SELECT $1::uuid, $2::uuid, s.id, $4::text, $5::timestamptz \
+             FROM (SELECT id FROM raised UNION SELECT id FROM held) s \
              ON CONFLICT (user_id, id) DO NOTHING \
              RETURNING {PARTICIPATION_COLUMNS}"
         ))
@@ -88,15 +90,13 @@ impl Storage {
         .bind(participation.session_id)
         .bind(participation.timezone_code.as_str())
         .bind(participation.connected_at)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        tx.commit().await?;
-        let joined = Participation::from(row);
-        self.routes.learn(joined.id, joined.user_id);
-        Ok(Some(joined))
+        let participation = row.map(Participation::from);
+        if let Some(joined) = &participation {
+            self.routes.learn(joined.id, joined.user_id);
+        }
+        Ok(participation)
     }
 
     #[tracing::instrument(skip_all, fields(participation_id = %id))]

@@ -148,7 +148,7 @@ async fn the_statements_of_each_rpc_on_the_workers_by_shard_count() {
         ("GetUser", 1),
         ("GetParticipation", 1),
         ("GetTimeline", 2),
-        ("JoinSession", 2),
+        ("JoinSession", 3),
         ("CreateSession", 1),
         ("EndSession", 2),
         ("CreateUser", 3),
