@@ -44,13 +44,41 @@ pub enum Error {
     /// `UNAVAILABLE`: the server is shutting down; nothing of the call was stored.
     #[error("the server is shutting down; nothing of this call was stored, retry")]
     ShuttingDown,
-    /// `UNAVAILABLE`: the database cannot be reached; retry later.
+    /// `UNAVAILABLE`: the database could not be reached before anything of the call was
+    /// committed (a connection that would not open, or one lost inside a transaction
+    /// before its COMMIT): nothing of the call was stored; retry later.
     #[error("the database is unavailable; nothing was stored, retry later")]
     Unavailable(#[source] sqlx::Error),
+    /// `UNAVAILABLE` with an `ErrorInfo` detail (reason [`OUTCOME_UNKNOWN`]): the
+    /// connection was lost while the database committed (or may have), and the server
+    /// could not find out in time whether it did. `retry` says how a retry is safe.
+    #[error(
+        "the connection to the database was lost while it committed, and it did not answer \
+         again in time: whether this call was stored is not known; {retry}"
+    )]
+    OutcomeUnknown {
+        retry: &'static str,
+        #[source]
+        cause: sqlx::Error,
+    },
     /// `INTERNAL`: a bug or an unexpected database error. Details are logged, not sent.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
+
+/// The `ErrorInfo` reason of [`Error::OutcomeUnknown`], for clients to match on.
+pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
+/// How a call whose outcome is unknown is retried safely, when it carried its id.
+pub const RETRY_SAME_ID: &str =
+    "a retry with the same request_id is safe: it returns what was stored, or stores it once";
+/// The same, for a call that carried no `request_id`.
+pub const RETRY_WITHOUT_ID: &str = "the call had no request_id, so a retry may store it a second time: check before retrying, and send a request_id to make retries safe";
+
+/// The same, for a call that changes what exists (an end, a leave, a delete).
+pub const RETRY_AFTER_READ: &str = "read it back (GetSession, GetParticipation or GetUser) to see whether the change was made before sending it again";
+
+/// The `ErrorInfo` domain of the reasons this service gives.
+pub const ERROR_DOMAIN: &str = "ingest.krisp.v1";
 
 /// At most this many field violations go into a status.
 const MAX_REPORTED_VIOLATIONS: usize = 20;
@@ -101,7 +129,7 @@ impl Error {
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::ShuttingDown => Code::Unavailable,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unavailable(_) | Self::OutcomeUnknown { .. } => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -111,7 +139,9 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = error.code();
         match &error {
-            Error::Unavailable(cause) | Error::Aborted(cause) => {
+            Error::Unavailable(cause)
+            | Error::Aborted(cause)
+            | Error::OutcomeUnknown { cause, .. } => {
                 tracing::warn!(error = %cause, "request failed: {error}");
             }
             Error::Internal(cause) => {
@@ -148,8 +178,41 @@ impl From<Error> for Status {
                 message,
                 ErrorDetails::with_retry_info(Some(delay)),
             ),
+            Error::OutcomeUnknown { retry, .. } => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_error_info(
+                    OUTCOME_UNKNOWN,
+                    ERROR_DOMAIN,
+                    [("retry".to_owned(), retry.to_owned())],
+                ),
+            ),
             _ => Status::new(code, message),
         }
+    }
+}
+
+impl Error {
+    /// This error, met while the database committed the call's writes (or may have: a
+    /// statement outside a transaction commits as it ends): losing the database then
+    /// leaves the outcome unknown, where before the commit it means nothing was stored.
+    pub fn at_commit(self) -> Self {
+        match self {
+            // Never sent: the pool had no connection to give.
+            Self::Unavailable(cause @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
+                Self::Unavailable(cause)
+            }
+            Self::Unavailable(cause) => Self::OutcomeUnknown {
+                retry: RETRY_SAME_ID,
+                cause,
+            },
+            other => other,
+        }
+    }
+
+    /// Whether the call may have been stored although it failed ([`Error::OutcomeUnknown`]).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Self::OutcomeUnknown { .. })
     }
 }
 
@@ -182,6 +245,24 @@ mod tests {
         );
         let http = status.into_http::<()>();
         assert!(http.headers().contains_key("grpc-status-details-bin"));
+    }
+
+    #[test]
+    fn an_unknown_outcome_says_so_in_an_error_info() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let error = Error::Unavailable(sqlx::Error::Io(io)).at_commit();
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("not known"),
+            "{}",
+            status.message()
+        );
+        let info = status.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.reason, OUTCOME_UNKNOWN);
+        assert_eq!(info.metadata["retry"], RETRY_SAME_ID);
+        let never_sent = Error::Unavailable(sqlx::Error::PoolTimedOut).at_commit();
+        assert!(!never_sent.outcome_unknown());
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //!   committed together by one group commit of the feed writers;
 //! - `krisp_unary_batch_calls{kind}`: unary record calls written together by one group
 //!   commit of the unary writers (`storage::batch`);
+//! - `krisp_commits_in_doubt_total`: calls whose connection was lost while the database
+//!   committed, found out by trying again (`service::settle`);
+//!   `krisp_commits_unresolved_total`: of them, those the database did not answer in time
+//!   for (answered with an unknown outcome);
 //! - `krisp_db_pool_connections{state}`: pooled connections in use and idle;
 //! - `krisp_load_shed_total`: calls refused by the concurrency limit;
 //! - `krisp_partition_maintenance_total{outcome}`: partition maintenance rounds, `ok` or
@@ -43,6 +47,8 @@ pub const SPOOL_BYTES: &str = "krisp_spool_bytes";
 pub const FEED_BATCH_APPENDS: &str = "krisp_feed_batch_appends";
 pub const LIVE_FEEDS: &str = "krisp_live_feeds";
 pub const UNARY_BATCH_CALLS: &str = "krisp_unary_batch_calls";
+pub const COMMITS_IN_DOUBT: &str = "krisp_commits_in_doubt_total";
+pub const COMMITS_UNRESOLVED: &str = "krisp_commits_unresolved_total";
 
 /// Holds a gauge one higher while it lives, however what it counts ends.
 pub struct Gauged(&'static str);

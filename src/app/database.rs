@@ -35,7 +35,18 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
                 .max(1),
         )
         .acquire_timeout(Duration::from_secs(5))
+        // A round trip for every connection taken costs the busy path; a connection idle
+        // for a while is tested instead (a database restarted meanwhile has closed it,
+        // and the call that drew it would fail although the database is back).
         .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for <= storage::IDLE_CHECK {
+                    return Ok(true);
+                }
+                Ok(sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
 }
 
 /// The database the service runs against, and the local cluster behind it, if any.
@@ -44,9 +55,8 @@ pub struct Database {
     pub local: Option<LocalPostgres>,
     /// How long rows are kept (--retention), if not for ever.
     pub retention: Option<Duration>,
-    /// The partition maintenance this process runs (as the schema owner), and whether
-    /// its first round failed.
-    maintenance: Option<(crate::partitions::Maintenance, bool)>,
+    /// The partition maintenance this process runs (as the schema owner).
+    maintenance: Option<crate::partitions::Maintenance>,
 }
 
 impl Database {
@@ -96,13 +106,14 @@ impl Database {
         let maintenance = if args.skip_migrations {
             None
         } else {
-            // A failure is logged and counted; it never stops the service.
+            // Registration and settings now; the rounds that move rows and make
+            // partitions run in the background once serving (`maintain_partitions`). A
+            // failure is logged and counted, it never stops the service.
             let maintenance = crate::partitions::Maintenance::new(pool.clone(), settings.clone());
-            let first = maintenance.run_once().await;
-            if let Some(partitioning) = &first {
+            if let Some(partitioning) = maintenance.settle_once().await {
                 partitioning.log(settings.maintenance_every);
             }
-            Some((maintenance, first.is_none()))
+            Some(maintenance)
         };
         Ok(Self {
             pool,
@@ -122,11 +133,18 @@ impl Database {
         }
     }
 
+    /// One maintenance round now, waited for (the `migrate` command: nothing serves).
+    pub async fn maintain_now(&self) {
+        if let Some(maintenance) = &self.maintenance {
+            maintenance.run_once().await;
+        }
+    }
+
     /// Keeps maintaining the time partitions in the background while the process runs
     /// (when this process owns the schema; see `--partition-maintenance-seconds`).
     pub fn maintain_partitions(&self) {
-        if let Some((maintenance, first_failed)) = &self.maintenance {
-            maintenance.clone().spawn(*first_failed);
+        if let Some(maintenance) = &self.maintenance {
+            maintenance.clone().spawn();
         }
     }
 }

@@ -9,7 +9,8 @@ use anyhow::Context;
 use sqlx::PgPool;
 
 use super::{
-    PARTITIONED, Partitioning, REGISTRATION_LOCK, Settings, quote_ident, settle_and_maintain,
+    PARTITIONED, Partitioning, REGISTRATION_LOCK, Settings, quote_ident, settle,
+    settle_and_maintain,
 };
 
 /// `krisp_partition_maintenance_total{outcome="ok"|"failed"}`: maintenance rounds.
@@ -54,13 +55,15 @@ pub async fn maintain(pool: &PgPool, schema: &str) -> anyhow::Result<Vec<(&'stat
             .with_context(|| {
                 format!("moving the rows of {table}_default into partitions of their own failed")
             })?;
-            rows += u64::try_from(batch).context("pg_partman moved a negative row count")?;
+            let batch = u64::try_from(batch).context("pg_partman moved a negative row count")?;
             if batch == 0 {
                 break;
             }
+            // Counted as they go: the progress of a long move shows in the metrics.
+            metrics::counter!(ROWS_MOVED, "table" => *table).increment(batch);
+            rows += batch;
         }
         if rows > 0 {
-            metrics::counter!(ROWS_MOVED, "table" => *table).increment(rows);
             tracing::info!(table, rows, "moved rows out of the default partition");
         }
         locked_step::<()>(
@@ -111,10 +114,21 @@ impl Maintenance {
         Self { pool, settings }
     }
 
+    /// Registration and settings only ([`settle`]): what a start does before it serves
+    /// (one short transaction once the tables are registered). Its outcome is logged and
+    /// counted like a round's; `None` when it failed.
+    pub async fn settle_once(&self) -> Option<Partitioning> {
+        self.counted(settle(&self.pool, &self.settings).await)
+    }
+
     /// One round: registration and settings ([`settle`]), then [`maintain`]. Its outcome
     /// is logged and counted; `None` when it failed.
     pub async fn run_once(&self) -> Option<Partitioning> {
-        match settle_and_maintain(&self.pool, &self.settings).await {
+        self.counted(settle_and_maintain(&self.pool, &self.settings).await)
+    }
+
+    fn counted(&self, outcome: anyhow::Result<Partitioning>) -> Option<Partitioning> {
+        match outcome {
             Ok(partitioning) => {
                 metrics::counter!(MAINTENANCE_RUNS, "outcome" => "ok").increment(1);
                 if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
@@ -146,18 +160,21 @@ impl Maintenance {
             .map_or(RETRY_AFTER, |every| every.min(RETRY_AFTER))
     }
 
-    /// Repeats [`Self::run_once`] every `--partition-maintenance-seconds` (sooner after a
-    /// failure) until the process ends. Nothing to repeat when that is 0 or pg_partman
-    /// is switched off.
-    pub fn spawn(self, first_failed: bool) {
-        let Some(every) = self.settings.maintenance_every else {
-            return;
-        };
-        if self.settings.partman == super::PartmanMode::Off {
-            return;
-        }
+    /// Runs [`Self::run_once`] in the background now, then every
+    /// `--partition-maintenance-seconds` (sooner after a failure) until the process ends;
+    /// only the first round when that is 0 or pg_partman is switched off. The service
+    /// serves meanwhile: a first round that moves many rows out of a default partition
+    /// (in short transactions of [`MOVE_BATCH`] intervals each) takes as long as it takes.
+    pub fn spawn(self) {
         tokio::spawn(async move {
-            let mut failed = first_failed;
+            let first = self.run_once().await;
+            let Some(every) = self.settings.maintenance_every else {
+                return;
+            };
+            if self.settings.partman == super::PartmanMode::Off {
+                return;
+            }
+            let mut failed = first.is_none();
             loop {
                 let wait = if failed { self.retry_after() } else { every };
                 tokio::time::sleep(wait).await;

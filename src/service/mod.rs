@@ -11,15 +11,17 @@ use uuid::Uuid;
 
 mod items;
 mod live;
+mod settle;
 mod streams;
 
 use items::{check_clock, check_span};
+use settle::settled;
 
 use crate::domain::{
     ItemClock, Leave, LeaveRefusal, NewParticipation, NewUser, Participation, Session,
     SessionEndRefusal, SessionType, TimelineEntry, Timezone, Usage, User,
 };
-use crate::error::Error;
+use crate::error::{Error, RETRY_AFTER_READ, RETRY_SAME_ID, RETRY_WITHOUT_ID};
 use crate::storage::{Batched, Leaving, Spooler, Storage};
 
 /// Bounds on one client stream (its bytes are bounded by the spool, [`SpoolSettings`]).
@@ -70,7 +72,11 @@ impl IngestService {
         request_id: Option<Uuid>,
     ) -> Result<User, Error> {
         let id = request_id.unwrap_or_else(Uuid::now_v7);
-        if let Some(created) = self.storage.insert_user(id, &user).await? {
+        settled(retry_hint(request_id), |_| self.create_user_as(id, &user)).await
+    }
+
+    async fn create_user_as(&self, id: Uuid, user: &NewUser) -> Result<User, Error> {
+        if let Some(created) = self.storage.insert_user(id, user).await? {
             return Ok(created);
         }
         let stored = self.get_user(id).await?;
@@ -90,14 +96,30 @@ impl IngestService {
 
     /// Deletes the user and all that hangs under them; returns the participations deleted.
     pub async fn delete_user(&self, id: Uuid) -> Result<u64, Error> {
-        self.storage
-            .delete_user(id)
-            .await?
-            .ok_or_else(|| Error::not_found("user", id))
+        // What the first attempt counted: if its commit's answer is lost and the user is
+        // gone afterwards, that attempt deleted them.
+        let first_counted = std::sync::Mutex::new(None);
+        let first_counted = &first_counted;
+        settled(RETRY_AFTER_READ, |again| async move {
+            let mut counted = None;
+            let deleted = self.storage.delete_user(id, &mut counted).await;
+            let mut first = first_counted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !again {
+                *first = counted;
+            }
+            match (deleted?, *first) {
+                (Some(participations), _) => Ok(participations),
+                (None, Some(participations)) if again => Ok(participations),
+                (None, _) => Err(Error::not_found("user", id)),
+            }
+        })
+        .await
     }
 
     pub async fn upsert_timezone(&self, timezone: Timezone) -> Result<(Timezone, bool), Error> {
-        self.storage.upsert_timezone(&timezone).await
+        settled(RETRY_SAME_ID, |_| self.storage.upsert_timezone(&timezone)).await
     }
 
     pub async fn list_timezones(&self) -> Result<Vec<Timezone>, Error> {
@@ -117,13 +139,16 @@ impl IngestService {
             ended_at: None,
             last_connected_at: None,
         };
-        if let Some(created) = self.storage.insert_session(&session).await? {
-            return Ok(created);
-        }
-        let stored = self.get_session(session.id).await?;
-        let same = stored.session_type == session_type && stored.started_at == started_at;
-        same.then_some(stored)
-            .ok_or_else(|| reused(session.id, "session"))
+        settled(retry_hint(request_id), |_| async {
+            if let Some(created) = self.storage.insert_session(&session).await? {
+                return Ok(created);
+            }
+            let stored = self.get_session(session.id).await?;
+            let same = stored.session_type == session_type && stored.started_at == started_at;
+            same.then_some(stored)
+                .ok_or_else(|| reused(session.id, "session"))
+        })
+        .await
     }
 
     pub async fn get_session(&self, id: Uuid) -> Result<Session, Error> {
@@ -134,7 +159,23 @@ impl IngestService {
     }
 
     pub async fn end_session(&self, id: Uuid, ended_at: DateTime<Utc>) -> Result<Session, Error> {
+        settled(RETRY_AFTER_READ, |again| {
+            self.end_session_at(id, ended_at, again)
+        })
+        .await
+    }
+
+    /// Ends the session; `again`: an earlier attempt may have ended it at this time.
+    async fn end_session_at(
+        &self,
+        id: Uuid,
+        ended_at: DateTime<Utc>,
+        again: bool,
+    ) -> Result<Session, Error> {
         let session = self.get_session(id).await?;
+        if again && session.ended_at == Some(ended_at) {
+            return Ok(session);
+        }
         match session.refuses_end_at(ended_at) {
             None => {}
             Some(SessionEndRefusal::BeforeStart(why)) => {
@@ -157,9 +198,17 @@ impl IngestService {
         request_id: Option<Uuid>,
     ) -> Result<Participation, Error> {
         let id = request_id.unwrap_or_else(Uuid::now_v7);
+        settled(retry_hint(request_id), |_| self.join_session_as(id, &join)).await
+    }
+
+    async fn join_session_as(
+        &self,
+        id: Uuid,
+        join: &NewParticipation,
+    ) -> Result<Participation, Error> {
         // The happy path is one statement (it reads the session too); only a refusal costs
         // a second look.
-        if let Some(created) = self.storage.insert_participation(id, &join).await? {
+        if let Some(created) = self.storage.insert_participation(id, join).await? {
             return Ok(created);
         }
         let session = self.get_session(join.session_id).await?;
@@ -189,17 +238,31 @@ impl IngestService {
     }
 
     pub async fn leave_session(&self, leave: Leave) -> Result<Participation, Error> {
+        settled(RETRY_AFTER_READ, |again| {
+            self.leave_session_as(&leave, again)
+        })
+        .await
+    }
+
+    /// Closes the participation; `again`: an earlier attempt may have closed it so.
+    async fn leave_session_as(&self, leave: &Leave, again: bool) -> Result<Participation, Error> {
         let participation = self.get_participation(leave.participation_id).await?;
-        match participation.refuses_leave(&leave) {
-            None => {}
-            Some(LeaveRefusal::AlreadyLeft(why)) => return Err(Error::FailedPrecondition(why)),
-            Some(LeaveRefusal::Field(field, why)) => return Err(Error::invalid(field, why)),
-        }
         let usage = Usage {
             talked_time: leave.talked_time,
             microphone_used: leave.microphone_used,
             speaker_used: leave.speaker_used,
         };
+        if again
+            && participation.disconnected_at == Some(leave.disconnected_at)
+            && participation.usage.as_ref() == Some(&usage)
+        {
+            return Ok(participation);
+        }
+        match participation.refuses_leave(leave) {
+            None => {}
+            Some(LeaveRefusal::AlreadyLeft(why)) => return Err(Error::FailedPrecondition(why)),
+            Some(LeaveRefusal::Field(field, why)) => return Err(Error::invalid(field, why)),
+        }
         match self
             .storage
             .leave_participation(&participation, leave.disconnected_at, &usage)
@@ -241,12 +304,14 @@ impl IngestService {
         check_clock(&self.clock, Utc::now(), item).map_err(|e| e.under(field))?;
         let id = request_id.unwrap_or_else(Uuid::now_v7);
         // The happy path is one statement; only a refusal costs a second look.
+        let retry = retry_hint(request_id);
         for _ in 0..2 {
-            if self
-                .storage
-                .insert_feed_item(participation_id, id, request_id.is_some(), item)
-                .await?
-            {
+            let stored = settled(retry, |_| {
+                self.storage
+                    .insert_feed_item(participation_id, id, request_id.is_some(), item)
+            })
+            .await?;
+            if stored {
                 metrics::counter!(crate::metrics::ITEMS_INGESTED, "kind" => T::KIND).increment(1);
                 return Ok(id);
             }
@@ -271,6 +336,17 @@ impl IngestService {
                     }
                     None => {}
                 }
+            } else if let Some(stored) = self
+                .storage
+                .feed_item::<T>(&participation, id, item)
+                .await?
+            {
+                // The server's own id, stored: by an attempt whose answer was lost.
+                return if stored == *item {
+                    Ok(id)
+                } else {
+                    Err(reused(id, field))
+                };
             }
             // Neither missing nor out of span now: it changed between the two statements.
         }
@@ -285,6 +361,14 @@ impl IngestService {
     ) -> Result<mpsc::Receiver<Result<TimelineEntry, Error>>, Error> {
         let participation = self.get_participation(participation_id).await?;
         Ok(self.storage.timeline(&participation))
+    }
+}
+
+/// How a call whose outcome is unknown can be retried.
+fn retry_hint(request_id: Option<Uuid>) -> &'static str {
+    match request_id {
+        Some(_) => RETRY_SAME_ID,
+        None => RETRY_WITHOUT_ID,
     }
 }
 

@@ -15,9 +15,12 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{IngestService, StreamLimits, items::check_item};
+use super::{IngestService, StreamLimits, items::check_item, settle::Settling};
 use crate::domain::{Frame, Participation, Receipt, StreamHeader};
 use crate::error::{Error, FieldViolation};
+
+/// How a stream whose outcome is unknown is retried.
+const RETRY_STREAM: &str = "a retry with the same stream_id and items is safe: it returns the first receipt, or stores the stream once";
 use crate::metrics::{self as names, Gauged};
 use crate::storage::{
     self, FeedCopy, FeedTable, Spool, StreamClaim, StreamConnection, claim_stream, finish_stream,
@@ -73,7 +76,7 @@ impl IngestService {
                 feed.spool.spill_if_due(None).await?;
             }
             may_write_through = false;
-            match self.write(feed).await? {
+            match self.write_settled(feed).await? {
                 Written::Committed(receipt) => return Ok(receipt),
                 Written::Idle => {}
                 Written::Replay { receipt, digest } => {
@@ -81,6 +84,30 @@ impl IngestService {
                 }
             }
         }
+    }
+
+    /// [`Self::write`], and again when its commit's answer was lost
+    /// ([`super::settle`]): the second write finds the stream id committed (and answers
+    /// with its receipt, the items compared by their digest) or commits it now.
+    async fn write_settled<T: FeedTable, S>(
+        &self,
+        feed: &mut Feed<'_, T, S>,
+    ) -> Result<Written, Error>
+    where
+        S: Stream<Item = Result<Frame<T>, Error>>,
+    {
+        let cause = match self.write(feed).await {
+            Err(Error::OutcomeUnknown { cause, .. }) => cause,
+            written => return written,
+        };
+        let mut settling = Settling::start();
+        while settling.pause().await {
+            match self.write(feed).await {
+                Err(Error::Unavailable(_) | Error::OutcomeUnknown { .. }) => {}
+                written => return settling.found(written),
+            }
+        }
+        Err(settling.unknown(RETRY_STREAM, cause))
     }
 
     /// Takes a connection and writes the stream: what it has spooled, then, if its
@@ -180,7 +207,7 @@ impl IngestService {
                 finish_stream(&mut tx, &participation, stream_id, received, &digest).await?
             }
         };
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
         conn.ended_cleanly();
         metrics::histogram!(names::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());

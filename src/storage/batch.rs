@@ -147,7 +147,7 @@ async fn write_batches<T: FeedTable>(
                     conn.drop_broken();
                 }
             }
-            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error),
+            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error, false),
         }
         tracing::debug!(calls, took = ?started.elapsed(), "unary batch written");
         metrics::histogram!(crate::metrics::UNARY_BATCH_CALLS, "kind" => T::KIND)
@@ -244,7 +244,7 @@ async fn write<T: FeedTable>(
             continue;
         }
         match &unreachable {
-            Some(error) => unavailable(group.into_iter().map(|job| job.done), error),
+            Some(error) => unavailable(group.into_iter().map(|job| job.done), error, false),
             None => unreachable = write_group(conn, group, keyed, answers).await.err(),
         }
     }
@@ -266,8 +266,9 @@ async fn write_group<T: FeedTable>(
             answers.extend(replies.into_iter().zip(stored.into_iter().map(Ok)));
         }
         Err(error @ Error::Unavailable(_)) => {
-            // Item by item would only fail again, once per call.
-            unavailable(replies, &error);
+            // Item by item would only fail again, once per call. The statement commits as
+            // it ends: it may have been stored, and each call finds out.
+            unavailable(replies, &error, true);
             return Err(error);
         }
         Err(error) if rows.len() == 1 => {

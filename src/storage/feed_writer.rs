@@ -17,6 +17,9 @@ use super::{
 };
 use crate::error::Error;
 
+/// How a feed whose append's outcome is unknown goes on.
+const RETRY_FEED: &str = "open the feed again with the same feed_id: the answer to Open says the position stored, and the items after it are to be sent again";
+
 /// Appends in one transaction at most, and items.
 const MAX_APPENDS: usize = 1024;
 const MAX_ITEMS: usize = 20_000;
@@ -94,7 +97,7 @@ async fn write_batches(mut conn: WriterConnection, jobs: Arc<Mutex<mpsc::Receive
                     conn.drop_broken();
                 }
             }
-            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error),
+            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error, false),
         }
     }
     conn.close().await;
@@ -113,9 +116,22 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>) -> bool {
             }
         }
         Err(error @ Error::Unavailable(_)) => {
-            // The database is out of reach: one by one would only fail again, once per
-            // append. Every feed hears it now and resumes later.
-            unavailable(replies, &error);
+            // The database is out of reach before the commit: one by one would only fail
+            // again, once per append. Every feed hears it now and resumes later.
+            unavailable(replies, &error, false);
+            return false;
+        }
+        Err(Error::OutcomeUnknown { cause, .. }) => {
+            // Lost at the commit: whether the batch is stored, each feed learns when it
+            // resumes (Open answers with the position stored).
+            let message = cause.to_string();
+            for reply in replies {
+                let cause = sqlx::Error::Io(std::io::Error::other(message.clone()));
+                let _ = reply.send(Err(Error::OutcomeUnknown {
+                    retry: RETRY_FEED,
+                    cause,
+                }));
+            }
             return false;
         }
         Err(error) if appends.len() == 1 => {
@@ -151,7 +167,7 @@ fn outcome(append: &Append, appended: Appended) -> Result<(), Error> {
 async fn commit(conn: &mut PgConnection, appends: &[Append]) -> Result<Vec<Appended>, Error> {
     let mut tx = conn.begin().await?;
     let written = append_feeds(&mut tx, appends).await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
     metrics::histogram!(crate::metrics::FEED_BATCH_APPENDS).record(appends.len() as f64);
     Ok(written)
 }

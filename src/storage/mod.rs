@@ -39,6 +39,7 @@ pub use spool::{Spool, SpoolSettings, Spooler};
 pub(crate) use streams::{
     FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream, hold_participation,
 };
+pub use writer_connection::IDLE_CHECK;
 
 use crate::domain::{NewEvent, NewSentiment, Participation};
 use crate::error::Error;
@@ -417,6 +418,17 @@ impl Storage {
         Ok(participations::by_id(&self.pool, &self.routes, id)
             .await?
             .map(|found| found.user_id))
+    }
+
+    /// The item of `T` stored under `id` for `participation`'s user at `item`'s time (its
+    /// start), if any.
+    pub async fn feed_item<T: FeedTable>(
+        &self,
+        participation: &Participation,
+        id: Uuid,
+        item: &T,
+    ) -> Result<Option<T>, Error> {
+        T::stored(&self.pool, participation.user_id, id, item.span().0).await
     }
 
     /// The claim the user of `participation` holds on `id` (a `request_id`) for an item of

@@ -91,7 +91,8 @@ impl Storage {
         .bind(participation.timezone_code.as_str())
         .bind(participation.connected_at)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| Error::from(e).at_commit())?;
         let participation = row.map(Participation::from);
         if let Some(joined) = &participation {
             self.routes.learn(joined.id, joined.user_id);
@@ -171,7 +172,7 @@ impl Storage {
         .bind(usage.speaker_used)
         .fetch_one(&mut *tx)
         .await?;
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
         Ok(Leaving::Left(row.into()))
     }
 }

@@ -50,7 +50,8 @@ impl Storage {
         .bind(timezone.code.as_str())
         .bind(timezone.utc_offset_seconds)
         .fetch_one(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| Error::from(e).at_commit())?;
         Ok((
             Timezone {
                 code: TimezoneCode::from_stored(code),
@@ -87,7 +88,8 @@ impl Storage {
         .bind(session.started_at)
         .bind(session.ended_at)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| Error::from(e).at_commit())?;
         row.map(Session::try_from).transpose()
     }
 
@@ -118,7 +120,8 @@ impl Storage {
         .bind(id)
         .bind(ended_at)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(|e| Error::from(e).at_commit())?;
         row.map(Session::try_from).transpose()
     }
 }

@@ -59,7 +59,7 @@ impl Storage {
         .await?;
         match row {
             Some(row) => {
-                tx.commit().await?;
+                tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
                 Ok(Some(User::from(row)))
             }
             // The id is taken: leave no claim of the external id behind.
@@ -83,7 +83,14 @@ impl Storage {
     /// number of participations deleted, or `None` when there was no such user. The
     /// statements stop with the call (its deadline, or its cancellation).
     #[tracing::instrument(skip_all, fields(user_id = %id))]
-    pub async fn delete_user(&self, id: Uuid) -> Result<Option<u64>, Error> {
+    ///
+    /// `counted` gets the participations counted before the commit: when the commit's
+    /// answer is lost, the caller still knows what it deleted.
+    pub async fn delete_user(
+        &self,
+        id: Uuid,
+        counted: &mut Option<u64>,
+    ) -> Result<Option<u64>, Error> {
         let mut tx = self.begin().await?;
         let (participations, deleted) =
             call::cancelled_with_call(&self.pool, &mut tx, |conn| async move {
@@ -101,12 +108,9 @@ impl Storage {
                 Ok((participations, deleted))
             })
             .await?;
-        tx.commit().await?;
-        if deleted != 1 {
-            return Ok(None);
-        }
-        u64::try_from(participations)
-            .map(Some)
-            .map_err(Error::internal)
+        let participations = u64::try_from(participations).map_err(Error::internal)?;
+        *counted = (deleted == 1).then_some(participations);
+        tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
+        Ok(*counted)
     }
 }

@@ -20,14 +20,18 @@ use crate::error::Error;
 /// connection, does not need.
 pub(super) struct WriterConnection {
     options: Arc<PgConnectOptions>,
-    /// The connection, and when it was opened.
-    open: Option<(PgConnection, Instant)>,
+    /// The connection, when it was opened, and when it was last handed out.
+    open: Option<(PgConnection, Instant, Instant)>,
 }
 
 /// How long a writer waits for a connection to open.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// How long a writer keeps a connection (sqlx's default `max_lifetime`).
 const LIFETIME: Duration = Duration::from_secs(30 * 60);
+/// A connection idle for longer is tested (a round trip) before it takes a batch: a
+/// database restarted meanwhile has closed it, and the batch would fail on it although
+/// the database is back. Under load a writer's connection is never idle that long.
+pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl WriterConnection {
     pub(super) fn new(options: Arc<PgConnectOptions>) -> Self {
@@ -38,16 +42,21 @@ impl WriterConnection {
     }
 
     pub(super) async fn get(&mut self) -> Result<&mut PgConnection, Error> {
-        let open = match self.open.take() {
-            Some((conn, at)) if at.elapsed() <= LIFETIME => (conn, at),
-            aged => {
-                if let Some((conn, _)) = aged {
-                    let _ = conn.close().await;
-                }
-                (self.connect().await?, Instant::now())
+        let kept = match self.open.take() {
+            Some((conn, opened, used)) if opened.elapsed() <= LIFETIME => {
+                alive(conn, used).await.map(|conn| (conn, opened))
             }
+            Some((conn, _, _)) => {
+                let _ = conn.close().await;
+                None
+            }
+            None => None,
         };
-        Ok(&mut self.open.insert(open).0)
+        let (conn, opened) = match kept {
+            Some(kept) => kept,
+            None => (self.connect().await?, Instant::now()),
+        };
+        Ok(&mut self.open.insert((conn, opened, Instant::now())).0)
     }
 
     async fn connect(&self) -> Result<PgConnection, Error> {
@@ -62,21 +71,43 @@ impl WriterConnection {
     }
 
     pub(super) async fn close(self) {
-        if let Some((conn, _)) = self.open {
+        if let Some((conn, _, _)) = self.open {
             let _ = conn.close().await;
         }
     }
 }
 
+/// `conn`, unless it was idle for longer than [`IDLE_CHECK`] and no longer answers.
+async fn alive(mut conn: PgConnection, used: Instant) -> Option<PgConnection> {
+    if used.elapsed() <= IDLE_CHECK {
+        return Some(conn);
+    }
+    match conn.ping().await {
+        Ok(()) => Some(conn),
+        Err(error) => {
+            tracing::info!(%error, "a writer's idle connection is gone; opening another");
+            None
+        }
+    }
+}
+
 /// Tells every call of a batch that the database could not be reached (`error`):
-/// UNAVAILABLE, retryable, nothing of the batch stored.
+/// UNAVAILABLE, retryable; `sent`: the batch's statement was sent, and may have been
+/// committed (an unknown outcome, which the caller finds out), otherwise nothing of the
+/// batch was stored.
 pub(super) fn unavailable<T>(
     replies: impl IntoIterator<Item = oneshot::Sender<Result<T, Error>>>,
     error: &Error,
+    sent: bool,
 ) {
     let message = error.to_string();
     for reply in replies {
         let io = std::io::Error::other(message.clone());
-        let _ = reply.send(Err(Error::Unavailable(sqlx::Error::Io(io))));
+        let unreachable = Error::Unavailable(sqlx::Error::Io(io));
+        let _ = reply.send(Err(if sent {
+            unreachable.at_commit()
+        } else {
+            unreachable
+        }));
     }
 }

@@ -86,6 +86,22 @@ pub(crate) fn metrics_address(logged: &[String]) -> SocketAddr {
 
 /// Sends SIGTERM and waits (without blocking the runtime, so that the test's own client
 /// connections can close) for the exit.
+/// The first line the server logs, from now on, that contains `needle` (within 30 s).
+pub(crate) fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!("nothing logged with {needle:?}; the server said: {seen:#?}")
+            });
+        if line.contains(needle) {
+            return line;
+        }
+        seen.push(line);
+    }
+}
+
 pub(crate) async fn terminate(
     mut child: Child,
     lines: &mpsc::Receiver<String>,

@@ -25,7 +25,7 @@ use uuid::Uuid;
 /// Connect options of the test server's maintenance database, found once per process.
 static SERVER: OnceCell<PgConnectOptions> = OnceCell::const_new();
 
-async fn server() -> PgConnectOptions {
+pub async fn server() -> PgConnectOptions {
     SERVER
         .get_or_init(|| async {
             let options = match std::env::var("DATABASE_URL") {

@@ -9,7 +9,7 @@ use krisp_ingest::{config::Limits, domain::ItemClock, proto, proto::to_timestamp
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::binary::{metrics_address, start_logged, terminate};
+use crate::binary::{metrics_address, start_logged, terminate, wait_for_line};
 use crate::helpers::{
     TestApp, count, current_database, database_url, eventually, frames, fresh_data_dir,
     fresh_database, spawn_app_with, violations,
@@ -65,22 +65,17 @@ async fn a_future_dated_row_no_longer_stops_the_next_start() {
     assert!(terminate(child, &lines).await.success());
 
     // The next start (defaults) serves, and its maintenance emptied the default partitions.
-    let (child, address, lines, logged) = start_logged(&data_dir, &[("DATABASE_URL", &url)]);
+    // Its maintenance runs in the background, once it serves.
+    let (child, address, lines, _) = start_logged(&data_dir, &[("DATABASE_URL", &url)]);
     for table in ["sentiments", "events"] {
+        let moved = wait_for_line(&lines, "moved rows out of the default partition");
+        assert!(moved.contains(table), "{moved}");
         assert_eq!(
             count(&db, &format!("SELECT count(*) FROM {table}_default")).await,
-            0,
-            "{logged:#?}"
+            0
         );
         let home = home_of_the_row(&db, table).await;
         assert!(home.starts_with(&format!("{table}_p")), "{table}: {home}");
-        assert!(
-            logged.iter().any(
-                |line| line.contains("moved rows out of the default partition")
-                    && line.contains(table)
-            ),
-            "{logged:#?}"
-        );
     }
     let app = TestApp::connect(address, db.clone()).await;
     record(&app, &participation, now + TimeDelta::seconds(1)).await;
@@ -150,10 +145,7 @@ async fn a_failing_maintenance_is_logged_counted_and_retried_while_ingest_goes_o
             ("KRISP_PARTITION_MAINTENANCE_SECONDS", "1"),
         ],
     );
-    let failure = logged
-        .iter()
-        .find(|line| line.contains("partition maintenance failed"))
-        .unwrap_or_else(|| panic!("no failure logged: {logged:#?}"));
+    let failure = wait_for_line(&lines, "partition maintenance failed");
     assert!(
         failure.contains("ERROR") && failure.contains("lock timeout"),
         "{failure}"

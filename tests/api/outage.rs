@@ -2,7 +2,8 @@
 //! starts, stops and starts again): every acknowledged stream is whole, every other one is
 //! absent and got a retryable status, health follows the database, and the service
 //! serves again without a restart. Unary records too: UNAVAILABLE while the database is
-//! down, stored once it is back (their writers' connections are opened again).
+//! down, stored once it is back, from the first call on (the connections that broke
+//! while idle are noticed before a call uses them).
 
 use std::{
     sync::{
@@ -154,24 +155,24 @@ async fn a_database_outage_loses_nothing_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_for_health(&app.channel, ServingStatus::Serving).await;
-    // The unary writer's connection broke with the database: the first record may still
-    // hear UNAVAILABLE; one soon after is stored.
-    let mut stored_after = None;
-    for i in 2..100 {
-        match record(i).await {
-            Ok(reply) => {
-                stored_after = reply.into_inner().sentiment;
-                break;
-            }
-            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(10),
-            "no record stored after the database came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let stored_after = stored_after.expect("a record stored after the outage");
+    // The writers' and the pool's connections broke with the database: they are tested
+    // before use after being idle, so the first calls once health says SERVING succeed.
+    let stored_after = record(2)
+        .await
+        .expect("the first record after the database is back")
+        .into_inner()
+        .sentiment
+        .expect("a sentiment");
+    let first_stream = Uuid::new_v4().to_string();
+    app.client
+        .clone()
+        .stream_sentiments(tokio_stream::iter(frames::stream(
+            &first_stream,
+            &recorded.id,
+            vec![sentiments(5_000, 10)],
+        )))
+        .await
+        .expect("the first stream after the database is back");
     // And every one after it: no writer is left with a broken connection.
     for i in 100..106 {
         record(i).await.unwrap();
@@ -197,6 +198,13 @@ async fn a_database_outage_loses_nothing_and_duplicates_nothing() {
     .await
     .unwrap();
     assert_eq!(unary.len(), 2 + 6, "{unary:?}");
+    let first_stream_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sentiments WHERE stream_id = $1")
+            .bind(Uuid::parse_str(&first_stream).unwrap())
+            .fetch_one(&check)
+            .await
+            .unwrap();
+    assert_eq!(first_stream_rows, 10);
     assert!(unary.contains(&Uuid::parse_str(&stored_after.id).unwrap()));
     let stored = |stream_id: String| {
         let check = check.clone();
@@ -261,7 +269,7 @@ async fn a_database_outage_loses_nothing_and_duplicates_nothing() {
             .unwrap();
     assert_eq!(
         total,
-        attempts.len() as i64 * items,
+        attempts.len() as i64 * items + first_stream_rows,
         "rows lost or duplicated"
     );
     let idle_in_transaction: i64 = sqlx::query_scalar(

@@ -51,6 +51,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys(command) => keys(&database, command).await,
         Command::Migrate | Command::Serve | Command::Demo(_) | Command::Feed(_) => {
+            database.maintain_now().await;
             tracing::info!("migrations are applied");
             Ok(())
         }
