@@ -39,11 +39,24 @@ where
     let mut settling = Settling::start();
     while settling.pause().await {
         match attempt(true).await {
-            Err(Error::Unavailable(_) | Error::OutcomeUnknown { .. }) => {}
+            Err(error) if still_unknown(&error) => {}
             answered => return settling.found(answered),
         }
     }
     Err(settling.unknown(retry, cause))
+}
+
+/// Whether an attempt after a lost commit failed without learning anything: the database
+/// out of reach, or the attempt stopped (the deadline, a deadlock) before it could meet
+/// what the lost commit stored. Its own "nothing was stored" would speak of itself only.
+pub fn still_unknown(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Unavailable(_)
+            | Error::OutcomeUnknown { .. }
+            | Error::DeadlineExceeded
+            | Error::Aborted(_)
+    )
 }
 
 /// The attempts after a lost commit: paced, and bounded by the call's deadline.

@@ -15,7 +15,11 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{IngestService, StreamLimits, items::check_item, settle::Settling};
+use super::{
+    IngestService, StreamLimits,
+    items::check_item,
+    settle::{Settling, still_unknown},
+};
 use crate::domain::{Frame, Participation, Receipt, StreamHeader};
 use crate::error::{Error, FieldViolation};
 
@@ -53,12 +57,23 @@ impl IngestService {
             latest: None,
             ended: false,
             ends_at: Instant::now() + self.limits.max_duration,
+            committing: false,
             service: self,
             _items: PhantomData,
         };
-        tokio::select! {
+        let outcome = tokio::select! {
             outcome = self.run(&mut feed) => outcome,
             () = self.cancel_streams.cancelled() => Err(Error::ShuttingDown),
+        };
+        match outcome {
+            // Stopped while its COMMIT was on the way: it may be stored.
+            Err(Error::ShuttingDown) if feed.committing => Err(Error::OutcomeUnknown {
+                retry: RETRY_STREAM,
+                cause: sqlx::Error::Io(std::io::Error::other(
+                    "the server shut down while the stream's transaction committed",
+                )),
+            }),
+            outcome => outcome,
         }
     }
 
@@ -103,7 +118,7 @@ impl IngestService {
         let mut settling = Settling::start();
         while settling.pause().await {
             match self.write(feed).await {
-                Err(Error::Unavailable(_) | Error::OutcomeUnknown { .. }) => {}
+                Err(error) if still_unknown(&error) => {}
                 written => return settling.found(written),
             }
         }
@@ -207,7 +222,9 @@ impl IngestService {
                 finish_stream(&mut tx, &participation, stream_id, received, &digest).await?
             }
         };
+        feed.committing = true;
         tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
+        feed.committing = false;
         conn.ended_cleanly();
         metrics::histogram!(names::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());
@@ -256,6 +273,8 @@ struct Feed<'a, T, S> {
     ended: bool,
     /// When the stream's time is up.
     ends_at: Instant,
+    /// Its COMMIT is on the way (a shutdown that stops it now cannot say it is not stored).
+    committing: bool,
     service: &'a IngestService,
     _items: PhantomData<T>,
 }

@@ -6,7 +6,10 @@
 //! fails is retried append by append, so that one feed's failure is never another's
 //! (unless the database is out of reach: then all hear it at once).
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -91,9 +94,10 @@ async fn write_batches(mut conn: WriterConnection, jobs: Arc<Mutex<mpsc::Receive
                 }
             }
         }
+        let options = conn.options();
         match conn.get().await {
             Ok(connection) => {
-                if !write(connection, batch).await {
+                if !write(connection, batch, &options).await {
                     conn.drop_broken();
                 }
             }
@@ -104,16 +108,46 @@ async fn write_batches(mut conn: WriterConnection, jobs: Arc<Mutex<mpsc::Receive
 }
 
 /// Writes `batch` on `conn`, replying to each job; `false` when the database could not
-/// be reached through `conn` (every append is told UNAVAILABLE, and the connection is to
-/// be opened again).
-async fn write(conn: &mut PgConnection, batch: Vec<Job>) -> bool {
+/// be reached through `conn` (every append is told what is known, and the connection is
+/// to be opened again). A commit whose answer is lost is looked up by its transaction id
+/// on a connection of `options` ([`lost_commit`]).
+async fn write(conn: &mut PgConnection, batch: Vec<Job>, options: &PgConnectOptions) -> bool {
     let (appends, replies): (Vec<Append>, Vec<_>) =
         batch.into_iter().map(|job| (job.append, job.done)).unzip();
-    match commit(conn, &appends).await {
+    let mut xid = None;
+    match commit(conn, &appends, &mut xid).await {
         Ok(appended) => {
             for ((append, reply), appended) in appends.iter().zip(replies).zip(appended) {
                 let _ = reply.send(outcome(append, appended));
             }
+        }
+        Err(Error::OutcomeUnknown { cause, .. }) if xid.is_some() => {
+            let Some((xid, appended)) = xid else {
+                return false;
+            };
+            match lost_commit(options, &xid).await {
+                Some(true) => {
+                    tracing::info!("a feed batch whose commit's answer was lost is stored");
+                    for ((append, reply), appended) in appends.iter().zip(replies).zip(appended) {
+                        let _ = reply.send(outcome(append, appended));
+                    }
+                }
+                Some(false) => {
+                    let error = Error::Unavailable(cause);
+                    unavailable(replies, &error, false);
+                }
+                None => {
+                    let message = cause.to_string();
+                    for reply in replies {
+                        let cause = sqlx::Error::Io(std::io::Error::other(message.clone()));
+                        let _ = reply.send(Err(Error::OutcomeUnknown {
+                            retry: RETRY_FEED,
+                            cause,
+                        }));
+                    }
+                }
+            }
+            return false;
         }
         Err(error @ Error::Unavailable(_)) => {
             // The database is out of reach before the commit: one by one would only fail
@@ -122,8 +156,8 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>) -> bool {
             return false;
         }
         Err(Error::OutcomeUnknown { cause, .. }) => {
-            // Lost at the commit: whether the batch is stored, each feed learns when it
-            // resumes (Open answers with the position stored).
+            // Lost before the transaction's id was known: whether the batch is stored,
+            // each feed learns when it resumes (Open answers with the position stored).
             let message = cause.to_string();
             for reply in replies {
                 let cause = sqlx::Error::Io(std::io::Error::other(message.clone()));
@@ -142,7 +176,7 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>) -> bool {
         Err(_) => {
             // Nothing of the batch was stored: alone, each gets its own outcome.
             for (append, reply) in appends.iter().zip(replies) {
-                let alone = commit(conn, std::slice::from_ref(append))
+                let alone = commit(conn, std::slice::from_ref(append), &mut None)
                     .await
                     .and_then(|appended| match appended.into_iter().next() {
                         Some(appended) => outcome(append, appended),
@@ -164,10 +198,56 @@ fn outcome(append: &Append, appended: Appended) -> Result<(), Error> {
     }
 }
 
-async fn commit(conn: &mut PgConnection, appends: &[Append]) -> Result<Vec<Appended>, Error> {
+/// Writes `appends` in one transaction. `committing` holds the transaction's id and what
+/// became of each append while the COMMIT is on the way: when its answer is lost, for
+/// [`lost_commit`] to look up.
+async fn commit(
+    conn: &mut PgConnection,
+    appends: &[Append],
+    committing: &mut Option<(String, Vec<Appended>)>,
+) -> Result<Vec<Appended>, Error> {
     let mut tx = conn.begin().await?;
     let written = append_feeds(&mut tx, appends).await?;
+    let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *tx)
+        .await?;
+    *committing = Some((xid, written));
     tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
     metrics::histogram!(crate::metrics::FEED_BATCH_APPENDS).record(appends.len() as f64);
-    Ok(written)
+    committing
+        .take()
+        .map(|(_, written)| written)
+        .ok_or_else(|| Error::internal(anyhow::anyhow!("a committed feed batch lost its outcome")))
+}
+
+/// How long a writer looks for the outcome of a commit whose answer was lost.
+const LOST_COMMIT_WINDOW: Duration = Duration::from_secs(5);
+
+/// Whether transaction `xid` committed (`pg_xact_status`, on new connections of
+/// `options`, until the database answers and the transaction is over); `None` when that
+/// could not be learned within [`LOST_COMMIT_WINDOW`]. A transaction that was in progress
+/// when PostgreSQL crashed reads as aborted once it is back.
+async fn lost_commit(options: &PgConnectOptions, xid: &str) -> Option<bool> {
+    let until = Instant::now() + LOST_COMMIT_WINDOW;
+    let mut pause = Duration::from_millis(25);
+    while Instant::now() + pause < until {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+        let status = async {
+            let mut conn = PgConnection::connect_with(options).await?;
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT pg_xact_status($1::xid8)::text")
+                    .bind(xid)
+                    .fetch_one(&mut conn)
+                    .await?;
+            let _ = conn.close().await;
+            Ok::<_, sqlx::Error>(status)
+        };
+        match tokio::time::timeout(Duration::from_secs(1), status).await {
+            Ok(Ok(Some(status))) if status == "committed" => return Some(true),
+            Ok(Ok(Some(status))) if status == "aborted" => return Some(false),
+            _ => {}
+        }
+    }
+    None
 }

@@ -66,6 +66,11 @@ impl WriterConnection {
         Ok(opened?)
     }
 
+    /// What the connection is opened with.
+    pub(super) fn options(&self) -> Arc<PgConnectOptions> {
+        Arc::clone(&self.options)
+    }
+
     pub(super) fn drop_broken(&mut self) {
         self.open = None;
     }

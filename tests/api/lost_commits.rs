@@ -225,15 +225,32 @@ async fn every_lost_commit_is_found_out_and_answered_with_what_was_stored() {
         0
     );
 
-    // A live feed's append: its outcome reaches the feed when it resumes.
+    // A live feed's append: acknowledged, found stored by its transaction's id.
     let feed_id = Uuid::new_v4().to_string();
     let (mut call, _) = FeedCall::open(app.channel.clone(), &feed_id, &pid).await;
-    let status = lose_the_commit_of(&cutter, call.send(append(1, 5)))
+    lose_the_commit_of(&cutter, call.send(append(1, 5)))
         .await
-        .expect_err("an append whose commit was lost");
-    assert_unknown(&status);
+        .expect("an append whose commit was lost");
     let (_, resumed_at) = FeedCall::open(app.channel.clone(), &feed_id, &pid).await;
-    assert_eq!(resumed_at, 5, "the append was stored, and Open says so");
+    assert_eq!(resumed_at, 5, "the append is stored, and Open says so");
+    assert_eq!(
+        rows(
+            &app.db,
+            "SELECT count(*) FROM sentiments WHERE participation_id = $1",
+            &pid
+        )
+        .await,
+        2 + 50 + 4
+    );
+    assert_eq!(
+        rows(
+            &app.db,
+            "SELECT count(*) FROM events WHERE participation_id = $1",
+            &pid
+        )
+        .await,
+        1
+    );
 
     eprintln!("commits whose answer was lost: {}", cutter.cuts());
     assert_eq!(cutter.cuts(), 10);
