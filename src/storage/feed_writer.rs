@@ -121,21 +121,29 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>, options: &PgConnectOpti
                 let _ = reply.send(outcome(append, appended));
             }
         }
-        Err(Error::OutcomeUnknown { cause, .. }) if xid.is_some() => {
-            let Some((xid, appended)) = xid else {
-                return false;
+        Err(error @ Error::Unavailable(_)) => {
+            // The database is out of reach before the commit: one by one would only fail
+            // again, once per append. Every feed hears it now and resumes later.
+            unavailable(replies, &error, false);
+            return false;
+        }
+        Err(Error::OutcomeUnknown { cause, .. }) => {
+            let known = match xid {
+                Some((xid, appended)) => lost_commit(options, &xid)
+                    .await
+                    .map(|committed| (committed, appended)),
+                None => None,
             };
-            match lost_commit(options, &xid).await {
-                Some(true) => {
+            match known {
+                Some((true, appended)) => {
                     tracing::info!("a feed batch whose commit's answer was lost is stored");
                     for ((append, reply), appended) in appends.iter().zip(replies).zip(appended) {
                         let _ = reply.send(outcome(append, appended));
                     }
                 }
-                Some(false) => {
-                    let error = Error::Unavailable(cause);
-                    unavailable(replies, &error, false);
-                }
+                Some((false, _)) => unavailable(replies, &Error::Unavailable(cause), false),
+                // Whether the batch is stored, each feed learns when it resumes (Open
+                // answers with the position stored).
                 None => {
                     let message = cause.to_string();
                     for reply in replies {
@@ -146,25 +154,6 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>, options: &PgConnectOpti
                         }));
                     }
                 }
-            }
-            return false;
-        }
-        Err(error @ Error::Unavailable(_)) => {
-            // The database is out of reach before the commit: one by one would only fail
-            // again, once per append. Every feed hears it now and resumes later.
-            unavailable(replies, &error, false);
-            return false;
-        }
-        Err(Error::OutcomeUnknown { cause, .. }) => {
-            // Lost before the transaction's id was known: whether the batch is stored,
-            // each feed learns when it resumes (Open answers with the position stored).
-            let message = cause.to_string();
-            for reply in replies {
-                let cause = sqlx::Error::Io(std::io::Error::other(message.clone()));
-                let _ = reply.send(Err(Error::OutcomeUnknown {
-                    retry: RETRY_FEED,
-                    cause,
-                }));
             }
             return false;
         }

@@ -57,6 +57,10 @@ async fn rows(db: &PgPool, sql: &str, id: &str) -> i64 {
         .unwrap()
 }
 
+async fn users_with_id(db: &PgPool, id: &str) -> i64 {
+    rows(db, "SELECT count(*) FROM users WHERE id = $1", id).await
+}
+
 fn record(participation_id: &str, request_id: &str, offset: i64) -> proto::RecordSentimentRequest {
     proto::RecordSentimentRequest {
         participation_id: participation_id.into(),
@@ -147,15 +151,7 @@ async fn every_lost_commit_is_found_out_and_answered_with_what_was_stored() {
     .into_inner()
     .user
     .unwrap();
-    assert_eq!(
-        rows(
-            &app.db,
-            "SELECT count(*) FROM users WHERE id = $1",
-            &user.id
-        )
-        .await,
-        1
-    );
+    assert_eq!(users_with_id(&app.db, &user.id).await, 1);
     let session_id = Uuid::new_v4().to_string();
     let session = lose_the_commit_of(
         &cutter,
@@ -215,15 +211,7 @@ async fn every_lost_commit_is_found_out_and_answered_with_what_was_stored() {
     .expect("a DeleteUser whose commit was lost")
     .into_inner();
     assert_eq!(deleted.participations_deleted, 1);
-    assert_eq!(
-        rows(
-            &app.db,
-            "SELECT count(*) FROM users WHERE id = $1",
-            &user.id
-        )
-        .await,
-        0
-    );
+    assert_eq!(users_with_id(&app.db, &user.id).await, 0);
 
     // A live feed's append: acknowledged, found stored by its transaction's id.
     let feed_id = Uuid::new_v4().to_string();
