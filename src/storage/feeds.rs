@@ -49,7 +49,8 @@ pub async fn open_feed(
     .bind(feed_id)
     .bind(participation.id)
     .fetch_optional(pool)
-    .await?;
+    .await
+    .map_err(|e| lost_at_commit(e, REOPEN))?;
     let Some(row) = row else {
         return Err(Error::AlreadyExists(format!(
             "feed id {feed_id} belongs to another participation of this user: a feed's \
@@ -291,6 +292,20 @@ pub async fn close_feed(
     .bind(feed.epoch)
     .bind(i64::try_from(final_seq).map_err(Error::internal)?)
     .fetch_optional(pool)
-    .await?;
+    .await
+    .map_err(|e| lost_at_commit(e, REOPEN))?;
     closed.ok_or_else(|| superseded(feed.feed_id))
+}
+
+/// How a feed whose Open or Close may or may not have been stored goes on.
+const REOPEN: &str = "open the feed again with the same feed_id: the answer says its position \
+     stored and whether it is closed";
+
+/// `error` of a statement that commits as it ends: when the connection was lost, the
+/// outcome is unknown, and `retry` says how the feed goes on.
+fn lost_at_commit(error: sqlx::Error, retry: &'static str) -> Error {
+    match Error::from(error).at_commit() {
+        Error::OutcomeUnknown { cause, .. } => Error::OutcomeUnknown { retry, cause },
+        other => other,
+    }
 }
