@@ -133,7 +133,7 @@ impl Database {
         }
     }
 
-    /// One maintenance round now, waited for (the `migrate` command: nothing serves).
+    /// One maintenance round now, waited for (the commands that do not serve).
     pub async fn maintain_now(&self) {
         if let Some(maintenance) = &self.maintenance {
             maintenance.run_once().await;

@@ -447,6 +447,10 @@ fn without_keys_it_refuses_a_public_address_and_keys_are_shown_once() {
     assert!(listing.contains("ci\tread\tlive"), "{listing}");
     assert!(!listing.contains(&key), "the key must be shown only once");
     let revoked = run(&["keys", "revoke", "--name", "ci"]);
-    assert!(revoked.status.success());
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
     assert!(String::from_utf8_lossy(&run(&["keys", "list"]).stdout).contains("ci\tread\trevoked"));
 }

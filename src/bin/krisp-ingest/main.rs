@@ -43,6 +43,9 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             Database::connect(&cli.database).await?
         }
     };
+    // Nothing serves here: the maintenance round a server runs in the background is
+    // waited for, so that the partitions are made before the command ends.
+    database.maintain_now().await;
     let outcome = match command {
         Command::GrantRuntimeRole { role } => {
             storage::grant_runtime_role(&database.pool, &role).await.map(|()| {
@@ -51,7 +54,6 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys(command) => keys(&database, command).await,
         Command::Migrate | Command::Serve | Command::Demo(_) | Command::Feed(_) => {
-            database.maintain_now().await;
             tracing::info!("migrations are applied");
             Ok(())
         }
