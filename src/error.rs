@@ -209,11 +209,6 @@ impl Error {
             other => other,
         }
     }
-
-    /// Whether the call may have been stored although it failed ([`Error::OutcomeUnknown`]).
-    pub fn outcome_unknown(&self) -> bool {
-        matches!(self, Self::OutcomeUnknown { .. })
-    }
 }
 
 impl From<Vec<FieldViolation>> for Error {
@@ -262,7 +257,7 @@ mod tests {
         assert_eq!(info.reason, OUTCOME_UNKNOWN);
         assert_eq!(info.metadata["retry"], RETRY_SAME_ID);
         let never_sent = Error::Unavailable(sqlx::Error::PoolTimedOut).at_commit();
-        assert!(!never_sent.outcome_unknown());
+        assert!(matches!(never_sent, Error::Unavailable(_)));
     }
 
     #[test]

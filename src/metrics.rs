@@ -92,7 +92,7 @@ fn handle() -> anyhow::Result<&'static PrometheusHandle> {
 }
 
 /// Installs the process-wide recorder now, so that what happens before the endpoint is
-/// served (the first partition maintenance at startup) is counted too.
+/// served (the partition maintenance started with the database) is counted too.
 pub fn install() -> anyhow::Result<()> {
     handle().map(|_| ())
 }

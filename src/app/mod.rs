@@ -75,7 +75,8 @@ impl Default for Settings {
 /// this process started is stopped again, whatever happens.
 pub async fn serve(settings: Settings, database: &DatabaseArgs) -> anyhow::Result<()> {
     if settings.metrics.is_some() {
-        // Before the database: its first partition maintenance is counted too.
+        // Before the database: the partition maintenance it starts may count before the
+        // endpoint serves.
         crate::metrics::install()?;
     }
     let database = Database::connect(database).await?;

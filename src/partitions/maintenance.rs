@@ -115,20 +115,20 @@ impl Maintenance {
     }
 
     /// Registration and settings only ([`settle`]): what a start does before it serves
-    /// (one short transaction once the tables are registered). Its outcome is logged and
-    /// counted like a round's; `None` when it failed.
+    /// (one short transaction once the tables are registered). A failure is logged; only
+    /// whole rounds are counted (the background round after it settles again); `None`
+    /// when it failed.
     pub async fn settle_once(&self) -> Option<Partitioning> {
-        self.counted(settle(&self.pool, &self.settings).await)
+        settle(&self.pool, &self.settings)
+            .await
+            .map_err(|error| self.log_failure(&error))
+            .ok()
     }
 
     /// One round: registration and settings ([`settle`]), then [`maintain`]. Its outcome
     /// is logged and counted; `None` when it failed.
     pub async fn run_once(&self) -> Option<Partitioning> {
-        self.counted(settle_and_maintain(&self.pool, &self.settings).await)
-    }
-
-    fn counted(&self, outcome: anyhow::Result<Partitioning>) -> Option<Partitioning> {
-        match outcome {
+        match settle_and_maintain(&self.pool, &self.settings).await {
             Ok(partitioning) => {
                 metrics::counter!(MAINTENANCE_RUNS, "outcome" => "ok").increment(1);
                 if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
@@ -139,7 +139,14 @@ impl Maintenance {
             }
             Err(error) => {
                 metrics::counter!(MAINTENANCE_RUNS, "outcome" => "failed").increment(1);
-                tracing::error!(
+                self.log_failure(&error);
+                None
+            }
+        }
+    }
+
+    fn log_failure(&self, error: &anyhow::Error) {
+        tracing::error!(
                     error = %format!("{error:#}"),
                     retry_in = ?self.retry_after(),
                     "partition maintenance failed. Ingest goes on: rows dated outside the \
@@ -148,10 +155,7 @@ impl Maintenance {
                      events (pg_locks, pg_stat_activity), check that this role owns them, and \
                      run `SELECT * FROM partman.check_default(false)` (docs/SCALING.md, \
                      \"Partition maintenance\")"
-                );
-                None
-            }
-        }
+        );
     }
 
     fn retry_after(&self) -> Duration {

@@ -36,7 +36,7 @@ use super::{
     items::{self, FeedTable, Unary},
     writer_connection::{WriterConnection, unavailable},
 };
-use crate::error::Error;
+use crate::error::{Error, RETRY_SAME_ID};
 
 /// Items in one statement at most.
 const MAX_BATCH: usize = 256;
@@ -147,7 +147,7 @@ async fn write_batches<T: FeedTable>(
                     conn.drop_broken();
                 }
             }
-            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error, false),
+            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error, None),
         }
         tracing::debug!(calls, took = ?started.elapsed(), "unary batch written");
         metrics::histogram!(crate::metrics::UNARY_BATCH_CALLS, "kind" => T::KIND)
@@ -244,7 +244,7 @@ async fn write<T: FeedTable>(
             continue;
         }
         match &unreachable {
-            Some(error) => unavailable(group.into_iter().map(|job| job.done), error, false),
+            Some(error) => unavailable(group.into_iter().map(|job| job.done), error, None),
             None => unreachable = write_group(conn, group, keyed, answers).await.err(),
         }
     }
@@ -268,7 +268,7 @@ async fn write_group<T: FeedTable>(
         Err(error @ Error::Unavailable(_)) => {
             // Item by item would only fail again, once per call. The statement commits as
             // it ends: it may have been stored, and each call finds out.
-            unavailable(replies, &error, true);
+            unavailable(replies, &error, Some(RETRY_SAME_ID));
             return Err(error);
         }
         Err(error) if rows.len() == 1 => {

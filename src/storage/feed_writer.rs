@@ -101,7 +101,7 @@ async fn write_batches(mut conn: WriterConnection, jobs: Arc<Mutex<mpsc::Receive
                     conn.drop_broken();
                 }
             }
-            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error, false),
+            Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error, None),
         }
     }
     conn.close().await;
@@ -124,7 +124,7 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>, options: &PgConnectOpti
         Err(error @ Error::Unavailable(_)) => {
             // The database is out of reach before the commit: one by one would only fail
             // again, once per append. Every feed hears it now and resumes later.
-            unavailable(replies, &error, false);
+            unavailable(replies, &error, None);
             return false;
         }
         Err(Error::OutcomeUnknown { cause, .. }) => {
@@ -141,19 +141,10 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>, options: &PgConnectOpti
                         let _ = reply.send(outcome(append, appended));
                     }
                 }
-                Some((false, _)) => unavailable(replies, &Error::Unavailable(cause), false),
+                Some((false, _)) => unavailable(replies, &cause, None),
                 // Whether the batch is stored, each feed learns when it resumes (Open
                 // answers with the position stored).
-                None => {
-                    let message = cause.to_string();
-                    for reply in replies {
-                        let cause = sqlx::Error::Io(std::io::Error::other(message.clone()));
-                        let _ = reply.send(Err(Error::OutcomeUnknown {
-                            retry: RETRY_FEED,
-                            cause,
-                        }));
-                    }
-                }
+                None => unavailable(replies, &cause, Some(RETRY_FEED)),
             }
             return false;
         }

@@ -97,22 +97,20 @@ async fn alive(mut conn: PgConnection, used: Instant) -> Option<PgConnection> {
 }
 
 /// Tells every call of a batch that the database could not be reached (`error`):
-/// UNAVAILABLE, retryable; `sent`: the batch's statement was sent, and may have been
-/// committed (an unknown outcome, which the caller finds out), otherwise nothing of the
+/// UNAVAILABLE, retryable. With `unknown`, the batch was sent and may have been committed:
+/// the calls hear that the outcome is unknown, and how to retry; without, nothing of the
 /// batch was stored.
 pub(super) fn unavailable<T>(
     replies: impl IntoIterator<Item = oneshot::Sender<Result<T, Error>>>,
-    error: &Error,
-    sent: bool,
+    error: &dyn std::fmt::Display,
+    unknown: Option<&'static str>,
 ) {
     let message = error.to_string();
     for reply in replies {
-        let io = std::io::Error::other(message.clone());
-        let unreachable = Error::Unavailable(sqlx::Error::Io(io));
-        let _ = reply.send(Err(if sent {
-            unreachable.at_commit()
-        } else {
-            unreachable
+        let cause = sqlx::Error::Io(std::io::Error::other(message.clone()));
+        let _ = reply.send(Err(match unknown {
+            Some(retry) => Error::OutcomeUnknown { retry, cause },
+            None => Error::Unavailable(cause),
         }));
     }
 }

@@ -17,7 +17,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::helpers::server;
+use crate::helpers::{options_via, server};
 
 /// The commands whose completion is a write.
 const WRITES: [&[u8]; 5] = [b"INSERT", b"UPDATE", b"DELETE", b"COMMIT", b"COPY"];
@@ -70,12 +70,8 @@ impl CommitCutter {
 
     /// Connect options through the cutter (no TLS: the cutter reads the protocol).
     pub async fn options(&self) -> PgConnectOptions {
-        let server = server().await;
-        PgConnectOptions::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .username(server.get_username())
-            .database(&self.database)
+        options_via(self.port, &self.database)
+            .await
             .ssl_mode(PgSslMode::Disable)
     }
 

@@ -557,6 +557,16 @@ pub async fn fetch_participation(
         .expect("a participation")
 }
 
+/// Connect options for `database` of the test server through a relay listening on
+/// 127.0.0.1:`port`.
+pub async fn options_via(port: u16, database: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(port)
+        .username(server().await.get_username())
+        .database(database)
+}
+
 /// A TCP path to the test PostgreSQL that the test can cut: connections through
 /// [`Self::options`] reach the server until [`Self::cut`], which closes the listener and
 /// every connection through it (new ones are then refused).
@@ -603,12 +613,7 @@ impl CuttableLink {
 
     /// Connect options through the link.
     pub async fn options(&self) -> PgConnectOptions {
-        let server = server().await;
-        PgConnectOptions::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .username(server.get_username())
-            .database(&self.database)
+        options_via(self.port, &self.database).await
     }
 
     /// Cuts the link: the listener and every connection through it go away.
