@@ -1,9 +1,10 @@
 -- The ids clients chose (`request_id`) for the sentiments and events they record one at a
 -- time: unique per user whatever the item's time, which the partitioned tables' keys
 -- cannot say (they must hold the time). The unary insert claims the id here, in the same
--- transaction as the item: a reused request_id conflicts on this key, in one index, where
--- it used to be looked up in every partition (one probe per partition: 2.6 ms a call with
--- a year of daily partitions; docs/BENCHMARKS.md, issue 16). Rows go with their
+-- transaction as the item: a reused request_id conflicts on this key, in one index,
+-- rather than in a look-up of every partition (one probe per partition: 2.6 ms a call with
+-- a year of daily partitions; docs/decisions/0004-request-ids-claimed-in-a-table.md).
+-- Rows go with their
 -- participation (DeleteUser); they outlive the item when the retention drops its
 -- partition, so that the id stays refused.
 CREATE TABLE sentiment_request_ids (

@@ -12,7 +12,7 @@ use std::{
     fmt::Write as _,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 use crate::{
     Args, PROBE_APPLICATION,
+    feeds::{Counters, Ended},
     fixtures::{Fixtures, Measurement, settle},
     probes::{CpuProbe, rss_kib},
     report::medians,
@@ -41,30 +42,56 @@ use crate::{
 pub(crate) struct LiveArgs {
     /// Feeds open at once at the peak.
     #[arg(long, default_value_t = 10_000)]
-    feeds: usize,
+    pub(crate) feeds: usize,
     /// HTTP/2 connections the feeds share.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = CONNECTIONS)]
     connections: usize,
     /// Sentiments per batch (one batch a second per feed).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = BATCH)]
     batch: usize,
     /// Shortest and longest feed, in seconds (each picks its length at random).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = MIN_SECONDS)]
     min_seconds: u64,
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = MAX_SECONDS)]
     max_seconds: u64,
     /// Seconds over which the feeds start (at most --min-seconds, so that all are open
     /// at once).
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = RAMP_SECONDS)]
     ramp_seconds: u64,
     /// Rows of each bulk stream and COPY measured after the feeds (0: skip).
     #[arg(long, default_value_t = 200_000)]
     bulk_rows: u64,
-    /// The RPC each feed is: an all-or-nothing client stream (`stream`, issue 13), or a
-    /// resumable LiveFeed whose every batch is acknowledged once committed (`live-feed`,
-    /// issue 14).
+    /// The RPC each feed is: an all-or-nothing client stream (`stream`), or a resumable
+    /// LiveFeed whose every batch is acknowledged once committed (`live-feed`).
     #[arg(long, value_enum, default_value_t = Rpc::Stream)]
-    rpc: Rpc,
+    pub(crate) rpc: Rpc,
+}
+
+const CONNECTIONS: usize = 16;
+const BATCH: usize = 5;
+const MIN_SECONDS: u64 = 20;
+const MAX_SECONDS: u64 = 60;
+const RAMP_SECONDS: u64 = 15;
+
+impl LiveArgs {
+    /// `feeds` feeds of `rpc` with the defaults of `krisp-bench live`, no bulk part.
+    pub(crate) fn feeds(feeds: usize, rpc: Rpc) -> Self {
+        Self {
+            feeds,
+            connections: CONNECTIONS,
+            batch: BATCH,
+            min_seconds: MIN_SECONDS,
+            max_seconds: MAX_SECONDS,
+            ramp_seconds: RAMP_SECONDS,
+            bulk_rows: 0,
+            rpc,
+        }
+    }
+
+    /// Items the longest feed sends.
+    pub(crate) fn items_per_feed(&self) -> u64 {
+        self.max_seconds * self.batch as u64
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,32 +100,8 @@ pub(crate) enum Rpc {
     LiveFeed,
 }
 
-/// What the feeds saw, counted as they go.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) open: AtomicUsize,
-    pub(crate) peak_open: AtomicUsize,
-}
-
-impl Counters {
-    pub(crate) fn opened(&self) {
-        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        self.peak_open.fetch_max(open, Ordering::Relaxed);
-    }
-}
-
-/// How one feed ended: with its items and the latencies measured (the commit after a
-/// stream's trailer; the ack of each live-feed batch), or a failure.
-pub(crate) enum Ended {
-    Committed {
-        items: u64,
-        latencies: Vec<Duration>,
-    },
-    Failed(String),
-}
-
 /// One round's results.
-struct Round {
+pub(crate) struct Round {
     peak_open: usize,
     committed: usize,
     failures: BTreeMap<String, usize>,
@@ -121,20 +124,10 @@ impl Round {
 }
 
 pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        live.feeds > 0 && live.connections > 0 && live.min_seconds <= live.max_seconds,
-        "--feeds and --connections must be positive, --min-seconds at most --max-seconds"
-    );
     let (pool, _) = crate::bench_database(args).await?;
-    let items_per_feed = live.max_seconds * live.batch as u64;
-    let fx = Arc::new(Fixtures::new(pool.clone(), items_per_feed.max(live.bulk_rows)).await?);
-    let mut rounds = Vec::new();
-    for number in 1..=args.repeat {
-        eprintln!("live: round {number} of {}", args.repeat);
-        settle(&pool).await?;
-        rounds.push(round(args, live, &fx).await?);
-    }
-    settle(&pool).await?;
+    let fx =
+        Arc::new(Fixtures::new(pool.clone(), live.items_per_feed().max(live.bulk_rows)).await?);
+    let rounds = measure(args, live, &fx).await?;
     let bulk = if live.bulk_rows > 0 {
         let server = Server::start(args, 16).await?;
         let bulk = bulk_ratio(args, live.rpc, &fx, &server, live.bulk_rows).await?;
@@ -169,6 +162,49 @@ pub(crate) async fn run(args: &Args, live: &LiveArgs) -> anyhow::Result<()> {
     }
     pool.close().await;
     Ok(())
+}
+
+/// `--repeat` rounds of `live`'s feeds, each on a settled database.
+pub(crate) async fn measure(
+    args: &Args,
+    live: &LiveArgs,
+    fx: &Arc<Fixtures>,
+) -> anyhow::Result<Vec<Round>> {
+    anyhow::ensure!(
+        live.feeds > 0 && live.connections > 0 && live.min_seconds <= live.max_seconds,
+        "--feeds and --connections must be positive, --min-seconds at most --max-seconds"
+    );
+    let mut rounds = Vec::new();
+    for number in 1..=args.repeat {
+        eprintln!("live ({:?}): round {number} of {}", live.rpc, args.repeat);
+        settle(&fx.pool).await?;
+        rounds.push(round(args, live, fx).await?);
+    }
+    settle(&fx.pool).await?;
+    Ok(rounds)
+}
+
+/// The latency percentiles of `rounds` (p50, p90, p99, p99.9, max), each the median of
+/// the rounds', in milliseconds.
+pub(crate) fn latency_percentiles(rounds: &[Round]) -> Vec<(&'static str, f64)> {
+    let median = |value: &dyn Fn(&Round) -> Duration| {
+        let mut values: Vec<f64> = rounds
+            .iter()
+            .map(|r| value(r).as_secs_f64() * 1e3)
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or_default()
+    };
+    let mut out: Vec<(&'static str, f64)> =
+        [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)]
+            .into_iter()
+            .map(|(name, p)| (name, median(&|r| percentile(&r.latencies, p))))
+            .collect();
+    out.push((
+        "max",
+        median(&|r| r.latencies.last().copied().unwrap_or_default()),
+    ));
+    out
 }
 
 /// One round: a new server (the service's defaults, its 16 connections included), new
@@ -280,7 +316,7 @@ async fn round(args: &Args, live: &LiveArgs, fx: &Arc<Fixtures>) -> anyhow::Resu
 }
 
 /// The rounds side by side, with the median of each number.
-fn report(live: &LiveArgs, rounds: &[Round]) -> String {
+pub(crate) fn report(live: &LiveArgs, rounds: &[Round]) -> String {
     let mut out = String::new();
     let header: Vec<String> = (1..=rounds.len()).map(|r| format!("round {r}")).collect();
     let _ = writeln!(
@@ -336,7 +372,7 @@ fn report(live: &LiveArgs, rounds: &[Round]) -> String {
         &|r| r.backends as f64,
         &count,
     );
-    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+    for (name, p) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
         row(
             &format!("{latency}, {name}"),
             &|r| millis(percentile(&r.latencies, p)),

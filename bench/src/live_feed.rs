@@ -21,8 +21,8 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::{
+    feeds::{Counters, Ended},
     fixtures::{Fixtures, Measurement},
-    live::{Counters, Ended},
     probes::CpuProbe,
     server::Server,
 };

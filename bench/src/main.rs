@@ -3,22 +3,27 @@
 //! 1. `copy`: binary `COPY ... FROM STDIN` straight into the tables (the limit),
 //! 2. `row-by-row`: one INSERT per row in one transaction (the original pipeline),
 //! 3. `grpc-stream`: krisp-ingest end to end, tonic clients streaming over loopback,
+//!    and `live-feed`: one LiveFeed appending as fast as its acknowledgements allow,
 //! 4. unary calls ([`unary`]): RecordSentiment (`grpc-unary`), GetUser, JoinSession and
 //!    the timeline's first entry, each against its direct-SQL equivalent through sqlx at
 //!    the same concurrency, and the floor of a unary call (the server's health Check),
 //!
 //! and reports rows (calls)/s, latencies, CPU time per process, and the server's peak RSS during
 //! one long stream; then `delete-user` ([`delete_user`]): DeleteUser in a large table,
-//! and what the schema that makes it fast costs stream ingest. It ends with
-//! `stream/copy ratio: X.XX`.
+//! and what the schema that makes it fast costs stream ingest; then thousands of live
+//! feeds of both kinds at once ([`live`]). It prints the report in Markdown and writes
+//! two charts ([`report`]): throughput by concurrency, and the live feeds' latency
+//! percentiles.
 //!
 //! Modules: [`server`] (the server under test), [`probes`] (CPU and memory from /proc),
-//! [`fixtures`] (data), [`scenarios`] (the bulk measurements), [`unary`], [`delete_user`], [`report`].
+//! [`fixtures`] (data), [`scenarios`] (the bulk measurements), [`unary`], [`delete_user`],
+//! [`live`] with its clients ([`feeds`], [`live_feed`]), [`report`].
 //!
 //! The server runs as a child process (this binary, `serve` subcommand), so its memory
 //! and CPU are measured on their own.
 
 mod delete_user;
+mod feeds;
 mod fixtures;
 mod live;
 mod live_feed;
@@ -30,11 +35,11 @@ mod unary;
 
 /// mimalloc rather than the system allocator: with thousands of open streams, glibc's
 /// malloc fragmented (RSS stayed at its peak after the streams ended) and showed in the
-/// server's CPU profile (docs/BENCHMARKS.md, "Live feeds").
+/// server's CPU profile (docs/decisions/0010-mimalloc.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::{fmt::Write as _, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
@@ -50,7 +55,7 @@ use sqlx::{
 };
 
 use fixtures::{Fixtures, Measurement, settle};
-use report::{chart, medians};
+use report::medians;
 use scenarios::{bench_copy, bench_grpc_stream, bench_row_by_row, bench_rss};
 use server::Server;
 
@@ -118,9 +123,16 @@ struct Args {
     /// delete-user: rows per stream of the deleted user.
     #[arg(long, default_value_t = 500)]
     delete_stream_rows: u64,
-    /// Where to write the chart (SVG) of rows/s by method.
+    /// Live feeds of each kind (client streams, LiveFeeds) open at once at the peak, as
+    /// `krisp-bench live --feeds N` measures them (0: skip).
+    #[arg(long, default_value_t = 10_000)]
+    live_feeds: usize,
+    /// Where to write the chart (SVG) of throughput by concurrency.
     #[arg(long, default_value = "docs/benchmarks.svg")]
     chart: PathBuf,
+    /// Where to write the chart (SVG) of the live feeds' latency percentiles.
+    #[arg(long, default_value = "docs/benchmarks-live.svg")]
+    live_chart: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -271,7 +283,11 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         bail!("--streams and --unary-concurrency take positive numbers");
     }
     let (pool, options) = bench_database(args).await?;
-    let span_rows = args.rows.max(args.rss_rows).max(args.row_by_row_rows);
+    let span_rows = args
+        .rows
+        .max(args.rss_rows)
+        .max(args.row_by_row_rows)
+        .max(live::LiveArgs::feeds(1, live::Rpc::Stream).items_per_feed());
     let fx = Arc::new(Fixtures::new(pool.clone(), span_rows).await?);
 
     eprintln!(
@@ -294,6 +310,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             runs.push(bench_grpc_stream(&fx, &server, args.rows, n, args.batch_size).await?);
             settle(&pool).await?;
         }
+        eprintln!(
+            "round {round}: one LiveFeed, {} items an append ...",
+            args.batch_size
+        );
+        runs.push(live_feed::bulk(&fx, &server, args.rows, args.batch_size as u64).await?);
+        settle(&pool).await?;
         eprintln!("round {round}: row-by-row ...");
         runs.push(bench_row_by_row(&fx, args.row_by_row_rows).await?);
         settle(&pool).await?;
@@ -322,135 +344,38 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let results = medians(runs);
-
-    // Report.
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| method | concurrency | rows | seconds | rows/s (median of {}) | rows/s range | p50 | p99 | CPU s client | CPU s server | CPU s postgres | server CPU us/row |",
-        args.repeat
-    );
-    let _ = writeln!(
-        out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
-    for (m, low, high) in &results {
-        let (p50, p99) = m.latency.map_or_else(
-            || (String::new(), String::new()),
-            |(a, b)| {
-                (
-                    format!("{:.2} ms", a.as_secs_f64() * 1e3),
-                    format!("{:.2} ms", b.as_secs_f64() * 1e3),
-                )
-            },
-        );
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {:.2} | {:.0} | {low:.0}-{high:.0} | {p50} | {p99} | {:.2} | {:.2} | {:.2} | {:.0} |",
-            m.method,
-            m.concurrency,
-            m.rows,
-            m.elapsed.as_secs_f64(),
-            m.rows_per_second(),
-            m.cpu.client,
-            m.cpu.server,
-            m.cpu.postgres,
-            m.cpu.server / (m.rows.max(1) as f64) * 1e6,
-        );
-    }
-    let results: Vec<Measurement> = results.into_iter().map(|(m, _, _)| m).collect();
-    let best = |method: &str| {
-        results
-            .iter()
-            .filter(|m| m.method == method)
-            .map(Measurement::rows_per_second)
-            .fold(0.0, f64::max)
-    };
-    let at = |method: &str, concurrency: usize| {
-        results
-            .iter()
-            .find(|m| m.method == method && m.concurrency == concurrency)
-            .map_or(0.0, Measurement::rows_per_second)
-    };
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "server RSS while streaming {} rows in one stream ({:.1} s): idle {:.1} MiB, peak sampled {:.1} MiB, high-water mark {:.1} MiB",
-        args.rss_rows,
-        rss_elapsed.as_secs_f64(),
-        idle_kib as f64 / 1024.0,
-        peak_kib as f64 / 1024.0,
-        hwm_kib as f64 / 1024.0
-    );
-    let mut ratio = |what: String, a: f64, b: f64| {
-        let _ = writeln!(out, "{what}: {:.2}", a / b.max(1e-9));
-    };
-    for &n in &args.streams {
-        ratio(
-            format!("grpc-stream/copy ratio at concurrency {n}"),
-            at("grpc-stream", n),
-            at("copy", n),
-        );
-    }
-    ratio(
-        "grpc-stream/row-by-row ratio".into(),
-        best("grpc-stream"),
-        best("row-by-row"),
-    );
-    for &case in &args.unary_cases {
-        let (grpc, sql) = case.methods();
-        for &c in &args.unary_concurrency {
-            ratio(
-                format!("{grpc}/{sql} ratio at concurrency {c}"),
-                at(grpc, c),
-                at(sql, c),
-            );
-        }
-        for &c in &args.unary_concurrency {
-            ratio(
-                format!("{grpc}/grpc-health (the floor) ratio at concurrency {c}"),
-                at(grpc, c),
-                at("grpc-health", c),
-            );
+    let mut live = Vec::new();
+    if args.live_feeds > 0 {
+        for rpc in [live::Rpc::Stream, live::Rpc::LiveFeed] {
+            let shape = live::LiveArgs::feeds(args.live_feeds, rpc);
+            let rounds = live::measure(args, &shape, &fx).await?;
+            live.push((shape, rounds));
         }
     }
-    ratio(
-        format!(
-            "copy without / with the stream keys (dropped by migration 0004): {copy_without_keys:.0} / {copy_with_keys:.0} rows/s, ratio"
-        ),
-        copy_without_keys,
-        copy_with_keys,
-    );
-    if let Some(median) = delete_times.get(delete_times.len() / 2) {
-        let rounds: Vec<String> = delete_times
-            .iter()
-            .map(|t| format!("{:.3}", t.as_secs_f64()))
-            .collect();
-        let _ = writeln!(
-            out,
-            "delete-user {}x{} in a {}M-row table: {:.3} s (median of {}; rounds {})",
-            args.delete_streams,
-            args.delete_stream_rows,
-            args.delete_table_rows as f64 / 1e6,
-            median.as_secs_f64(),
-            delete_times.len(),
-            rounds.join(", ")
-        );
+    let run = report::Run {
+        results: medians(runs),
+        rss: report::Rss {
+            rows: args.rss_rows,
+            elapsed: rss_elapsed,
+            idle_kib,
+            peak_kib,
+            hwm_kib,
+        },
+        stream_keys: (copy_without_keys, copy_with_keys),
+        delete_times,
+        live,
+    };
+    print!("{}", report::markdown(args, &run));
+    for (path, svg) in [
+        (&args.chart, report::throughput_chart(&run)),
+        (&args.live_chart, report::latency_chart(&run)),
+    ] {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, svg)?;
+        eprintln!("chart written to {}", path.display());
     }
-    // Each side at its best concurrency.
-    let _ = writeln!(
-        out,
-        "stream/copy ratio: {:.2}",
-        best("grpc-stream") / best("copy").max(1e-9)
-    );
-    print!("{out}");
-
-    if let Some(parent) = args.chart.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.chart, chart(&results))?;
-    eprintln!("chart written to {}", args.chart.display());
     pool.close().await;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Unary calls (issue 16): each RPC against its direct-SQL equivalent at the same
+//! Unary calls: each RPC against its direct-SQL equivalent at the same
 //! concurrency, and the floor of a unary call on this machine (the server's own health
 //! Check). What each side does is said per [`Case`]; they are not the same work, and the
 //! difference is the point of the comparison.
@@ -55,6 +55,16 @@ impl Case {
             Case::Timeline => ("grpc-timeline-first", "sqlx-timeline-first"),
         }
     }
+}
+
+/// The direct-SQL side the report sets beside the gRPC side `grpc`.
+pub(crate) fn sql_method(grpc: &str) -> Option<&'static str> {
+    use clap::ValueEnum as _;
+    Case::value_variants()
+        .iter()
+        .map(|case| case.methods())
+        .find(|(side, _)| *side == grpc)
+        .map(|(_, sql)| sql)
 }
 
 /// What the calls of one measurement work on, made before the timing.

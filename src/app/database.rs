@@ -17,7 +17,7 @@ use crate::{
 /// feeds five (`storage::FEED_CONNECTIONS`), the unary writers four
 /// (`storage::UNARY_CONNECTIONS`); the pool holds the rest (at least one). Connections
 /// are not pinged before each use: that would add a round trip to every unary call
-/// (measured in docs/BENCHMARKS.md); a connection found broken fails its call with
+/// (docs/BENCHMARKS.md, "What shaped the code"); a connection found broken fails its call with
 /// UNAVAILABLE and is replaced.
 ///
 /// Every connection of the service keeps PostgreSQL's default choice between a

@@ -7,9 +7,9 @@
 //!
 //! A batch starts when no other batch is being written, and takes every call that came in
 //! meanwhile: one statement in flight at a time, as big as the load makes it. Several
-//! writers with a batch each as soon as a call came in (the first design) made batches of
-//! one or two calls and a statement per batch: 0.48 of direct INSERTs at 16 calls in
-//! flight, against 1.11 with this rule (docs/BENCHMARKS.md, issue 16). A write that takes
+//! writers each starting a batch at its first call made batches of one or two calls and a
+//! statement per batch: 0.48 of direct INSERTs at 16 calls in flight, against 1.11 with
+//! this rule (docs/decisions/0005-one-unary-batch-in-flight.md). A write that takes
 //! longer than [`STALLED`] (waiting on a lock, say) is not waited for: the next batch
 //! goes beside it, on another writer, so that one slow batch never holds up the rest.
 //!
@@ -21,8 +21,8 @@
 //! quiet spell neither.
 //!
 //! Each writer keeps a connection of its own between batches, not a pool's (see
-//! [`WriterConnection`]). (A lone call writing its row itself, without the hand-off, was
-//! measured and bought nothing measurable.)
+//! [`WriterConnection`]; docs/decisions/0006-writers-keep-their-own-connections.md). A
+//! lone call writing its row itself, without the hand-off, bought nothing measurable.
 
 use std::{
     sync::Arc,
@@ -47,7 +47,7 @@ const STALLED: Duration = Duration::from_millis(20);
 const RETURNING: Duration = Duration::from_millis(1);
 /// The share (percent) of the last batch's calls the next one waits for: half measured
 /// better than all (which made every batch wait for the slowest client) and than none
-/// (docs/BENCHMARKS.md, issue 16).
+/// (docs/decisions/0005-one-unary-batch-in-flight.md).
 const RETURNING_SHARE: usize = 50;
 
 struct Job<T> {
@@ -153,8 +153,8 @@ async fn write_batches<T: FeedTable>(
         metrics::histogram!(crate::metrics::UNARY_BATCH_CALLS, "kind" => T::KIND)
             .record(calls as f64);
         // Let the next batch go first, then answer: replying wakes every call of the
-        // batch, and the next write need not wait for that (docs/BENCHMARKS.md, issue 16,
-        // change 19).
+        // batch, and the next write need not wait for that
+        // (docs/decisions/0007-next-batch-before-the-answers.md).
         writes.finish(started, calls);
         for (reply, outcome) in answers {
             let _ = reply.send(outcome);

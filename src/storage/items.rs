@@ -157,7 +157,8 @@ pub type Key = (Uuid, Uuid, DateTime<Utc>);
 ///
 /// The claim is what makes a `request_id` unique for its user whatever the item's time:
 /// one index, where a look-up of the id in every partition cost one probe per partition
-/// (2.6 ms a call with 370 of them; docs/BENCHMARKS.md, issue 16). Claim and insert are
+/// (2.6 ms a call with 370 of them; docs/decisions/0004-request-ids-claimed-in-a-table.md).
+/// Claim and insert are
 /// one statement rather than a transaction of two (BEGIN, two INSERTs, COMMIT: three more
 /// round trips per batch; 0.61 against 0.38 ms for one call). On Citus a data-modifying
 /// CTE runs as its own distributed statement first, its rows passed on to the outer one
@@ -198,7 +199,7 @@ pub async fn insert_checked<T: FeedTable>(
 /// drops items, not claims). Two reads of one row each: the claim, then the item in the
 /// partition of the claim's time. The item by user and id alone probed every partition
 /// and locked them all (1.4 ms with 375 partitions, against 0.35 ms for the two reads;
-/// docs/BENCHMARKS.md, issue 16, change 18).
+/// docs/decisions/0004-request-ids-claimed-in-a-table.md).
 pub async fn claim<T: FeedTable>(
     pool: &PgPool,
     user_id: Uuid,

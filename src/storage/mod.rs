@@ -10,6 +10,7 @@ mod events;
 mod feed_writer;
 mod feeds;
 mod items;
+mod migrations;
 mod participations;
 mod routes;
 mod sentiments;
@@ -34,6 +35,7 @@ pub(crate) use call::begin_on;
 pub use feeds::OpenFeed;
 pub use items::FeedTable;
 use items::Unary;
+pub use migrations::{MIGRATOR, check_migrated, migrate};
 pub use participations::Leaving;
 pub use spool::{Spool, SpoolSettings, Spooler};
 pub(crate) use streams::{
@@ -43,14 +45,6 @@ pub use writer_connection::IDLE_CHECK;
 
 use crate::domain::{NewEvent, NewSentiment, Participation};
 use crate::error::Error;
-
-/// The migrations under `migrations/`, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// Applies the pending migrations.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
-}
 
 /// The tables the service reads and writes at run time.
 const RUNTIME_TABLES: &[&str] = &[
@@ -66,34 +60,6 @@ const RUNTIME_TABLES: &[&str] = &[
     "sentiment_request_ids",
     "event_request_ids",
 ];
-
-/// Fails unless every embedded migration has been applied, unchanged.
-pub async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
-    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT version, checksum FROM _sqlx_migrations WHERE success ORDER BY version",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot read the applied migrations: {e}"))?;
-    for migration in MIGRATOR.iter() {
-        match applied
-            .iter()
-            .find(|(version, _)| *version == migration.version)
-        {
-            Some((_, checksum)) if checksum[..] == migration.checksum[..] => {}
-            Some(_) => anyhow::bail!(
-                "migration {} was changed after it was applied",
-                migration.version
-            ),
-            None => anyhow::bail!(
-                "the database lacks migration {} ({}); run `krisp-ingest migrate` as its owner",
-                migration.version,
-                migration.description
-            ),
-        }
-    }
-    Ok(())
-}
 
 /// Grants `role` the run-time privileges: connect, use the schema, and SELECT, INSERT,
 /// UPDATE, DELETE on the service's tables (SELECT on the migration record and the API
@@ -196,8 +162,8 @@ const UNARY_WRITERS: usize = 2;
 /// any invalidation, and planning it (2-4 ms with 11 partitions) held up every call of
 /// the batch; with 58 connections open, the unary records at 64 calls in flight lost a
 /// third of their speed. Held rather than taken from a pool of their own: sqlx tests a
-/// pooled connection with a round trip each time it is given back (measured,
-/// docs/BENCHMARKS.md, issue 16).
+/// pooled connection with a round trip each time it is given back
+/// (docs/decisions/0006-writers-keep-their-own-connections.md).
 pub const UNARY_CONNECTIONS: u32 = 2 * UNARY_WRITERS as u32;
 
 /// The connections the service keeps beside its pool: the health probe's, the live

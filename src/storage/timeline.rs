@@ -71,7 +71,8 @@ impl Storage {
             // No item starts before its participation connected (every way in checks it),
             // and saying so lets PostgreSQL leave the older partitions out: with a year of
             // daily partitions the query took 17 ms without it and 0.35 ms with it
-            // (docs/BENCHMARKS.md, issue 16). No upper bound: a leave does not move items
+            // (docs/decisions/0011-timeline-bounded-and-planned-per-call.md). No upper
+            // bound: a leave does not move items
             // recorded ahead of it. Not a prepared statement: a plan made for these
             // parameters leaves the partitions out before locking them, where a generic
             // plan (which PostgreSQL also builds at a prepared statement's sixth run, to

@@ -4,6 +4,8 @@
 
 use sqlx::PgPool;
 
+use krisp_ingest::storage;
+
 use crate::helpers::{count, empty_database};
 
 async fn run(db: &PgPool, sql: &str) {
@@ -15,7 +17,7 @@ async fn the_scale_out_migration_keeps_existing_users_sentiments_and_events() {
     let db = empty_database().await;
     run(&db, include_str!("../../migrations/0001_schema.sql")).await;
     run(&db, include_str!("../../migrations/0002_api_keys.sql")).await;
-    // A database as issues 2-6 left it, with data.
+    // A database with data, as migrations 0001 and 0002 shaped it.
     run(
         &db,
         "INSERT INTO timezones VALUES ('UTC', 0);
@@ -181,4 +183,52 @@ async fn sessions_learn_their_latest_connection_from_the_participations_stored()
             .contains("sessions_ends_after_last_connection"),
         "{early_end}"
     );
+}
+
+/// The hex SHA-384 of migration 0008 as it was released, before its comments were
+/// reworded (its statements are the same).
+const RELEASED_0008: &str = "110eb792f27925e49b2ce263179f02d286d76db97eb75c3c639389bb4a45786ebfe4f12808917e28e6b495850ab64837";
+
+async fn record_checksum_of_0008(db: &PgPool, hex: &str) {
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 8")
+        .bind(hex)
+        .execute(db)
+        .await
+        .unwrap();
+}
+
+async fn checksum_of_0008(db: &PgPool) -> Vec<u8> {
+    sqlx::query_scalar("SELECT checksum FROM _sqlx_migrations WHERE version = 8")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_database_that_applied_a_migration_before_its_comments_were_reworded_is_up_to_date() {
+    let db = crate::helpers::fresh_database().await;
+    let current = storage::MIGRATOR
+        .iter()
+        .find(|m| m.version == 8)
+        .unwrap()
+        .checksum
+        .to_vec();
+
+    // As a database that applied the released text holds it.
+    record_checksum_of_0008(&db, RELEASED_0008).await;
+    storage::check_migrated(&db).await.unwrap();
+    storage::migrate(&db).await.unwrap();
+    assert_eq!(
+        checksum_of_0008(&db).await,
+        current,
+        "migrate records the current text"
+    );
+    storage::check_migrated(&db).await.unwrap();
+
+    // A migration changed in any other way is still refused, by both.
+    record_checksum_of_0008(&db, &"00".repeat(48)).await;
+    let error = storage::check_migrated(&db).await.unwrap_err().to_string();
+    assert!(error.contains("migration 8 was changed"), "{error}");
+    assert!(storage::migrate(&db).await.is_err());
+    assert_ne!(checksum_of_0008(&db).await, current);
 }

@@ -11,7 +11,7 @@ use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::cli::FeedArgs;
-use crate::client::{connect, sentiment};
+use crate::connection::{connect, sentiment};
 use krisp_ingest::proto::{
     self, feed_item::Item, live_feed_request::Frame, live_feed_response::Frame as Reply,
 };

@@ -3,11 +3,12 @@
 
 mod cli;
 mod client;
+mod connection;
 mod live;
 
 /// mimalloc rather than the system allocator: with thousands of open streams, glibc's
 /// malloc fragmented (RSS stayed at its peak after the streams ended) and showed in the
-/// server's CPU profile (docs/BENCHMARKS.md, "Live feeds").
+/// server's CPU profile (docs/decisions/0010-mimalloc.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
