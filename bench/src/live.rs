@@ -88,6 +88,16 @@ impl LiveArgs {
         }
     }
 
+    /// The same feeds, each lasting `min..=max` seconds, started over at most `min`.
+    pub(crate) fn lasting(self, min: u64, max: u64) -> Self {
+        Self {
+            min_seconds: min,
+            max_seconds: max,
+            ramp_seconds: RAMP_SECONDS.min(min),
+            ..self
+        }
+    }
+
     /// Items the longest feed sends.
     pub(crate) fn items_per_feed(&self) -> u64 {
         self.max_seconds * self.batch as u64

@@ -127,6 +127,12 @@ struct Args {
     /// `krisp-bench live --feeds N` measures them (0: skip).
     #[arg(long, default_value_t = 10_000)]
     live_feeds: usize,
+    /// Shortest and longest of those feeds, in seconds (as `live --min-seconds
+    /// --max-seconds`).
+    #[arg(long, default_value_t = 20)]
+    live_min_seconds: u64,
+    #[arg(long, default_value_t = 60)]
+    live_max_seconds: u64,
     /// Where to write the chart (SVG) of throughput by concurrency.
     #[arg(long, default_value = "docs/benchmarks.svg")]
     chart: PathBuf,
@@ -283,11 +289,11 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         bail!("--streams and --unary-concurrency take positive numbers");
     }
     let (pool, options) = bench_database(args).await?;
-    let span_rows = args
-        .rows
-        .max(args.rss_rows)
-        .max(args.row_by_row_rows)
-        .max(live::LiveArgs::feeds(1, live::Rpc::Stream).items_per_feed());
+    let span_rows = args.rows.max(args.rss_rows).max(args.row_by_row_rows).max(
+        live::LiveArgs::feeds(1, live::Rpc::Stream)
+            .lasting(args.live_min_seconds, args.live_max_seconds)
+            .items_per_feed(),
+    );
     let fx = Arc::new(Fixtures::new(pool.clone(), span_rows).await?);
 
     eprintln!(
@@ -347,7 +353,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let mut live = Vec::new();
     if args.live_feeds > 0 {
         for rpc in [live::Rpc::Stream, live::Rpc::LiveFeed] {
-            let shape = live::LiveArgs::feeds(args.live_feeds, rpc);
+            let shape = live::LiveArgs::feeds(args.live_feeds, rpc)
+                .lasting(args.live_min_seconds, args.live_max_seconds);
             let rounds = live::measure(args, &shape, &fx).await?;
             live.push((shape, rounds));
         }

@@ -6,6 +6,7 @@ use std::process::Command;
 #[test]
 fn the_benchmark_runs_every_method_and_reports_the_ratio() {
     let chart = tempfile::NamedTempFile::new().unwrap();
+    let live_chart = tempfile::NamedTempFile::new().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_krisp-bench"))
         .args([
             "--rows",
@@ -31,8 +32,18 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
             "--delete-stream-rows",
             "50",
         ])
+        .args([
+            "--live-feeds",
+            "20",
+            "--live-min-seconds",
+            "2",
+            "--live-max-seconds",
+            "3",
+        ])
         .args(["--repeat", "1", "--chart"])
         .arg(chart.path())
+        .arg("--live-chart")
+        .arg(live_chart.path())
         .output()
         .expect("run krisp-bench");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -55,6 +66,7 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
         "| sqlx-join-session | 4 |",
         "| grpc-timeline-first | 1 |",
         "| sqlx-timeline-first | 1 |",
+        "| live-feed | 1 |",
     ] {
         assert!(stdout.contains(method), "{method} missing:\n{stdout}");
     }
@@ -78,8 +90,27 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
         stdout.contains("copy without / with the stream keys"),
         "{stdout}"
     );
-    let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("stream/copy ratio: "), "last line: {last}");
+    assert!(stdout.contains("\nstream/copy ratio: "), "{stdout}");
+    for (kind, finished) in [
+        ("Stream", "| stream records |"),
+        ("LiveFeed", "| feeds closed |"),
+    ] {
+        assert!(stdout.contains(&format!("live feeds, {kind}:")), "{stdout}");
+        let table = stdout
+            .split(&format!("live feeds, {kind}:"))
+            .nth(1)
+            .unwrap_or_default();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(finished))
+            .unwrap_or_default();
+        assert_eq!(row, format!("{finished} 20 | 20 |"), "{stdout}");
+    }
+    let live_svg = std::fs::read_to_string(live_chart.path()).unwrap();
+    assert!(
+        live_svg.contains("20 client streams") && live_svg.contains("20 LiveFeeds"),
+        "{live_svg}"
+    );
     let svg = std::fs::read_to_string(chart.path()).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("grpc-stream x2"),
