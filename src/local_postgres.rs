@@ -375,7 +375,19 @@ impl LocalPostgres {
         let output = self
             .run(
                 "pg_ctl",
-                &["stop", "-D", self.data_dir_arg()?, "-m", "fast", "-w"],
+                // Fast: sessions end at once; the shutdown checkpoint still writes every
+                // dirty page, which on a busy disk can take longer than pg_ctl's default
+                // minute.
+                &[
+                    "stop",
+                    "-D",
+                    self.data_dir_arg()?,
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "300",
+                ],
             )
             .await?;
         if !output.status.success() {

@@ -28,6 +28,7 @@ mod fixtures;
 mod live;
 mod live_feed;
 mod probes;
+mod reads;
 mod report;
 mod scenarios;
 mod server;
@@ -123,6 +124,9 @@ struct Args {
     /// delete-user: rows per stream of the deleted user.
     #[arg(long, default_value_t = 500)]
     delete_stream_rows: u64,
+    /// Entries of the participation whose timeline is read (0: skip the reads).
+    #[arg(long, default_value_t = 1_000_000)]
+    read_entries: u64,
     /// Live feeds of each kind (client streams, LiveFeeds) open at once at the peak, as
     /// `krisp-bench live --feeds N` measures them (0: skip).
     #[arg(long, default_value_t = 10_000)]
@@ -289,11 +293,16 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         bail!("--streams and --unary-concurrency take positive numbers");
     }
     let (pool, options) = bench_database(args).await?;
-    let span_rows = args.rows.max(args.rss_rows).max(args.row_by_row_rows).max(
-        live::LiveArgs::feeds(1, live::Rpc::Stream)
-            .lasting(args.live_min_seconds, args.live_max_seconds)
-            .items_per_feed(),
-    );
+    let span_rows = args
+        .rows
+        .max(args.rss_rows)
+        .max(args.row_by_row_rows)
+        .max(args.read_entries)
+        .max(
+            live::LiveArgs::feeds(1, live::Rpc::Stream)
+                .lasting(args.live_min_seconds, args.live_max_seconds)
+                .items_per_feed(),
+        );
     let fx = Arc::new(Fixtures::new(pool.clone(), span_rows).await?);
 
     eprintln!(
@@ -350,6 +359,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let mut range_entries = 0;
+    if args.read_entries > 0 {
+        let (reads, entries) = reads::run(args, &fx, args.read_entries).await?;
+        runs.extend(reads);
+        range_entries = entries;
+    }
     let mut live = Vec::new();
     if args.live_feeds > 0 {
         for rpc in [live::Rpc::Stream, live::Rpc::LiveFeed] {
@@ -370,6 +385,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         },
         stream_keys: (copy_without_keys, copy_with_keys),
         delete_times,
+        range_entries,
         live,
     };
     print!("{}", report::markdown(args, &run));

@@ -18,6 +18,8 @@ pub(crate) struct Run {
     pub(crate) stream_keys: (f64, f64),
     /// DeleteUser's time in each round, sorted.
     pub(crate) delete_times: Vec<Duration>,
+    /// Entries of the timeline range read by `grpc-range` and `sqlx-range`.
+    pub(crate) range_entries: u64,
     /// The live feeds of each kind, every round.
     pub(crate) live: Vec<(LiveArgs, Vec<Round>)>,
 }
@@ -159,6 +161,29 @@ pub(crate) fn markdown(args: &Args, run: &Run) -> String {
             );
         }
     }
+    if run.at("grpc-read", 1) > 0.0 {
+        ratio(
+            "grpc-read/copy-to ratio".into(),
+            run.at("grpc-read", 1),
+            run.at("copy-to", 1),
+        );
+        let python = run.at("python-read", 1);
+        if python > 0.0 {
+            ratio(
+                format!("python-read {python:.0} entries/s; python-read/copy-to ratio"),
+                python,
+                run.at("copy-to", 1),
+            );
+        }
+        ratio(
+            format!(
+                "grpc-range/sqlx-range ratio ({} entries a read)",
+                run.range_entries
+            ),
+            run.at("grpc-range", 1),
+            run.at("sqlx-range", 1),
+        );
+    }
     let (without, with) = run.stream_keys;
     ratio(
         format!(
@@ -287,16 +312,24 @@ pub(crate) fn throughput_chart(run: &Run) -> String {
         )
     };
     let color = |method: &str| match method {
-        "copy" | "row-by-row" => GREY,
+        "copy" | "row-by-row" | "copy-to" => GREY,
+        "python-read" => ORANGE,
         "grpc-health" => GREEN,
         m if m.starts_with("sqlx") => GREY,
         m if m.starts_with("live") => ORANGE,
         _ => BLUE,
     };
+    let whole_reads = ["copy-to", "grpc-read", "python-read"];
     let bulk: Vec<_> = run
         .results
         .iter()
-        .filter(|(m, _, _)| m.latency.is_none())
+        .filter(|(m, _, _)| m.latency.is_none() && !whole_reads.contains(&m.method.as_str()))
+        .map(|(m, _, _)| bar(m, color(&m.method)))
+        .collect();
+    let reads: Vec<_> = run
+        .results
+        .iter()
+        .filter(|(m, _, _)| whole_reads.contains(&m.method.as_str()))
         .map(|(m, _, _)| bar(m, color(&m.method)))
         .collect();
     let mut panels = vec![Panel {
@@ -304,6 +337,13 @@ pub(crate) fn throughput_chart(run: &Run) -> String {
         unit: "rows/s",
         bars: bulk,
     }];
+    if !reads.is_empty() {
+        panels.push(Panel {
+            title: "a whole timeline read".into(),
+            unit: "entries/s",
+            bars: reads,
+        });
+    }
     let mut unary_methods: Vec<&str> = Vec::new();
     for (m, _, _) in &run.results {
         if m.latency.is_some()
@@ -322,7 +362,10 @@ pub(crate) fn throughput_chart(run: &Run) -> String {
             .collect()
     };
     for grpc in unary_methods {
-        let sql = crate::unary::sql_method(grpc);
+        let sql = crate::unary::sql_method(grpc).or(match grpc {
+            "grpc-range" => Some("sqlx-range"),
+            _ => None,
+        });
         let mut bars = Vec::new();
         for m in concurrencies(grpc) {
             for method in [grpc, sql.unwrap_or(grpc), "grpc-health"] {

@@ -188,6 +188,7 @@ fn grpc_call(fx: &Arc<Fixtures>, case: Case, target: Target, channel: Channel) -
                     let mut entries = client
                         .get_timeline(proto::GetTimelineRequest {
                             participation_id: p.id.to_string(),
+                            ..Default::default()
                         })
                         .await?
                         .into_inner();

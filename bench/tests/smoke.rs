@@ -32,6 +32,7 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
             "--delete-stream-rows",
             "50",
         ])
+        .args(["--read-entries", "3000"])
         .args([
             "--live-feeds",
             "20",
@@ -91,6 +92,26 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
         "{stdout}"
     );
     assert!(stdout.contains("\nstream/copy ratio: "), "{stdout}");
+    for method in [
+        "| copy-to | 1 | 3000 |",
+        "| grpc-read | 1 | 3000 |",
+        "| grpc-range | 1 |",
+        "| sqlx-range | 1 |",
+    ] {
+        assert!(stdout.contains(method), "{method} missing:\n{stdout}");
+    }
+    assert!(stdout.contains("grpc-range/sqlx-range ratio ("), "{stdout}");
+    // The Python reader runs where python3 has grpcio (the README's test command installs
+    // it first).
+    let python = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert_eq!(
+        stdout.contains("| python-read | 1 | 3000 |"),
+        python,
+        "python-read with grpcio installed: {python}\n{stdout}\n{stderr}"
+    );
     for (kind, finished) in [
         ("Stream", "| stream records |"),
         ("LiveFeed", "| feeds closed |"),

@@ -155,13 +155,6 @@ pub struct Event {
     pub event: NewEvent,
 }
 
-/// One entry of a participation's timeline.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TimelineEntry {
-    Sentiment(Sentiment),
-    Event(Event),
-}
-
 /// What the items of a client stream are: how to name them in errors, and the span of
 /// time each covers (which must lie inside its participation).
 pub trait FeedItem: Send + Sync + 'static {

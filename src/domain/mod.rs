@@ -27,6 +27,7 @@ mod feed;
 mod live;
 mod names;
 mod session;
+mod timeline;
 mod user;
 mod violation;
 
@@ -35,6 +36,7 @@ pub use feed::*;
 pub use live::*;
 pub use names::{CountryCode, ExternalId, LanguageTag, TimezoneCode};
 pub use session::*;
+pub use timeline::*;
 pub use user::*;
 pub use violation::{FieldViolation, Violations};
 

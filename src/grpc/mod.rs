@@ -242,12 +242,20 @@ impl IngestApi for IngestGrpcAdapter {
         &self,
         request: Request<proto::GetTimelineRequest>,
     ) -> ApiResult<Self::GetTimelineStream> {
-        let id = id_field("participation_id", &request.into_inner().participation_id)?;
-        let entries = self.service.timeline(id).await?;
-        let stream = ReceiverStream::new(entries).map(|entry| {
-            entry
-                .map(convert::timeline_entry_to_proto)
-                .map_err(Status::from)
+        let read = convert::get_timeline(request.get_ref()).map_err(Error::from)?;
+        let chunks = self
+            .service
+            .timeline(read.participation_id, read.range)
+            .await?;
+        let stream = ReceiverStream::new(chunks).flat_map(move |chunk| {
+            let messages: Vec<Result<proto::GetTimelineResponse, Status>> = match chunk {
+                Ok(entries) => convert::timeline_messages(entries, read.chunked)
+                    .into_iter()
+                    .map(Ok)
+                    .collect(),
+                Err(error) => vec![Err(Status::from(error))],
+            };
+            tokio_stream::iter(messages)
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -19,7 +19,7 @@ use settle::settled;
 
 use crate::domain::{
     ItemClock, Leave, LeaveRefusal, NewParticipation, NewUser, Participation, Session,
-    SessionEndRefusal, SessionType, TimelineEntry, Timezone, Usage, User,
+    SessionEndRefusal, SessionType, TimelineEntry, TimelineRange, Timezone, Usage, User,
 };
 use crate::error::{Error, RETRY_AFTER_READ, RETRY_SAME_ID, RETRY_WITHOUT_ID};
 use crate::storage::{Batched, Leaving, Spooler, Storage};
@@ -355,12 +355,14 @@ impl IngestService {
         )))
     }
 
+    /// The entries of `range` in a participation's timeline, in chunks as they are read.
     pub async fn timeline(
         &self,
         participation_id: Uuid,
-    ) -> Result<mpsc::Receiver<Result<TimelineEntry, Error>>, Error> {
+        range: TimelineRange,
+    ) -> Result<mpsc::Receiver<Result<Vec<TimelineEntry>, Error>>, Error> {
         let participation = self.get_participation(participation_id).await?;
-        Ok(self.storage.timeline(&participation))
+        Ok(self.storage.timeline(&participation, range))
     }
 }
 

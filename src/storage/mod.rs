@@ -41,6 +41,7 @@ pub use spool::{Spool, SpoolSettings, Spooler};
 pub(crate) use streams::{
     FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream, hold_participation,
 };
+pub use timeline::{timeline_lower_bound, timeline_sql};
 pub use writer_connection::IDLE_CHECK;
 
 use crate::domain::{NewEvent, NewSentiment, Participation};

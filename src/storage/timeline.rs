@@ -1,15 +1,15 @@
 //! A participation's timeline: its sentiments and events in time order, streamed.
 
 use chrono::{DateTime, Utc};
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::Storage;
+use super::{Storage, call};
 use crate::domain::{
-    Event, EventKind, NewEvent, NewSentiment, Participation, Sentiment, SentimentLabel,
-    TimelineEntry,
+    EntryKind, Event, EventKind, NewEvent, NewSentiment, Participation, Sentiment, SentimentLabel,
+    TimelineEntry, TimelineRange,
 };
 use crate::error::Error;
 
@@ -54,59 +54,141 @@ fn timeline_entry(participation_id: Uuid, row: TimelineRow) -> Result<TimelineEn
     }
 }
 
-/// Rows in flight between the query and the client; bounds the memory of a timeline.
-const TIMELINE_BUFFER: usize = 256;
+/// Rows one chunk holds at most: a chunk is what the query has ready, up to this.
+const CHUNK_ROWS: usize = 256;
+/// Chunks in flight between the query and the client; with [`CHUNK_ROWS`], bounds the
+/// memory of a timeline read, however slow its client.
+const TIMELINE_BUFFER: usize = 2;
+
+/// The statement of a timeline read of `range`: `$1` the user, `$2` the participation,
+/// `$3` the lower time bound (the latest of the participation's start, the range's start
+/// and the position's time), then `$4` the range's end when it has one, then the position
+/// when the range has one (its time, its kind's rank: 0 an event, 1 a sentiment; its id).
+///
+/// No item starts before its participation connected (every way in checks it), and
+/// saying so lets PostgreSQL leave the older partitions out: with a year of daily
+/// partitions the query took 17 ms without it and 0.35 ms with it
+/// (docs/decisions/0011-timeline-bounded-and-planned-per-call.md). The order is the
+/// timeline's: time, events before sentiments, id.
+pub fn timeline_sql(range: &TimelineRange) -> String {
+    let mut next = 4;
+    let mut param = || {
+        let n = next;
+        next += 1;
+        n
+    };
+    let until = range.until().map(|_| param());
+    let after = range.after_position().map(|_| (param(), param(), param()));
+    let bounds = |time: &str, rank: u8| {
+        let mut sql = format!("{time} >= $3");
+        if let Some(until) = until {
+            sql.push_str(&format!(" AND {time} < ${until}"));
+        }
+        if let Some((at, kind, id)) = after {
+            sql.push_str(&format!(
+                " AND ({time}, {rank}, id) > (${at}, ${kind}, ${id})"
+            ));
+        }
+        sql
+    };
+    format!(
+        "SELECT false AS is_event, id, started_at AS at, ended_at, label AS kind, score, \
+                NULL::jsonb AS attributes \
+         FROM sentiments \
+         WHERE user_id = $1 AND participation_id = $2 AND {} \
+         UNION ALL \
+         SELECT true, id, occurred_at, NULL, kind, NULL, attributes \
+         FROM events \
+         WHERE user_id = $1 AND participation_id = $2 AND {} \
+         ORDER BY at, is_event DESC, id",
+        bounds("started_at", 1),
+        bounds("occurred_at", 0)
+    )
+}
+
+/// The lower time bound of a read of `range` in `participation`'s timeline (`$3`).
+pub fn timeline_lower_bound(participation: &Participation, range: &TimelineRange) -> DateTime<Utc> {
+    [range.from(), range.after_position().map(|p| p.at)]
+        .into_iter()
+        .flatten()
+        .fold(participation.connected_at, DateTime::max)
+}
 
 impl Storage {
-    /// A participation's sentiments and events in time order, produced as they are read.
+    /// The entries of `range` in a participation's timeline, in timeline order, in
+    /// chunks as they are read. One statement, so one snapshot: an item committed while
+    /// it runs is wholly in or wholly out. Dropping the receiver stops the read.
     pub fn timeline(
         &self,
         participation: &Participation,
-    ) -> mpsc::Receiver<Result<TimelineEntry, Error>> {
+        range: TimelineRange,
+    ) -> mpsc::Receiver<Result<Vec<TimelineEntry>, Error>> {
         let (tx, rx) = mpsc::channel(TIMELINE_BUFFER);
         let pool: PgPool = self.pool.clone();
         let (user_id, participation_id) = (participation.user_id, participation.id);
-        let connected_at = participation.connected_at;
+        let lower = timeline_lower_bound(participation, &range);
         tokio::spawn(async move {
-            // No item starts before its participation connected (every way in checks it),
-            // and saying so lets PostgreSQL leave the older partitions out: with a year of
-            // daily partitions the query took 17 ms without it and 0.35 ms with it
-            // (docs/decisions/0011-timeline-bounded-and-planned-per-call.md). No upper
-            // bound: a leave does not move items
-            // recorded ahead of it. Not a prepared statement: a plan made for these
-            // parameters leaves the partitions out before locking them, where a generic
-            // plan (which PostgreSQL also builds at a prepared statement's sixth run, to
-            // compare) locks all of them, ~3,000 locks with a year of partitions: 16
-            // timelines at once ran out of the lock table ("out of shared memory").
-            let mut rows = sqlx::query_as::<_, TimelineRow>(
-                "SELECT false AS is_event, id, started_at AS at, ended_at, label AS kind, score, \
-                        NULL::jsonb AS attributes \
-                 FROM sentiments \
-                 WHERE user_id = $1 AND participation_id = $2 AND started_at >= $3 \
-                 UNION ALL \
-                 SELECT true, id, occurred_at, NULL, kind, NULL, attributes \
-                 FROM events \
-                 WHERE user_id = $1 AND participation_id = $2 AND occurred_at >= $3 \
-                 ORDER BY at, is_event DESC, id",
-            )
-            .bind(user_id)
-            .bind(participation_id)
-            .bind(connected_at)
-            .persistent(false)
-            .fetch(&pool);
-            loop {
-                let item = match rows.try_next().await {
-                    Ok(Some(row)) => timeline_entry(participation_id, row),
-                    Ok(None) => break,
-                    Err(error) => Err(Error::from(error)),
-                };
-                let failed = item.is_err();
-                // A closed channel means the client went away: stop reading.
-                if tx.send(item).await.is_err() || failed {
-                    break;
+            let gone = tx.clone();
+            let read = read_chunks(&pool, user_id, participation_id, lower, range, &tx);
+            tokio::select! {
+                // The client went away: dropping the read cancels its statement rather
+                // than letting PostgreSQL send the rest for nobody.
+                () = gone.closed() => {}
+                outcome = read => {
+                    if let Err(error) = outcome {
+                        let _ = tx.send(Err(error)).await;
+                    }
                 }
             }
         });
         rx
     }
+}
+
+/// Reads `range` of a timeline into `tx`, chunk by chunk, on a connection whose statement
+/// is cancelled if this future is dropped.
+async fn read_chunks(
+    pool: &PgPool,
+    user_id: Uuid,
+    participation_id: Uuid,
+    lower: DateTime<Utc>,
+    range: TimelineRange,
+    tx: &mpsc::Sender<Result<Vec<TimelineEntry>, Error>>,
+) -> Result<(), Error> {
+    let sql = timeline_sql(&range);
+    let mut conn = pool.acquire().await?;
+    call::cancelled_with_call(pool, &mut conn, |conn| async move {
+        let mut query = sqlx::query_as::<_, TimelineRow>(&sql)
+            .bind(user_id)
+            .bind(participation_id)
+            .bind(lower);
+        if let Some(until) = range.until() {
+            query = query.bind(until);
+        }
+        if let Some(after) = range.after_position() {
+            let rank: i32 = match after.kind {
+                EntryKind::Event => 0,
+                EntryKind::Sentiment => 1,
+            };
+            query = query.bind(after.at).bind(rank).bind(after.id);
+        }
+        // Not a prepared statement: a plan made for these parameters leaves the
+        // partitions out before locking them, where a generic plan (which PostgreSQL also
+        // builds at a prepared statement's sixth run, to compare) locks all of them,
+        // ~3,000 locks with a year of partitions: 16 timelines at once ran out of the
+        // lock table ("out of shared memory"). No upper bound of its own: a leave does
+        // not move items recorded ahead of it.
+        let mut chunks = query.persistent(false).fetch(conn).ready_chunks(CHUNK_ROWS);
+        while let Some(rows) = chunks.next().await {
+            let entries = rows
+                .into_iter()
+                .map(|row| timeline_entry(participation_id, row?))
+                .collect::<Result<Vec<_>, Error>>()?;
+            if tx.send(Ok(entries)).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    })
+    .await
 }

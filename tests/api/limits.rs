@@ -407,7 +407,8 @@ async fn a_timeline_being_streamed_holds_its_slot_until_its_last_message() {
     })
     .await;
     let participation = app.participation().await;
-    app.stream_sentiments(&participation.id, vec![sentiments(0, 5000)])
+    // More than the server's HTTP/2 send buffer and the client's window hold together.
+    app.stream_sentiments(&participation.id, vec![sentiments(0, 50_000)])
         .await;
     // A client that reads one entry of the timeline, then stops reading: HTTP/2 flow
     // control keeps the rest of the response pending on the server.
@@ -415,6 +416,7 @@ async fn a_timeline_being_streamed_holds_its_slot_until_its_last_message() {
     let mut timeline = reader
         .get_timeline(proto::GetTimelineRequest {
             participation_id: participation.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

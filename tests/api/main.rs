@@ -30,6 +30,7 @@ mod server;
 mod spool;
 mod startup;
 mod streams;
+mod timeline;
 mod tls;
 mod unary_feed;
 mod users_timezones_sessions;

@@ -385,7 +385,10 @@ async fn timelines_read_at_once_with_a_year_of_partitions() {
                 let participation_id = participation.id.clone();
                 tokio::spawn(async move {
                     let mut entries = client
-                        .get_timeline(proto::GetTimelineRequest { participation_id })
+                        .get_timeline(proto::GetTimelineRequest {
+                            participation_id,
+                            ..Default::default()
+                        })
                         .await?
                         .into_inner();
                     let mut read = 0;

@@ -251,6 +251,7 @@ async fn the_timeline_interleaves_events_and_sentiments_in_time_order() {
     let mut stream = client
         .get_timeline(proto::GetTimelineRequest {
             participation_id: participation.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -282,6 +283,7 @@ async fn the_timeline_interleaves_events_and_sentiments_in_time_order() {
     let status = client
         .get_timeline(proto::GetTimelineRequest {
             participation_id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -98,6 +98,9 @@ def test_every_readme_grpcurl_command_works_with_the_real_grpcurl(server):
         elif name in ("StreamSentiments", "StreamEvents"):
             stored = int(field(field(answers[0], "receipt"), "items_stored"))
             assert stored == (2 if name == "StreamSentiments" else 1), out
+        elif name == "GetTimeline" and "chunked" in command:
+            # [10:02, 10:04): the 2 streamed sentiments and the streamed event, one message.
+            assert len(answers) == 1 and len(answers[0]["entries"]) == 3, out
         elif name == "GetTimeline":
             # 1 recorded + 2 streamed sentiments, 1 recorded + 1 streamed event.
             assert len(answers) == 5, out

@@ -158,6 +158,7 @@ pub async fn demo(args: &ClientArgs) -> anyhow::Result<()> {
     let mut timeline = client
         .get_timeline(proto::GetTimelineRequest {
             participation_id: participation.id.clone(),
+            ..Default::default()
         })
         .await
         .map_err(status_error("GetTimeline"))?

@@ -1,6 +1,6 @@
 //! Enums, both ways: an unspecified or unknown value is refused by name.
 
-use crate::domain::{EventKind, SentimentLabel, SessionType};
+use crate::domain::{EntryKind, EventKind, SentimentLabel, SessionType};
 use crate::proto;
 
 fn enum_value<P, D>(
@@ -17,6 +17,20 @@ where
         Some(p) if p == unspecified => Err(format!("is required (got {unspecified:?})")),
         Some(p) => map(p).ok_or_else(|| format!("has unsupported value {p:?}")),
     }
+}
+
+pub fn entry_kind(raw: i32) -> Result<EntryKind, String> {
+    use proto::TimelineEntryKind as P;
+    enum_value(
+        raw,
+        |v| P::try_from(v).ok(),
+        |p| match p {
+            P::Event => Some(EntryKind::Event),
+            P::Sentiment => Some(EntryKind::Sentiment),
+            P::Unspecified => None,
+        },
+        P::Unspecified,
+    )
 }
 
 pub fn session_type(raw: i32) -> Result<SessionType, String> {

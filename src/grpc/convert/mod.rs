@@ -14,12 +14,17 @@ mod requests;
 mod responses;
 mod scalars;
 mod stream;
+mod timeline;
 
 pub use live::{feed_message, feed_reply_to_proto};
 pub use requests::*;
 pub use responses::*;
 pub use scalars::id_field;
 pub use stream::{StreamFrame, frame};
+pub use timeline::{
+    CHUNK_BYTES, GetTimeline, get_timeline, timeline_entry_to_proto, timeline_messages,
+    timeline_position_to_proto,
+};
 
 use crate::error::FieldViolation;
 

@@ -3,9 +3,7 @@
 use chrono::TimeDelta;
 
 use super::enums::{event_kind_to_proto, label_to_proto, session_type_to_proto};
-use crate::domain::{
-    self, CountryCode, LanguageTag, Receipt, Session, TimelineEntry, Timezone, User,
-};
+use crate::domain::{self, CountryCode, LanguageTag, Receipt, Session, Timezone, User};
 use crate::proto::{self, to_duration, to_timestamp};
 
 pub fn user_to_proto(user: User) -> proto::User {
@@ -76,17 +74,6 @@ pub fn event_to_proto(e: domain::Event) -> proto::Event {
         occurred_at: Some(to_timestamp(e.event.occurred_at)),
         kind: event_kind_to_proto(e.event.kind) as i32,
         attributes: e.event.attributes.into_iter().collect(),
-    }
-}
-
-pub fn timeline_entry_to_proto(entry: TimelineEntry) -> proto::GetTimelineResponse {
-    use proto::timeline_entry::Entry;
-    let entry = match entry {
-        TimelineEntry::Sentiment(s) => Entry::Sentiment(sentiment_to_proto(s)),
-        TimelineEntry::Event(e) => Entry::Event(event_to_proto(e)),
-    };
-    proto::GetTimelineResponse {
-        entry: Some(proto::TimelineEntry { entry: Some(entry) }),
     }
 }
 

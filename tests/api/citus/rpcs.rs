@@ -401,6 +401,7 @@ async fn timeline(app: &TestApp, participation_id: &str) -> Vec<proto::TimelineE
         .clone()
         .get_timeline(proto::GetTimelineRequest {
             participation_id: participation_id.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -672,4 +673,14 @@ async fn a_session_never_ends_before_a_participant_connected_on_citus() {
     let (_shared, _db, app) = shared_app(cluster).await;
     app.upsert_timezone("UTC", 0).await;
     sessions_end_after_their_connections(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeline_ranges_resumed_reads_and_chunks_on_citus() {
+    let cluster = require_citus!();
+    let (_shared, _db, app) = shared_app(cluster).await;
+    crate::timeline::ranges_are_half_open_and_ordered(&app).await;
+    crate::timeline::a_cut_read_resumes_after_its_last_entry(&app).await;
+    crate::timeline::chunks_carry_the_same_entries_in_fewer_messages(&app).await;
+    crate::timeline::reads_see_whole_appends_of_a_live_feed(&app).await;
 }

@@ -97,6 +97,7 @@ async fn statements_per_rpc(cluster: &Cluster, shards: u32) -> BTreeMap<&'static
         let mut stream = client
             .get_timeline(proto::GetTimelineRequest {
                 participation_id: id.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
