@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction, pool::PoolConnection};
 
 use crate::error::Error;
 
@@ -40,7 +40,8 @@ async fn limit_to_deadline(tx: &mut PgConnection) -> Result<(), Error> {
 /// cancelled, or tonic gave up at the deadline), the statement `conn` is running is
 /// cancelled (`pg_cancel_backend`, from a connection of its own) rather than left to
 /// finish for nobody. The transaction then rolls back as the connection returns to the
-/// pool.
+/// pool. `conn` must be in a transaction: the cancel reaches the backend only while it is
+/// still in that transaction, never a statement of the connection's next user.
 pub async fn cancelled_with_call<'c, T, F>(
     pool: &PgPool,
     conn: &'c mut PgConnection,
@@ -49,12 +50,14 @@ pub async fn cancelled_with_call<'c, T, F>(
 where
     F: Future<Output = Result<T, Error>>,
 {
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *conn)
-        .await?;
+    let (pid, transaction): (i32, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT pg_backend_pid(), now()")
+            .fetch_one(&mut *conn)
+            .await?;
     let mut guard = CancelOnDrop {
         pool: pool.clone(),
         pid,
+        transaction,
         armed: true,
     };
     let outcome = work(conn).await;
@@ -62,10 +65,12 @@ where
     outcome
 }
 
-/// Cancels backend `pid`'s statement when dropped while armed.
+/// Cancels backend `pid`'s statement when dropped while armed, if the backend is still in
+/// the transaction that began at `transaction`.
 struct CancelOnDrop {
     pool: PgPool,
     pid: i32,
+    transaction: chrono::DateTime<chrono::Utc>,
     armed: bool,
 }
 
@@ -77,15 +82,21 @@ impl Drop for CancelOnDrop {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (options, pid) = (self.pool.connect_options(), self.pid);
+        let (options, pid, transaction) = (self.pool.connect_options(), self.pid, self.transaction);
         runtime.spawn(async move {
             // A connection of its own: the pool may be busy, and the cancel is urgent.
             let cancelled = async {
                 let mut conn = PgConnection::connect_with(&options).await?;
-                let cancelled: bool = sqlx::query_scalar("SELECT pg_cancel_backend($1)")
-                    .bind(pid)
-                    .fetch_one(&mut conn)
-                    .await?;
+                // Checked and signalled in one statement: by then the connection may have
+                // rolled back and gone to another call, whose statement must not stop.
+                let cancelled: bool = sqlx::query_scalar(
+                    "SELECT coalesce(bool_or(pg_cancel_backend(pid)), false) \
+                     FROM pg_stat_activity WHERE pid = $1 AND xact_start = $2",
+                )
+                .bind(pid)
+                .bind(transaction)
+                .fetch_one(&mut conn)
+                .await?;
                 conn.close().await?;
                 Ok::<_, sqlx::Error>(cancelled)
             };
@@ -98,5 +109,38 @@ impl Drop for CancelOnDrop {
                 }
             }
         });
+    }
+}
+
+/// The backend of `conn`, for [`cancel_abandoned`].
+pub async fn backend_pid(conn: &mut PgConnection) -> Result<i32, Error> {
+    Ok(sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await?)
+}
+
+/// Stops the statement a dropped call left running on `conn` (backend `pid`), and gives
+/// the connection back only once that statement has ended: a cancel that arrived after
+/// the connection went back to the pool would stop the next call's statement instead.
+/// A connection whose state is then unclear is closed rather than reused.
+pub async fn cancel_abandoned(pool: &PgPool, mut conn: PoolConnection<Postgres>, pid: i32) {
+    let cancelled = async {
+        // A connection of its own: the pool may be busy.
+        let mut other = PgConnection::connect_with(&pool.connect_options()).await?;
+        sqlx::query("SELECT pg_cancel_backend($1)")
+            .bind(pid)
+            .execute(&mut other)
+            .await?;
+        other.close().await
+    };
+    if let Err(error) = cancelled.await {
+        tracing::warn!(pid, %error, "the call went away, but cancelling its statement failed");
+        conn.close_on_drop();
+        return;
+    }
+    // The statement ends with its last rows or with the cancel's error; a ping reads
+    // either up to the connection's next ReadyForQuery (a second one after the error).
+    if conn.ping().await.is_err() && conn.ping().await.is_err() {
+        conn.close_on_drop();
     }
 }

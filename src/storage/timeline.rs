@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -129,66 +129,67 @@ impl Storage {
         let lower = timeline_lower_bound(participation, &range);
         tokio::spawn(async move {
             let gone = tx.clone();
-            let read = read_chunks(&pool, user_id, participation_id, lower, range, &tx);
-            tokio::select! {
-                // The client went away: dropping the read cancels its statement rather
-                // than letting PostgreSQL send the rest for nobody.
-                () = gone.closed() => {}
-                outcome = read => {
-                    if let Err(error) = outcome {
-                        let _ = tx.send(Err(error)).await;
-                    }
+            let read = async {
+                let mut conn = pool.acquire().await?;
+                let pid = call::backend_pid(&mut conn).await?;
+                let abandoned = tokio::select! {
+                    () = gone.closed() => true,
+                    gone = read_chunks(&mut conn, user_id, participation_id, lower, range, &tx) => gone?,
+                };
+                if abandoned {
+                    // The client went away: PostgreSQL need not send the rest for nobody.
+                    call::cancel_abandoned(&pool, conn, pid).await;
                 }
+                Ok::<_, Error>(())
+            };
+            if let Err(error) = read.await {
+                let _ = tx.send(Err(error)).await;
             }
         });
         rx
     }
 }
 
-/// Reads `range` of a timeline into `tx`, chunk by chunk, on a connection whose statement
-/// is cancelled if this future is dropped.
+/// Reads `range` of a timeline into `tx`, chunk by chunk, until its end or until the
+/// client goes away (then `true`).
 async fn read_chunks(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     user_id: Uuid,
     participation_id: Uuid,
     lower: DateTime<Utc>,
     range: TimelineRange,
     tx: &mpsc::Sender<Result<Vec<TimelineEntry>, Error>>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let sql = timeline_sql(&range);
-    let mut conn = pool.acquire().await?;
-    call::cancelled_with_call(pool, &mut conn, |conn| async move {
-        let mut query = sqlx::query_as::<_, TimelineRow>(&sql)
-            .bind(user_id)
-            .bind(participation_id)
-            .bind(lower);
-        if let Some(until) = range.until() {
-            query = query.bind(until);
+    let mut query = sqlx::query_as::<_, TimelineRow>(&sql)
+        .bind(user_id)
+        .bind(participation_id)
+        .bind(lower);
+    if let Some(until) = range.until() {
+        query = query.bind(until);
+    }
+    if let Some(after) = range.after_position() {
+        let rank: i32 = match after.kind {
+            EntryKind::Event => 0,
+            EntryKind::Sentiment => 1,
+        };
+        query = query.bind(after.at).bind(rank).bind(after.id);
+    }
+    // Not a prepared statement: a plan made for these parameters leaves the partitions
+    // out before locking them, where a generic plan (which PostgreSQL also builds at a
+    // prepared statement's sixth run, to compare) locks all of them, ~3,000 locks with a
+    // year of partitions: 16 timelines at once ran out of the lock table ("out of shared
+    // memory"). No upper bound of its own: a leave does not move items recorded ahead of
+    // it.
+    let mut chunks = query.persistent(false).fetch(conn).ready_chunks(CHUNK_ROWS);
+    while let Some(rows) = chunks.next().await {
+        let entries = rows
+            .into_iter()
+            .map(|row| timeline_entry(participation_id, row?))
+            .collect::<Result<Vec<_>, Error>>()?;
+        if tx.send(Ok(entries)).await.is_err() {
+            return Ok(true);
         }
-        if let Some(after) = range.after_position() {
-            let rank: i32 = match after.kind {
-                EntryKind::Event => 0,
-                EntryKind::Sentiment => 1,
-            };
-            query = query.bind(after.at).bind(rank).bind(after.id);
-        }
-        // Not a prepared statement: a plan made for these parameters leaves the
-        // partitions out before locking them, where a generic plan (which PostgreSQL also
-        // builds at a prepared statement's sixth run, to compare) locks all of them,
-        // ~3,000 locks with a year of partitions: 16 timelines at once ran out of the
-        // lock table ("out of shared memory"). No upper bound of its own: a leave does
-        // not move items recorded ahead of it.
-        let mut chunks = query.persistent(false).fetch(conn).ready_chunks(CHUNK_ROWS);
-        while let Some(rows) = chunks.next().await {
-            let entries = rows
-                .into_iter()
-                .map(|row| timeline_entry(participation_id, row?))
-                .collect::<Result<Vec<_>, Error>>()?;
-            if tx.send(Ok(entries)).await.is_err() {
-                break;
-            }
-        }
-        Ok(())
-    })
-    .await
+    }
+    Ok(false)
 }

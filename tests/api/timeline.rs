@@ -507,3 +507,56 @@ async fn a_slow_reader_holds_the_query_back_and_a_dropped_read_stops_it() {
     })
     .await;
 }
+
+/// Reads abandoned after their first entry while other calls run on the same few
+/// connections: cancelling an abandoned read's statement never stops another call's
+/// (the connection goes back to the pool only once the cancel is through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_reads_never_cancel_another_calls_statement() {
+    let db = crate::helpers::fresh_database().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with((*db.connect_options()).clone())
+        .await
+        .unwrap();
+    let app = crate::helpers::spawn_app_with(pool, krisp_ingest::config::Limits::default()).await;
+    let participation = app.participation().await;
+    app.stream_sentiments(
+        &participation.id,
+        vec![crate::helpers::sentiments(0, 2_000)],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let others: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut client, stop) = (app.client.clone(), stop.clone());
+            let user_id = participation.user_id.clone();
+            tokio::spawn(async move {
+                let mut calls = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let user_id = user_id.clone();
+                    client
+                        .get_user(proto::GetUserRequest { user_id })
+                        .await
+                        .expect("a call beside the abandoned reads");
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let mut client = app.client.clone();
+    for _ in 0..300 {
+        let mut stream = client
+            .get_timeline(request(&participation.id))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        drop(stream);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for other in others {
+        assert!(other.await.unwrap() > 0);
+    }
+}
