@@ -23,7 +23,7 @@ use futures_util::{Stream, StreamExt, stream};
 use super::{IngestService, items::check_item};
 use crate::domain::{FeedEntry, FeedMessage, FeedReceipt, FeedReply};
 use crate::error::Error;
-use crate::storage::OpenFeed;
+use crate::storage::{OpenFeed, Storage};
 
 /// Wire bytes of appends a feed may have read and not yet acknowledged; past it the
 /// stream is not read until a write commits (HTTP/2 flow control then holds the
@@ -60,6 +60,7 @@ impl IngestService {
             feed: None,
             owed: VecDeque::new(),
             accepted: 0,
+            uncommitted: VecDeque::new(),
             waiting: Vec::new(),
             waiting_bytes: 0,
             writing: None,
@@ -84,6 +85,9 @@ struct Session {
     owed: VecDeque<Owed>,
     /// The last sequence number read: committed, being written or waiting.
     accepted: u64,
+    /// The items accepted after the feed's committed position, in order: what a resend
+    /// of them on this stream must match.
+    uncommitted: VecDeque<FeedEntry>,
     /// Items read and checked, to be written after the write in flight.
     waiting: Vec<FeedEntry>,
     waiting_bytes: usize,
@@ -210,6 +214,10 @@ impl Session {
         match outcome {
             Ok(()) => {
                 if let Some(feed) = self.feed.as_mut() {
+                    let written =
+                        usize::try_from(write.through - feed.committed_seq).unwrap_or(usize::MAX);
+                    self.uncommitted
+                        .drain(..written.min(self.uncommitted.len()));
                     feed.committed_seq = write.through;
                 }
             }
@@ -219,6 +227,7 @@ impl Session {
                 // position.
                 self.waiting.clear();
                 self.waiting_bytes = 0;
+                self.uncommitted.clear();
                 self.owed.clear();
                 self.fail(error);
             }
@@ -256,7 +265,7 @@ impl Session {
                 first_seq,
                 items,
                 bytes,
-            } => self.append(first_seq, items, bytes),
+            } => self.append(first_seq, items, bytes).await,
             FeedMessage::Close { final_seq } => {
                 opened(&self.feed, "close")?;
                 self.owed.push_back(Owed::Close(final_seq));
@@ -267,7 +276,12 @@ impl Session {
     }
 
     /// Checks an append and queues its new items; its Ack is owed once they commit.
-    fn append(&mut self, first_seq: u64, items: Vec<FeedEntry>, bytes: usize) -> Result<(), Error> {
+    async fn append(
+        &mut self,
+        first_seq: u64,
+        items: Vec<FeedEntry>,
+        bytes: usize,
+    ) -> Result<(), Error> {
         let feed = opened(&self.feed, "append")?;
         if feed.closed_at.is_some() {
             return Err(Error::FailedPrecondition(format!(
@@ -284,11 +298,21 @@ impl Session {
                 first_seq - 1
             )));
         }
-        // Items at or below the position read are a resend: acknowledged, not stored.
+        // Items at or below the position read are a resend: acknowledged, not stored,
+        // when they are the items sent first.
         let last = first_seq + items.len() as u64 - 1;
         let mut items = items;
         let skip = usize::try_from(expected - first_seq).unwrap_or(usize::MAX);
         let fresh = items.split_off(skip.min(items.len()));
+        check_resend(
+            &self.service.storage,
+            feed,
+            &self.uncommitted,
+            first_seq,
+            &items,
+        )
+        .await?;
+        let feed = opened(&self.feed, "append")?;
         if fresh.is_empty() {
             self.owed.push_back(Owed::Ack(last.max(feed.committed_seq)));
             return Ok(());
@@ -303,6 +327,7 @@ impl Session {
             checked.map_err(|violation| violation.under(&format!("items[{seq}]")))?;
         }
         self.accepted += fresh.len() as u64;
+        self.uncommitted.extend(fresh.iter().cloned());
         self.waiting.extend(fresh);
         self.waiting_bytes += bytes;
         self.owed.push_back(Owed::Ack(self.accepted));
@@ -342,4 +367,51 @@ fn opened<'a>(feed: &'a Option<OpenFeed>, what: &str) -> Result<&'a OpenFeed, Er
             "the first message of a LiveFeed stream must be open, naming the feed",
         )
     })
+}
+
+/// Refuses a resend (`items`, numbered from `first_seq`, all at or below the position
+/// read) that differs from the items sent first: those this stream holds
+/// uncommitted, and those stored. An item the retention dropped is not compared.
+async fn check_resend(
+    storage: &Storage,
+    feed: &OpenFeed,
+    uncommitted: &VecDeque<FeedEntry>,
+    first_seq: u64,
+    items: &[FeedEntry],
+) -> Result<(), Error> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let committed = feed.committed_seq;
+    let differs = |seq: u64| {
+        Error::AlreadyExists(format!(
+            "item {seq} of feed {} was sent already with other content: a resend must \
+             carry the items sent first; new items need new sequence numbers (the feed \
+             is committed through {committed})",
+            feed.feed_id
+        ))
+    };
+    let last = first_seq + items.len() as u64 - 1;
+    if first_seq <= committed {
+        let stored = storage
+            .stored_feed_items(feed, first_seq, last.min(committed))
+            .await?;
+        for (seq, item) in stored {
+            let sent = usize::try_from(seq - first_seq)
+                .ok()
+                .and_then(|i| items.get(i));
+            if sent.is_some_and(|sent| *sent != item) {
+                return Err(differs(seq));
+            }
+        }
+    }
+    for (seq, sent) in (first_seq..).zip(items).filter(|(seq, _)| *seq > committed) {
+        let first = usize::try_from(seq - committed - 1)
+            .ok()
+            .and_then(|i| uncommitted.get(i));
+        if first.is_some_and(|first| first != sent) {
+            return Err(differs(seq));
+        }
+    }
+    Ok(())
 }

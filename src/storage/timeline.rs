@@ -1,4 +1,5 @@
-//! A participation's timeline: its sentiments and events in time order, streamed.
+//! A participation's timeline: its sentiments and events in time order, streamed; and
+//! the stored items of a live feed, read back to check a resend.
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -6,10 +7,10 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{Storage, call};
+use super::{OpenFeed, Storage, call};
 use crate::domain::{
-    EntryKind, Event, EventKind, NewEvent, NewSentiment, Participation, Sentiment, SentimentLabel,
-    TimelineEntry, TimelineRange,
+    EntryKind, Event, EventKind, FeedEntry, NewEvent, NewSentiment, Participation, Sentiment,
+    SentimentLabel, TimelineEntry, TimelineRange,
 };
 use crate::error::Error;
 
@@ -192,4 +193,61 @@ async fn read_chunks(
         }
     }
     Ok(false)
+}
+
+/// A stored item of a live feed: its number, then a [`TimelineRow`].
+type FeedItemRow = (
+    i64,
+    bool,
+    Uuid,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    String,
+    Option<f64>,
+    Option<sqlx::types::JsonValue>,
+);
+
+impl Storage {
+    /// The items of `feed` numbered `from..=through` that are stored, by number: what a
+    /// resend of them must match. Items the retention dropped are missing.
+    pub async fn stored_feed_items(
+        &self,
+        feed: &OpenFeed,
+        from: u64,
+        through: u64,
+    ) -> Result<Vec<(u64, FeedEntry)>, Error> {
+        let participation = &feed.participation;
+        let to_i64 = |n: u64| i64::try_from(n).map_err(Error::internal);
+        let rows: Vec<FeedItemRow> = sqlx::query_as(
+            "SELECT feed_seq, false, id, started_at, ended_at, label, score, NULL::jsonb \
+                 FROM sentiments WHERE user_id = $1 AND stream_id = $2 \
+                   AND feed_seq BETWEEN $3 AND $4 AND started_at >= $5 \
+                 UNION ALL \
+                 SELECT feed_seq, true, id, occurred_at, NULL, kind, NULL, attributes \
+                 FROM events WHERE user_id = $1 AND stream_id = $2 \
+                   AND feed_seq BETWEEN $3 AND $4 AND occurred_at >= $5",
+        )
+        .bind(participation.user_id)
+        .bind(feed.feed_id)
+        .bind(to_i64(from)?)
+        .bind(to_i64(through)?)
+        .bind(participation.connected_at)
+        .persistent(false)
+        .fetch_all(&self.feed_pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(seq, is_event, id, at, ended_at, kind, score, attributes)| {
+                    let entry = match timeline_entry(
+                        participation.id,
+                        (is_event, id, at, ended_at, kind, score, attributes),
+                    )? {
+                        TimelineEntry::Sentiment(s) => FeedEntry::Sentiment(s.sentiment),
+                        TimelineEntry::Event(e) => FeedEntry::Event(e.event),
+                    };
+                    Ok((u64::try_from(seq).map_err(Error::internal)?, entry))
+                },
+            )
+            .collect()
+    }
 }

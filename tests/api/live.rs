@@ -177,6 +177,83 @@ async fn a_resumed_feed_goes_on_after_its_committed_position_and_resends_are_not
     assert_eq!(feed_rows(&app.db, &feed_id).await, (7, 7, 7));
 }
 
+/// Item `seq` with other content than [`item`]'s: the same time, another label or kind.
+fn other_item(seq: u64) -> proto::FeedItem {
+    let mut other = item(seq);
+    match other.item.as_mut().unwrap() {
+        Item::Sentiment(s) => s.label = proto::SentimentLabel::Negative as i32,
+        Item::Event(e) => e.kind = proto::EventKind::TalkStopped as i32,
+    }
+    other
+}
+
+fn append_items(first_seq: u64, items: Vec<proto::FeedItem>) -> proto::LiveFeedRequest {
+    proto::LiveFeedRequest {
+        frame: Some(Frame::Append(proto::FeedAppend { first_seq, items })),
+    }
+}
+
+/// A resend of items sent before is acknowledged when it carries the same items, and
+/// refused with ALREADY_EXISTS naming the first item that differs, storing nothing of
+/// its append, when it does not: items stored (after a reopen) and items of this stream
+/// not yet committed alike.
+pub async fn resends_must_carry_the_items_sent_first(app: &TestApp) {
+    let participation = app.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let open = || FeedCall::open(app.channel.clone(), &feed_id, &participation.id);
+    let refused = |reply: Result<Reply, Status>, seq: u64| {
+        let status = reply.expect_err("a resend with other content is refused");
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+        assert!(
+            status.message().contains(&format!("item {seq} of feed")),
+            "{status:?}"
+        );
+    };
+
+    let (mut call, _) = open().await;
+    assert_eq!(call.ack(append(1, 6)).await, 6);
+    // The same items again, on the same stream: acknowledged.
+    assert_eq!(call.ack(append(3, 4)).await, 6);
+    // Item 5 renumbered by mistake: refused, item 7 with it.
+    refused(
+        call.send(append_items(5, vec![other_item(5), item(6), item(7)]))
+            .await,
+        5,
+    );
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (6, 6, 6));
+
+    // After a reopen the stored items are the reference.
+    let (mut call, committed) = open().await;
+    assert_eq!(committed, 6);
+    assert_eq!(call.ack(append(4, 5)).await, 8);
+    let (mut call, _) = open().await;
+    refused(
+        call.send(append_items(7, vec![item(7), other_item(8), item(9)]))
+            .await,
+        8,
+    );
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (8, 8, 8));
+
+    // Items of this stream not committed yet (or just committed): the same rule.
+    let (mut call, _) = open().await;
+    call.tx.send(append(9, 3)).await.unwrap();
+    call.tx
+        .send(append_items(10, vec![item(10), other_item(11)]))
+        .await
+        .unwrap();
+    match call.reply().await {
+        Ok(Reply::Ack(ack)) => assert_eq!(ack.committed_through, 11),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    refused(call.reply().await, 11);
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (11, 11, 11));
+}
+
+#[tokio::test]
+async fn resends_with_other_content_are_refused_and_identical_ones_acknowledged() {
+    resends_must_carry_the_items_sent_first(&spawn_app().await).await;
+}
+
 #[tokio::test]
 async fn a_newer_open_takes_the_feed_over_and_the_older_stream_is_aborted() {
     let db = crate::helpers::fresh_database().await;

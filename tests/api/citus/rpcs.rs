@@ -684,3 +684,10 @@ async fn timeline_ranges_resumed_reads_and_chunks_on_citus() {
     crate::timeline::chunks_carry_the_same_entries_in_fewer_messages(&app).await;
     crate::timeline::reads_see_whole_appends_of_a_live_feed(&app).await;
 }
+
+#[tokio::test]
+async fn live_feed_resends_are_checked_on_citus() {
+    let cluster = require_citus!();
+    let (_shared, _db, app) = shared_app(cluster).await;
+    crate::live::resends_must_carry_the_items_sent_first(&app).await;
+}
