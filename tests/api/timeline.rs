@@ -87,6 +87,20 @@ fn place(entry: &proto::TimelineEntry) -> TimelinePosition {
     }
 }
 
+/// `n` sentiments of `millis` ms each, back to back from t0.
+fn back_to_back(n: i64, millis: i64) -> Vec<proto::NewSentiment> {
+    (0..n)
+        .map(|i| proto::NewSentiment {
+            started_at: Some(to_timestamp(t0() + TimeDelta::milliseconds(i * millis))),
+            ended_at: Some(to_timestamp(
+                t0() + TimeDelta::milliseconds((i + 1) * millis),
+            )),
+            label: proto::SentimentLabel::Positive as i32,
+            score: Some(0.5),
+        })
+        .collect()
+}
+
 /// Records, for `participation_id`, at each second 0..`seconds` after t0: three
 /// sentiments and two events starting at that same instant (so that ties need the
 /// order's kind and id). Returns how many entries that makes.
@@ -232,14 +246,7 @@ pub async fn a_cut_read_resumes_after_its_last_entry(app: &TestApp) {
 pub async fn chunks_carry_the_same_entries_in_fewer_messages(app: &TestApp) {
     let participation = app.participation().await;
     let id = participation.id.as_str();
-    let sentiments: Vec<proto::NewSentiment> = (0..3000)
-        .map(|i| proto::NewSentiment {
-            started_at: Some(to_timestamp(t0() + TimeDelta::milliseconds(i * 100))),
-            ended_at: Some(to_timestamp(t0() + TimeDelta::milliseconds(i * 100 + 100))),
-            label: proto::SentimentLabel::Positive as i32,
-            score: Some(0.5),
-        })
-        .collect();
+    let sentiments = back_to_back(3000, 100);
     app.stream_sentiments(id, vec![sentiments]).await;
     let (one_by_one, messages) = read(app, request(id)).await;
     assert_eq!((one_by_one.len(), messages), (3000, 3000));
@@ -473,14 +480,7 @@ async fn timeline_query_wait(db: &PgPool) -> Option<Option<String>> {
 async fn a_slow_reader_holds_the_query_back_and_a_dropped_read_stops_it() {
     let app = spawn_app().await;
     let participation = app.participation().await;
-    let sentiments: Vec<proto::NewSentiment> = (0..300_000)
-        .map(|i| proto::NewSentiment {
-            started_at: Some(to_timestamp(t0() + TimeDelta::milliseconds(i * 10))),
-            ended_at: Some(to_timestamp(t0() + TimeDelta::milliseconds(i * 10 + 10))),
-            label: proto::SentimentLabel::Positive as i32,
-            score: Some(0.5),
-        })
-        .collect();
+    let sentiments = back_to_back(300_000, 10);
     app.stream_sentiments(
         &participation.id,
         sentiments.chunks(10_000).map(<[_]>::to_vec).collect(),
