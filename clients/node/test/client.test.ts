@@ -44,13 +44,14 @@ async function participation(client: ReturnType<typeof connect>, start: Date): P
 
 async function timeline(client: ReturnType<typeof connect>, participationId: string) {
   const entries = [];
-  for await (const entry of client.getTimeline({ participationId })) entries.push(entry);
+  for await (const response of client.getTimeline({ participationId, chunked: true })) entries.push(...response.entries);
   return entries;
 }
 
-test("the example records a session and streams sentiments", async () => {
-  const { receipt, participation } = await run({ address: server.address }, 1000);
+test("the example records a session, streams and feeds sentiments", async () => {
+  const { receipt, participation, closed } = await run({ address: server.address }, 1000);
   assert.equal(receipt.itemsStored, 1000n);
+  assert.equal(closed.itemsStored, 1000n);
   assert.equal(receipt.replayed, false);
   assert.equal(participation.talkedTime?.seconds, 600n);
 });
@@ -85,30 +86,73 @@ test("an invalid stream item is reported by its index and nothing is stored", as
   assert.equal((await timeline(client, participationId)).length, 0);
 });
 
-test("a cut live feed resumes and stores every item once", async () => {
+/** Item `seq` of a feed from `start`: a one-second sentiment, scored `score`. */
+function item(start: Date, seq: number, score = 0.5) {
+  return create(FeedItemSchema, {
+    item: {
+      case: "sentiment",
+      value: {
+        startedAt: ts(new Date(start.getTime() + seq * 1000)),
+        endedAt: ts(new Date(start.getTime() + (seq + 1) * 1000)),
+        label: SentimentLabel.POSITIVE,
+        score,
+      },
+    },
+  });
+}
+
+const range = (first: number, last: number) => Array.from({ length: last - first + 1 }, (_, i) => first + i);
+
+test("a pipelined live feed cut mid-way stores every item once", async () => {
   const client = connect({ address: server.address });
   const start = hourAgo();
   const participationId = await participation(client, start);
-  const item = (seq: number) =>
-    create(FeedItemSchema, {
-      item: {
-        case: "sentiment",
-        value: {
-          startedAt: ts(new Date(start.getTime() + seq * 1000)),
-          endedAt: ts(new Date(start.getTime() + (seq + 1) * 1000)),
-          label: SentimentLabel.POSITIVE,
-          score: 0.5,
-        },
-      },
-    });
-  const feed = new LiveFeed(client, randomUUID(), participationId);
-  assert.equal(await feed.append([1, 2, 3, 4, 5].map(item)), 5n);
-  feed.cut(); // as a dropped connection would
-  assert.equal(await feed.append([6, 7, 8].map(item)), 8n);
+  const feed = new LiveFeed(client, randomUUID(), participationId, { windowAppends: 4 });
+  for (let first = 1; first < 200; first += 10) {
+    await feed.append(range(first, first + 9).map((seq) => item(start, seq)));
+    assert.ok(feed.inFlight.length < 4, "never more than the window unacknowledged");
+  }
+  feed.cut(); // appends in flight are lost with the stream, and resent
+  await feed.append(range(201, 210).map((seq) => item(start, seq)));
+  assert.equal(await feed.flush(), 210n);
   assert.equal(feed.sessions, 2);
   const closed = await feed.close();
-  assert.equal(closed.itemsStored, 8n);
-  assert.equal((await timeline(client, participationId)).length, 8);
+  assert.equal(closed.itemsStored, 210n);
+  assert.equal((await timeline(client, participationId)).length, 210);
+});
+
+test("live-feed resends are acknowledged when identical and refused otherwise", async () => {
+  const client = connect({ address: server.address });
+  const start = hourAgo();
+  const participationId = await participation(client, start);
+  const feedId = randomUUID();
+  const first = new LiveFeed(client, feedId, participationId);
+  await first.append(range(1, 5).map((seq) => item(start, seq)));
+  assert.equal(await first.flush(), 5n);
+  first.cut();
+  // A process that numbers its items itself resends 3..6 after a restart.
+  const again = new LiveFeed(client, feedId, participationId, { firstSeq: 3n });
+  await again.append(range(3, 6).map((seq) => item(start, seq)));
+  assert.equal(await again.flush(), 6n);
+  again.cut();
+  const other = new LiveFeed(client, feedId, participationId, { firstSeq: 4n });
+  await assert.rejects(
+    (async () => {
+      await other.append(range(4, 8).map((seq) => item(start, seq, 0.9)));
+      await other.flush();
+    })(),
+    (error) => {
+      const { code, rawMessage } = ConnectError.from(error);
+      assert.equal(code, Code.AlreadyExists);
+      assert.match(rawMessage, /item 4 /);
+      return true;
+    },
+  );
+  other.cut();
+  const scores = (await timeline(client, participationId)).map((entry) =>
+    entry.entry.case === "sentiment" ? entry.entry.value.score : undefined,
+  );
+  assert.deepEqual(scores, [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]);
 });
 
 test("mutual TLS with an API key", async () => {

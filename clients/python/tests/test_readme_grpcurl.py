@@ -2,11 +2,14 @@
 installed into tools/bin by scripts/tools.sh) against a live server: ids are filled in
 from earlier answers, every command must succeed, and the answers are checked."""
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import subprocess
 import time
+from typing import Any
 
 from conftest import BINARY, REPO, Server
 
@@ -15,14 +18,15 @@ GRPCURL_DIR = os.path.join(REPO, "tools", "bin")
 SERVICE = "krisp.ingest.v1.IngestService"
 
 
-def blocks():
+def blocks() -> list[list[str]]:
     """The README's grpcurl section as a list of code blocks, each a list of commands
     (continued lines joined, here-documents kept with their command)."""
     text = open(README, encoding="utf-8").read()
     section = text.split("### grpcurl\n", 1)[1].split("\n## ", 1)[0]
-    found = []
+    found: list[list[str]] = []
     for block in re.findall(r"```sh\n(.*?)```", section, re.S):
-        commands, current, heredoc = [], "", False
+        commands: list[str] = []
+        current, heredoc = "", False
         for line in block.splitlines():
             if heredoc:
                 current += "\n" + line
@@ -44,7 +48,9 @@ def blocks():
     return found
 
 
-def run(command, address, ids=None, env=None):
+def run(
+    command: str, address: str, ids: dict[str, str] | None = None, env: dict[str, str] | None = None
+) -> tuple[list[Any], str]:
     """Runs one README command with bash; returns its answers (JSON objects)."""
     command = command.replace("localhost:50051", address)
     for placeholder, actual in (ids or {}).items():
@@ -65,20 +71,20 @@ def run(command, address, ids=None, env=None):
     return answers, done.stdout
 
 
-def field(message, name):
+def field(message: dict[str, Any], name: str) -> Any:
     """A field of grpcurl's JSON output (lowerCamelCase JSON names)."""
     camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
     return message[camel] if camel in message else message[name]
 
 
-def test_every_readme_grpcurl_command_works_with_the_real_grpcurl(server):
+def test_every_readme_grpcurl_command_works_with_the_real_grpcurl(server: str) -> None:
     examples, _keys, protoset = blocks()
     _, listed = run(f"grpcurl -plaintext localhost:50051 list {SERVICE}", server)
     methods = {line.rsplit(".", 1)[1] for line in listed.split()}
     shown = {m for c in examples for m in re.findall(SERVICE + r"/(\w+)", c)}
     assert methods and not methods - shown, f"no README example for {sorted(methods - shown)}"
 
-    ids = {}
+    ids: dict[str, str] = {}
     for command in examples:
         answers, out = run(command, server, ids)
         method = re.search(SERVICE + r"/(\w+)|grpc\.health\.v1\.Health/(\w+)", command)
@@ -115,7 +121,7 @@ def test_every_readme_grpcurl_command_works_with_the_real_grpcurl(server):
         assert SERVICE in out, out
 
 
-def test_the_readme_grpcurl_commands_with_an_api_key_work_and_need_it():
+def test_the_readme_grpcurl_commands_with_an_api_key_work_and_need_it() -> None:
     """The README's key example on a server of its own (keys apply to every call)."""
     _, keys, _ = blocks()
     create, *calls = keys

@@ -1,7 +1,10 @@
 """A client with no .proto files at hand: it learns the API from server reflection, as
 grpcurl does, then makes a unary call and a streaming call with dynamic messages."""
 
+from __future__ import annotations
+
 import uuid
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool, message_factory
@@ -10,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 
-def test_reflection_alone_is_enough_to_call_the_service(server):
+def test_reflection_alone_is_enough_to_call_the_service(server: str) -> None:
     with grpc.insecure_channel(server) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         services = database.get_services()
@@ -21,20 +24,23 @@ def test_reflection_alone_is_enough_to_call_the_service(server):
         methods = {m.name: m for m in service.methods}
         assert "StreamSentiments" in methods and "GetTimeline" in methods
 
-        def message(name):
+        def message(name: str) -> Any:
             return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
 
-        def call(method, request, streaming=False):
+        def call(method: str, request: Any, streaming: bool = False) -> Any:
             rpc = methods[method]
             response_class = message_factory.GetMessageClass(rpc.output_type)
             path = f"/krisp.ingest.v1.IngestService/{method}"
+            def serialize(m: Any) -> bytes:
+                return bytes(m.SerializeToString())
+
             if streaming:
-                stub = channel.stream_unary(path, request_serializer=lambda m: m.SerializeToString(),
-                                            response_deserializer=response_class.FromString)
-            else:
-                stub = channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
-                                           response_deserializer=response_class.FromString)
-            return stub(request)
+                return channel.stream_unary(
+                    path, request_serializer=serialize,
+                    response_deserializer=response_class.FromString)(request)
+            return channel.unary_unary(
+                path, request_serializer=serialize,
+                response_deserializer=response_class.FromString)(request)
 
         # Describe a message, as `grpcurl describe` would.
         fields = [f.name for f in pool.FindMessageTypeByName("krisp.ingest.v1.NewSentiment").fields]
