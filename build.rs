@@ -1,6 +1,7 @@
-//! Compiles `proto/` into Rust with a pure-Rust protobuf compiler (protox), so the
-//! build needs no system `protoc`, and writes the descriptor set that server
-//! reflection serves.
+//! Compiles `proto/` into the service trait with a pure-Rust protobuf compiler (protox),
+//! so the build needs no system `protoc`, and writes the descriptor set that server
+//! reflection serves. The messages are the client crate's (`krisp_ingest_client::proto`):
+//! one set of types for the server, the command-line clients and the benchmark.
 
 use std::{env, fs, path::PathBuf};
 
@@ -20,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        .build_client(false)
+        .extern_path(".krisp.ingest.v1", "::krisp_ingest_client::proto")
         .emit_rerun_if_changed(false)
         .compile_fds(descriptors)?;
     Ok(())

@@ -25,6 +25,7 @@
 mod delete_user;
 mod feeds;
 mod fixtures;
+mod helpers;
 mod live;
 mod live_feed;
 mod probes;
@@ -158,6 +159,9 @@ enum Command {
     /// Live feeds at voice-service scale (docs/BENCHMARKS.md, "Live feeds"): many
     /// long client streams at once, each sending a small batch a second.
     Live(live::LiveArgs),
+    /// The client libraries' live-feed helpers (docs/BENCHMARKS.md, "Live-feed
+    /// helpers"): one feed through each, pipelined and with one append in flight.
+    Helpers(helpers::HelperArgs),
 }
 
 #[tokio::main]
@@ -166,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
     match &args.command {
         Some(Command::Serve { max_connections }) => serve(&args, *max_connections).await,
         Some(Command::Live(live)) => live::run(&args, live).await,
+        Some(Command::Helpers(helpers)) => helpers::run(&args, helpers).await,
         None => run(&args).await,
     }
 }

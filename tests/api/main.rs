@@ -7,6 +7,7 @@
 mod auth;
 mod binary;
 mod citus;
+mod client_feed;
 mod commit_cutter;
 mod deletes;
 mod distribution;

@@ -189,12 +189,25 @@ async fn the_demo_and_feed_commands_call_over_mutual_tls_with_an_api_key() {
         "{}",
         String::from_utf8_lossy(&feed.stderr)
     );
+    let live = client(
+        &["feed", "--live", "--count", "300", "--batch-size", "25"],
+        &mutual,
+    )
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&live.stdout);
+    assert!(
+        live.status.success() && out.contains("closed: 300 sentiments"),
+        "{out}{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
     let sentiments: i64 = sqlx::query_scalar("SELECT count(*) FROM sentiments")
         .fetch_one(&db)
         .await
         .unwrap();
-    assert!(sentiments >= 300, "{sentiments} sentiments stored");
-    // Without the client certificate the server refuses the connection.
+    assert!(sentiments >= 600, "{sentiments} sentiments stored");
+    // Without the client certificate the server refuses the connection: the users
+    // are those of the demo, the feed and the live feed.
     let refused = client(&["demo"], &["--ca-file", &ca]).await.unwrap();
     assert!(!refused.status.success());
     assert_eq!(
@@ -202,6 +215,6 @@ async fn the_demo_and_feed_commands_call_over_mutual_tls_with_an_api_key() {
             .fetch_one(&db)
             .await
             .unwrap(),
-        2
+        3
     );
 }

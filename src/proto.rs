@@ -1,10 +1,9 @@
-//! The contract: code generated from `proto/` by `build.rs`, and the conversions of
-//! time between protobuf and chrono that servers and clients of it share.
-
-mod time;
+//! The contract: the messages and the client generated from `proto/` (the client
+//! crate's, with the conversions of time between chrono and protobuf), and the service
+//! trait the server implements.
 
 pub use generated::*;
-pub use time::{to_duration, to_timestamp};
+pub use krisp_ingest_client::proto::*;
 
 #[allow(
     clippy::all,
