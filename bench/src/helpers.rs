@@ -7,7 +7,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,6 +24,7 @@ use crate::{
     Args,
     fixtures::{Fixtures, Measurement, settle},
     probes::Cpu,
+    reads::count_and_seconds,
     report::medians,
     server::Server,
 };
@@ -226,34 +226,16 @@ async fn script(
         }
         _ => bail!("no driver for {}", case.name),
     };
-    let output = command
+    command
         .arg(server.address.to_string())
         .arg(participation.id.to_string())
         .arg(helpers.items.to_string())
         .arg(helpers.per_append.to_string())
         .arg(window.appends().to_string())
-        .arg(fx.base.timestamp().to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    anyhow::ensure!(
-        output.status.success(),
-        "{} failed: {stdout}{}",
-        case.name,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let mut fields = stdout.split_whitespace();
-    let (Some(items), Some(seconds)) = (fields.next(), fields.next()) else {
-        bail!("{} printed {stdout:?}", case.name);
-    };
-    anyhow::ensure!(
-        items.parse::<u64>()? == helpers.items,
-        "{} closed at {items}",
-        case.name
-    );
-    Ok(Duration::from_secs_f64(seconds.parse()?))
+        .arg(fx.base.timestamp().to_string());
+    let (items, elapsed) = count_and_seconds(case.name, &mut command).await?;
+    anyhow::ensure!(items == helpers.items, "{} closed at {items}", case.name);
+    Ok(elapsed)
 }
 
 /// Generates the Python client's stubs into its source tree (the driver imports it from
@@ -298,7 +280,7 @@ fn node_package() -> anyhow::Result<PathBuf> {
 fn report(helpers: &HelperArgs, rounds: usize, rows: Vec<(Measurement, f64, f64)>) -> String {
     let mut out = format!(
         "\nlive-feed helpers: one feed of {} items in appends of {} (medians of {rounds} rounds)\n\n\
-         | helper | pipelined items/s | one in flight items/s | pipelined / one in flight |\n\
+         | helper | pipelined items/s (range) | one in flight items/s (range) | pipelined / one in flight |\n\
          | --- | ---: | ---: | ---: |\n",
         helpers.items, helpers.per_append
     );
@@ -310,13 +292,21 @@ fn report(helpers: &HelperArgs, rounds: usize, rows: Vec<(Measurement, f64, f64)
             let method = format!("{} {}", case.name, window.name());
             rows.iter()
                 .find(|(m, _, _)| m.method == method)
-                .map_or(0.0, |(m, _, _)| m.rows_per_second())
+                .map_or((0.0, 0.0, 0.0), |(m, low, high)| {
+                    (m.rows_per_second(), *low, *high)
+                })
         };
         let (pipelined, one) = (rate(Window::Pipelined), rate(Window::One));
         out += &format!(
-            "| {} | {pipelined:.0} | {one:.0} | {:.1}x |\n",
+            "| {} | {:.0} ({:.0}-{:.0}) | {:.0} ({:.0}-{:.0}) | {:.1}x |\n",
             case.name,
-            pipelined / one.max(1e-9)
+            pipelined.0,
+            pipelined.1,
+            pipelined.2,
+            one.0,
+            one.1,
+            one.2,
+            pipelined.0 / one.0.max(1e-9)
         );
     }
     out

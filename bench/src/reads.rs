@@ -189,26 +189,13 @@ async fn python_read(
     entries: u64,
 ) -> anyhow::Result<Measurement> {
     let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let output = tokio::process::Command::new("python3")
+    let mut python = tokio::process::Command::new("python3");
+    python
         .arg(script)
         .arg(&proto_dir)
         .arg(server.address.to_string())
-        .arg(participation.id.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    anyhow::ensure!(
-        output.status.success(),
-        "python-read failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let mut fields = stdout.split_whitespace();
-    let (Some(read), Some(seconds)) = (fields.next(), fields.next()) else {
-        bail!("python-read printed {stdout:?}");
-    };
-    let read: u64 = read.parse()?;
+        .arg(participation.id.to_string());
+    let (read, elapsed) = count_and_seconds("python-read", &mut python).await?;
     anyhow::ensure!(
         read == entries,
         "python-read read {read} of {entries} entries"
@@ -217,7 +204,7 @@ async fn python_read(
         method: "python-read".into(),
         concurrency: 1,
         rows: entries,
-        elapsed: Duration::from_secs_f64(seconds.parse()?),
+        elapsed,
         latency: None,
         cpu: crate::probes::Cpu::default(),
     })
@@ -314,4 +301,28 @@ fn measured(
         latency: Some((percentile(&latencies, 0.5), percentile(&latencies, 0.99))),
         cpu: probe.stop(),
     })
+}
+
+/// Runs a driver script that prints `<count> <seconds>` (its own timing, not the
+/// interpreter's start); `name` names it in errors.
+pub(crate) async fn count_and_seconds(
+    name: &str,
+    command: &mut tokio::process::Command,
+) -> anyhow::Result<(u64, Duration)> {
+    let output = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "{name} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut fields = stdout.split_whitespace();
+    let (Some(count), Some(seconds)) = (fields.next(), fields.next()) else {
+        bail!("{name} printed {stdout:?}");
+    };
+    Ok((count.parse()?, Duration::from_secs_f64(seconds.parse()?)))
 }

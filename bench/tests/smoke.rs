@@ -1,10 +1,14 @@
 //! The benchmark binary keeps working (a smoke run on tiny sizes; its numbers are not
 //! looked at here: speed is measured by running it, never asserted in tests).
 
-use std::process::Command;
+use std::{process::Command, sync::Mutex};
+
+/// Every run recreates the one benchmark database: one at a time.
+static BENCH_DATABASE: Mutex<()> = Mutex::new(());
 
 #[test]
 fn the_benchmark_runs_every_method_and_reports_the_ratio() {
+    let _one_at_a_time = BENCH_DATABASE.lock().unwrap_or_else(|e| e.into_inner());
     let chart = tempfile::NamedTempFile::new().unwrap();
     let live_chart = tempfile::NamedTempFile::new().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_krisp-bench"))
@@ -137,4 +141,43 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
         svg.starts_with("<svg") && svg.contains("grpc-stream x2"),
         "{svg}"
     );
+}
+
+#[test]
+fn every_live_feed_helper_is_measured_pipelined_and_one_append_at_a_time() {
+    let _one_at_a_time = BENCH_DATABASE.lock().unwrap_or_else(|e| e.into_inner());
+    let output = Command::new(env!("CARGO_BIN_EXE_krisp-bench"))
+        .args([
+            "--repeat",
+            "1",
+            "helpers",
+            "--items",
+            "2000",
+            "--per-append",
+            "50",
+        ])
+        .output()
+        .expect("run krisp-bench helpers");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "krisp-bench helpers failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("one feed of 2000 items in appends of 50"),
+        "{stdout}"
+    );
+    for helper in ["rust", "python-sync", "python-asyncio", "typescript"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {helper} |")))
+            .unwrap_or_else(|| panic!("no {helper} row:\n{stdout}"));
+        // Both rates measured: neither column is zero.
+        let rates: Vec<f64> = row
+            .split('|')
+            .filter_map(|cell| cell.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert!(rates.len() == 2 && rates.iter().all(|r| *r > 0.0), "{row}");
+    }
 }

@@ -5,8 +5,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+import grpc
 
 from krisp.ingest.v1 import ingest_service_pb2 as api
+
+from .errors import IngestError
+
+# The server reads up to 1 MiB of a feed's appends ahead of its commits.
+WINDOW_ITEMS = 4096
+WINDOW_APPENDS = 32
+
+Stub = TypeVar("Stub")
 
 
 class Window:
@@ -76,3 +87,57 @@ class Window:
             raise RuntimeError(f"the server answered {kind} where {expected} was due")
         if kind == "ack":
             self.acknowledged(reply.ack.committed_through)
+
+
+class Feed(Generic[Stub]):
+    """What the sync and the asyncio feed share: settings, window, retry decisions.
+
+    `first_seq`: the sequence number of the first item appended; by default the one after
+    the feed's committed position. A process that numbers items itself (and may resend
+    after a restart) gives it: a resend of items the server holds with other content is
+    refused with ALREADY_EXISTS naming the item."""
+
+    def __init__(
+        self,
+        stub: Stub,
+        feed_id: str,
+        participation_id: str,
+        *,
+        first_seq: int | None = None,
+        window_items: int = WINDOW_ITEMS,
+        window_appends: int = WINDOW_APPENDS,
+        attempts: int = 8,
+        backoff: float = 0.1,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.stub = stub
+        self.feed_id = feed_id
+        self.participation_id = participation_id
+        self.attempts = attempts
+        self.backoff = backoff
+        self.metadata = tuple(metadata)
+        self.window = Window(window_items, window_appends, first_seq)
+        # Streams opened so far: 1 + the resumptions.
+        self.sessions = 0
+
+    @property
+    def committed(self) -> int:
+        """The feed's position the server acknowledged last."""
+        return self.window.committed
+
+    def open_request(self) -> api.LiveFeedRequest:
+        return api.LiveFeedRequest(
+            open=api.FeedOpen(feed_id=self.feed_id, participation_id=self.participation_id)
+        )
+
+    def failure(self, error: Exception, attempt: int) -> tuple[IngestError, float | None]:
+        """The typed error of a failed attempt, and how long to wait before the next;
+        None when the error is final or the attempts are spent."""
+        typed = error if isinstance(error, IngestError) else None
+        if typed is None and isinstance(error, grpc.RpcError):
+            typed = IngestError.from_rpc_error(error)
+        if typed is None:
+            raise error
+        if not typed.retryable or attempt + 1 >= self.attempts:
+            return typed, None
+        return typed, self.backoff * 2**attempt

@@ -17,9 +17,8 @@ from grpc import aio
 
 from krisp.ingest.v1 import ingest_service_pb2 as api
 
-from ._window import Window
+from ._window import Feed
 from .errors import IngestError
-from .live_feed import WINDOW_APPENDS, WINDOW_ITEMS
 
 if TYPE_CHECKING:
     # The asyncio stub's type exists in the generated .pyi only.
@@ -30,35 +29,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class AsyncLiveFeed:
+class AsyncLiveFeed(Feed["IngestServiceAsyncStub"]):
     """A resuming, pipelined feed of one participation (asyncio); see LiveFeed."""
 
-    def __init__(
-        self,
-        stub: IngestServiceAsyncStub,
-        feed_id: str,
-        participation_id: str,
-        *,
-        first_seq: int | None = None,
-        window_items: int = WINDOW_ITEMS,
-        window_appends: int = WINDOW_APPENDS,
-        attempts: int = 8,
-        backoff: float = 0.1,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        self.stub = stub
-        self.feed_id = feed_id
-        self.participation_id = participation_id
-        self.attempts = attempts
-        self.backoff = backoff
-        self.metadata = aio.Metadata(*metadata)
-        self.window = Window(window_items, window_appends, first_seq)
-        self.sessions = 0
-        self._call: _Call | None = None
-
-    @property
-    def committed(self) -> int:
-        return self.window.committed
+    _call: _Call | None = None
 
     async def append(self, items: Sequence[api.FeedItem]) -> int:
         """Sends `items`; waits (reading acks) while the window is full. Returns the
@@ -117,13 +91,9 @@ class AsyncLiveFeed:
     async def _open_call(self) -> _Call:
         if self._call is not None:
             return self._call
-        call: _Call = self.stub.LiveFeed(metadata=self.metadata)
+        call: _Call = self.stub.LiveFeed(metadata=aio.Metadata(*self.metadata))
         self._call = call
-        await call.write(
-            api.LiveFeedRequest(
-                open=api.FeedOpen(feed_id=self.feed_id, participation_id=self.participation_id)
-            )
-        )
+        await call.write(self.open_request())
         reply = await self._receive(call)
         self.window.reply(reply, "opened")
         self.sessions += 1
@@ -132,17 +102,15 @@ class AsyncLiveFeed:
         return call
 
     async def _retrying(self, work: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(self.attempts):
+        attempt = 0
+        while True:
             try:
                 await self._open_call()
                 return await work()
-            except grpc.RpcError as error:
-                failure = IngestError.from_rpc_error(error)
-                if not failure.retryable or attempt + 1 == self.attempts:
+            except (grpc.RpcError, IngestError) as error:
+                failure, wait = self.failure(error, attempt)
+                if wait is None:
                     raise failure from error
-            except IngestError as failure:
-                if not failure.retryable or attempt + 1 == self.attempts:
-                    raise
             self.cut()
-            await asyncio.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable: the last attempt raises")
+            await asyncio.sleep(wait)
+            attempt += 1

@@ -22,12 +22,8 @@ import grpc
 from krisp.ingest.v1 import ingest_service_pb2 as api
 from krisp.ingest.v1.ingest_service_pb2_grpc import IngestServiceStub
 
-from ._window import Window
+from ._window import Feed
 from .errors import IngestError
-
-# The server reads up to 1 MiB of a feed's appends ahead of its commits.
-WINDOW_ITEMS = 4096
-WINDOW_APPENDS = 32
 
 T = TypeVar("T")
 
@@ -57,42 +53,10 @@ class _Stream:
         self.requests.put(None)
 
 
-class LiveFeed:
-    """A resuming, pipelined feed of one participation (sync).
+class LiveFeed(Feed[IngestServiceStub]):
+    """A resuming, pipelined feed of one participation (sync); see Feed for `first_seq`."""
 
-    `first_seq`: the sequence number of the first item appended; by default the one after
-    the feed's committed position. A process that numbers items itself (and may resend
-    after a restart) gives it: a resend of items the server holds with other content is
-    refused with ALREADY_EXISTS naming the item."""
-
-    def __init__(
-        self,
-        stub: IngestServiceStub,
-        feed_id: str,
-        participation_id: str,
-        *,
-        first_seq: int | None = None,
-        window_items: int = WINDOW_ITEMS,
-        window_appends: int = WINDOW_APPENDS,
-        attempts: int = 8,
-        backoff: float = 0.1,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        self.stub = stub
-        self.feed_id = feed_id
-        self.participation_id = participation_id
-        self.attempts = attempts
-        self.backoff = backoff
-        self.metadata = tuple(metadata)
-        self.window = Window(window_items, window_appends, first_seq)
-        # Streams opened so far: 1 + the resumptions.
-        self.sessions = 0
-        self._stream: _Stream | None = None
-
-    @property
-    def committed(self) -> int:
-        """The feed's position the server acknowledged last."""
-        return self.window.committed
+    _stream: _Stream | None = None
 
     def append(self, items: Sequence[api.FeedItem]) -> int:
         """Sends `items` numbered on from the last append; waits (reading acks) while the
@@ -142,11 +106,7 @@ class LiveFeed:
         if self._stream is not None:
             return self._stream
         stream = _Stream(self.stub, self.metadata)
-        stream.send(
-            api.LiveFeedRequest(
-                open=api.FeedOpen(feed_id=self.feed_id, participation_id=self.participation_id)
-            )
-        )
+        stream.send(self.open_request())
         reply = stream.receive()
         self.window.reply(reply, "opened")
         self.sessions += 1
@@ -156,17 +116,15 @@ class LiveFeed:
         return stream
 
     def _retrying(self, work: Callable[[], T]) -> T:
-        for attempt in range(self.attempts):
+        attempt = 0
+        while True:
             try:
                 self._open_stream()
                 return work()
-            except grpc.RpcError as error:
-                failure = IngestError.from_rpc_error(error)
-                if not failure.retryable or attempt + 1 == self.attempts:
+            except (grpc.RpcError, IngestError) as error:
+                failure, wait = self.failure(error, attempt)
+                if wait is None:
                     raise failure from error
-            except IngestError as failure:
-                if not failure.retryable or attempt + 1 == self.attempts:
-                    raise
             self.cut()
-            time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable: the last attempt raises")
+            time.sleep(wait)
+            attempt += 1
