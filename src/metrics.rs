@@ -1,5 +1,11 @@
 //! Prometheus metrics, served as text on a separate HTTP port (`GET /metrics`).
 //!
+//! Every call, as go-grpc-prometheus names them (`grpc_server_started_total`,
+//! `grpc_server_handled_total`, `grpc_server_handling_seconds`,
+//! `grpc_server_msg_received_total`, `grpc_server_msg_sent_total`, labelled `grpc_type`,
+//! `grpc_service`, `grpc_method`, `grpc_code`): [`crate::grpc::middleware::rpc_metrics`].
+//! The service's own:
+//!
 //! - `krisp_rpc_requests_total{method, code}`: finished calls by method and gRPC status;
 //! - `krisp_items_ingested_total{kind}`: sentiments and events stored;
 //! - `krisp_stream_commit_seconds`: time to finish and commit a stream's transaction;
@@ -11,6 +17,12 @@
 //!   `memory` and on `disk` (spill files);
 //! - `krisp_live_feeds`: LiveFeed streams open; `krisp_feed_batch_appends`: appends
 //!   committed together by one group commit of the feed writers;
+//!   `krisp_live_feed_ack_seconds`: from an append read to its ack sent;
+//!   `krisp_writer_queue{writers}`: appends (`feeds`) and unary records (`unary`)
+//!   waiting for a group-commit writer;
+//! - `krisp_db_seconds{family}`: database time by statement family (`feed_batch`,
+//!   `unary_batch`, `stream_write`, `timeline_read`): one write or read, from its first
+//!   statement to its commit or last row;
 //! - `krisp_unary_batch_calls{kind}`: unary record calls written together by one group
 //!   commit of the unary writers (`storage::batch`);
 //! - `krisp_commits_in_doubt_total`: calls whose connection was lost while the database
@@ -49,6 +61,22 @@ pub const LIVE_FEEDS: &str = "krisp_live_feeds";
 pub const UNARY_BATCH_CALLS: &str = "krisp_unary_batch_calls";
 pub const COMMITS_IN_DOUBT: &str = "krisp_commits_in_doubt_total";
 pub const COMMITS_UNRESOLVED: &str = "krisp_commits_unresolved_total";
+pub const LIVE_FEED_ACK_SECONDS: &str = "krisp_live_feed_ack_seconds";
+pub const WRITER_QUEUE: &str = "krisp_writer_queue";
+pub const DB_SECONDS: &str = "krisp_db_seconds";
+
+pub const GRPC_STARTED: &str = "grpc_server_started_total";
+pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
+pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
+pub const GRPC_MSG_RECEIVED: &str = "grpc_server_msg_received_total";
+pub const GRPC_MSG_SENT: &str = "grpc_server_msg_sent_total";
+
+/// Bucket bounds of the latencies: a unary call takes 0.3-3 ms here, an ack 5-50 ms, a
+/// stream's commit up to seconds, a live stream minutes to hours (its last buckets).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 300.0, 1800.0, 7200.0,
+];
 
 /// Holds a gauge one higher while it lives, however what it counts ends.
 pub struct Gauged(&'static str);
@@ -64,6 +92,16 @@ impl Drop for Gauged {
     fn drop(&mut self) {
         metrics::gauge!(self.0).decrement(1.0);
     }
+}
+
+/// Records the database time of one write or read of statement `family`.
+pub fn db_time(family: &'static str, since: std::time::Instant) {
+    metrics::histogram!(DB_SECONDS, "family" => family).record(since.elapsed().as_secs_f64());
+}
+
+/// Sets how many jobs wait in a writers' queue (`writers`: `feeds` or `unary`).
+pub fn writer_queue<T>(writers: &'static str, queue: &tokio::sync::mpsc::Receiver<T>) {
+    metrics::gauge!(WRITER_QUEUE, "writers" => writers).set(queue.len() as f64);
 }
 
 /// How long the metrics listener waits after a failed accept.
@@ -82,6 +120,7 @@ fn handle() -> anyhow::Result<&'static PrometheusHandle> {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ],
         )?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(
             Matcher::Full(STREAM_ROWS.into()),
             &[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7],
@@ -105,6 +144,10 @@ pub async fn serve(address: SocketAddr, pool: PgPool) -> anyhow::Result<SocketAd
     metrics::gauge!(ACTIVE_STREAMS).increment(0.0);
     metrics::gauge!(STREAMS_WAITING).increment(0.0);
     metrics::gauge!(STREAM_CONNECTIONS).increment(0.0);
+    metrics::gauge!(LIVE_FEEDS).increment(0.0);
+    for writers in ["feeds", "unary"] {
+        metrics::gauge!(WRITER_QUEUE, "writers" => writers).set(0.0);
+    }
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen for metrics on {address}"))?;

@@ -29,8 +29,12 @@ use crate::{
     grpc::{
         IngestGrpcAdapter,
         middleware::{
-            HookLayer, admission::Admission, auth::Auth, request_id::RequestId,
-            rpc_metrics::RpcMetrics, transport_status,
+            HookLayer,
+            admission::Admission,
+            auth::Auth,
+            request_id::RequestId,
+            rpc_metrics::{ReceivedMessagesLayer, RpcMetrics},
+            transport_status,
         },
     },
     proto::{self, ingest_service_server::IngestServiceServer},
@@ -273,6 +277,7 @@ impl Application {
             // A request id and a span around every call, echoed to the client.
             .layer(HookLayer(RequestId))
             .layer(HookLayer(RpcMetrics))
+            .layer(ReceivedMessagesLayer)
             .layer(HookLayer(Auth(self.keys.clone())))
             // Larger HTTP/2 windows than the 64 KiB default let a client keep several
             // batches of a stream in flight instead of waiting for window updates.

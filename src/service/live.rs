@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Instant;
 
 use chrono::Utc;
 use futures_util::{Stream, StreamExt, stream};
@@ -101,8 +102,8 @@ struct Session {
 /// A reply owed to the client.
 enum Owed {
     Opened(FeedReply),
-    /// Ack, once the feed is committed through this number.
-    Ack(u64),
+    /// Ack, once the feed is committed through this number; when its append was read.
+    Ack(u64, Instant),
     /// The answer to a Close with this `final_seq`.
     Close(u64),
     /// The status that ends the call.
@@ -165,15 +166,19 @@ impl Session {
     async fn owed_reply(&mut self) -> Option<Result<FeedReply, Error>> {
         let committed = self.feed.as_ref().map_or(0, |feed| feed.committed_seq);
         match self.owed.front()? {
-            Owed::Ack(seq) if *seq > committed => return None,
+            Owed::Ack(seq, _) if *seq > committed => return None,
             Owed::Close(_) | Owed::Fail(_) if self.writing.is_some() => return None,
             _ => {}
         }
         Some(match self.owed.pop_front()? {
             Owed::Opened(reply) => Ok(reply),
-            Owed::Ack(seq) => Ok(FeedReply::Ack {
-                committed_through: seq,
-            }),
+            Owed::Ack(seq, read) => {
+                metrics::histogram!(crate::metrics::LIVE_FEED_ACK_SECONDS)
+                    .record(read.elapsed().as_secs_f64());
+                Ok(FeedReply::Ack {
+                    committed_through: seq,
+                })
+            }
             Owed::Close(final_seq) => self.close(final_seq).await,
             Owed::Fail(error) => Err(error),
         })
@@ -282,6 +287,7 @@ impl Session {
         items: Vec<FeedEntry>,
         bytes: usize,
     ) -> Result<(), Error> {
+        let read = Instant::now();
         let feed = opened(&self.feed, "append")?;
         if feed.closed_at.is_some() {
             return Err(Error::FailedPrecondition(format!(
@@ -314,7 +320,8 @@ impl Session {
         .await?;
         let feed = opened(&self.feed, "append")?;
         if fresh.is_empty() {
-            self.owed.push_back(Owed::Ack(last.max(feed.committed_seq)));
+            self.owed
+                .push_back(Owed::Ack(last.max(feed.committed_seq), read));
             return Ok(());
         }
         let now = Utc::now();
@@ -330,7 +337,7 @@ impl Session {
         self.uncommitted.extend(fresh.iter().cloned());
         self.waiting.extend(fresh);
         self.waiting_bytes += bytes;
-        self.owed.push_back(Owed::Ack(self.accepted));
+        self.owed.push_back(Owed::Ack(self.accepted, read));
         Ok(())
     }
 

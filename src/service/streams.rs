@@ -228,6 +228,7 @@ impl IngestService {
         conn.ended_cleanly();
         metrics::histogram!(names::STREAM_COMMIT_SECONDS)
             .record(committing.elapsed().as_secs_f64());
+        crate::metrics::db_time("stream_write", committing);
         metrics::histogram!(names::STREAM_ROWS).record(received as f64);
         metrics::counter!(names::ITEMS_INGESTED, "kind" => T::KIND).increment(received);
         tracing::info!(

@@ -124,6 +124,7 @@ async fn write_batches<T: FeedTable>(
                     Err(_) => break,
                 }
             }
+            crate::metrics::writer_queue("unary", &jobs);
             // The calls the last batch answered are likely on their way back (a client
             // that sends its next call on the answer): wait a moment for them, so that
             // they make one batch rather than a batch of the first back and another of
@@ -150,6 +151,7 @@ async fn write_batches<T: FeedTable>(
             Err(error) => unavailable(batch.into_iter().map(|job| job.done), &error, None),
         }
         tracing::debug!(calls, took = ?started.elapsed(), "unary batch written");
+        crate::metrics::db_time("unary_batch", started);
         metrics::histogram!(crate::metrics::UNARY_BATCH_CALLS, "kind" => T::KIND)
             .record(calls as f64);
         // Let the next batch go first, then answer: replying wakes every call of the

@@ -93,6 +93,7 @@ async fn write_batches(mut conn: WriterConnection, jobs: Arc<Mutex<mpsc::Receive
                     Err(_) => break,
                 }
             }
+            crate::metrics::writer_queue("feeds", &jobs);
         }
         let options = conn.options();
         match conn.get().await {
@@ -115,7 +116,10 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>, options: &PgConnectOpti
     let (appends, replies): (Vec<Append>, Vec<_>) =
         batch.into_iter().map(|job| (job.append, job.done)).unzip();
     let mut xid = None;
-    match commit(conn, &appends, &mut xid).await {
+    let started = std::time::Instant::now();
+    let committed = commit(conn, &appends, &mut xid).await;
+    crate::metrics::db_time("feed_batch", started);
+    match committed {
         Ok(appended) => {
             for ((append, reply), appended) in appends.iter().zip(replies).zip(appended) {
                 let _ = reply.send(outcome(append, appended));

@@ -132,6 +132,7 @@ impl Storage {
             let gone = tx.clone();
             let read = async {
                 let mut conn = pool.acquire().await?;
+                let started = std::time::Instant::now();
                 let pid = call::backend_pid(&mut conn).await?;
                 let abandoned = tokio::select! {
                     () = gone.closed() => true,
@@ -140,6 +141,8 @@ impl Storage {
                 if abandoned {
                     // The client went away: PostgreSQL need not send the rest for nobody.
                     call::cancel_abandoned(&pool, conn, pid).await;
+                } else {
+                    crate::metrics::db_time("timeline_read", started);
                 }
                 Ok::<_, Error>(())
             };

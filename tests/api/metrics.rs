@@ -52,8 +52,9 @@ async fn a_scrape_shows_the_counters_move() {
     let messages = frames::stream(
         &Uuid::new_v4().to_string(),
         &participation.id,
-        vec![sentiments(0, 120)],
+        vec![sentiments(0, 60), sentiments(60, 60)],
     );
+    let sent_messages = messages.len() as f64;
     app.client
         .clone()
         .stream_sentiments(tokio_stream::iter(messages))
@@ -78,7 +79,57 @@ async fn a_scrape_shows_the_counters_move() {
         .await
         .unwrap();
 
+    // A live feed of two appends through the client crate's helper.
+    let client = krisp_ingest_client::with_channel(app.channel.clone(), None).unwrap();
+    let mut feed = krisp_ingest_client::LiveFeed::new(
+        client,
+        Uuid::new_v4().to_string(),
+        participation.id.clone(),
+        krisp_ingest_client::FeedOptions::default(),
+    );
+    feed.append(vec![crate::live::item(1), crate::live::item(2)])
+        .await
+        .unwrap();
+    feed.append(vec![crate::live::item(3)]).await.unwrap();
+    feed.close().await.unwrap();
+
     let after = scrape(metrics).await;
+    let delta = |series: &str| value(&after, series) - value(&before, series);
+    // The go-grpc-prometheus family, with its labels.
+    let stream = r#"grpc_type="client_stream",grpc_service="krisp.ingest.v1.IngestService",grpc_method="StreamSentiments""#;
+    let get_user =
+        r#"grpc_type="unary",grpc_service="krisp.ingest.v1.IngestService",grpc_method="GetUser""#;
+    let live = r#"grpc_type="bidi_stream",grpc_service="krisp.ingest.v1.IngestService",grpc_method="LiveFeed""#;
+    for (series, expected) in [
+        (format!("grpc_server_started_total{{{stream}}}"), 1.0),
+        (
+            format!("grpc_server_handled_total{{{stream},grpc_code=\"OK\"}}"),
+            1.0,
+        ),
+        (
+            format!("grpc_server_msg_received_total{{{stream}}}"),
+            sent_messages,
+        ),
+        (format!("grpc_server_msg_sent_total{{{stream}}}"), 1.0),
+        (
+            format!("grpc_server_handling_seconds_count{{{stream}}}"),
+            1.0,
+        ),
+        (
+            format!("grpc_server_handled_total{{{get_user},grpc_code=\"NotFound\"}}"),
+            1.0,
+        ),
+        // Open, two appends, close; Opened, two acks, Closed.
+        (format!("grpc_server_msg_received_total{{{live}}}"), 4.0),
+        (format!("grpc_server_msg_sent_total{{{live}}}"), 4.0),
+        ("krisp_live_feed_ack_seconds_count".to_owned(), 2.0),
+    ] {
+        assert_eq!(delta(&series), expected, "{series}:\n{after}");
+    }
+    assert!(
+        after.contains(r#"grpc_server_handling_seconds_bucket{grpc_type="unary",grpc_service="krisp.ingest.v1.IngestService",grpc_method="GetUser",le="0.0005"}"#),
+        "{after}"
+    );
     assert_eq!(
         value(&after, stream_ok) - value(&before, stream_ok),
         1.0,
@@ -104,6 +155,12 @@ async fn a_scrape_shows_the_counters_move() {
         "krisp_stream_connections",
         "krisp_db_pool_connections{state=\"idle\"}",
         "krisp_db_pool_connections{state=\"in_use\"}",
+        "krisp_db_seconds_count{family=\"stream_write\"}",
+        "krisp_db_seconds_count{family=\"unary_batch\"}",
+        "krisp_db_seconds_count{family=\"feed_batch\"}",
+        "krisp_writer_queue{writers=\"feeds\"}",
+        "krisp_writer_queue{writers=\"unary\"}",
+        "krisp_live_feeds",
     ] {
         assert!(after.contains(series), "{series} missing:\n{after}");
     }
