@@ -14,7 +14,10 @@
 //!   them, those waiting for their turn at a connection; `krisp_stream_connections`:
 //!   connections held by streams to write (at most their share of the pool);
 //! - `krisp_spool_bytes{medium}`: bytes of open streams' items waiting to be written, in
-//!   `memory` and on `disk` (spill files);
+//!   `memory` and on `disk` (spill files); `krisp_spool_budget_bytes{medium}`: the
+//!   budgets they fill (`--spool-memory-bytes`, `--spool-disk-bytes`);
+//! - `krisp_serving`: 1 while the health service says SERVING, 0 while NOT_SERVING (the
+//!   database out of reach, or shutting down);
 //! - `krisp_live_feeds`: LiveFeed streams open; `krisp_feed_batch_appends`: appends
 //!   committed together by one group commit of the feed writers;
 //!   `krisp_live_feed_ack_seconds`: from an append read to its ack sent;
@@ -61,6 +64,8 @@ pub const LIVE_FEEDS: &str = "krisp_live_feeds";
 pub const UNARY_BATCH_CALLS: &str = "krisp_unary_batch_calls";
 pub const COMMITS_IN_DOUBT: &str = "krisp_commits_in_doubt_total";
 pub const COMMITS_UNRESOLVED: &str = "krisp_commits_unresolved_total";
+pub const SPOOL_BUDGET_BYTES: &str = "krisp_spool_budget_bytes";
+pub const SERVING: &str = "krisp_serving";
 pub const LIVE_FEED_ACK_SECONDS: &str = "krisp_live_feed_ack_seconds";
 pub const WRITER_QUEUE: &str = "krisp_writer_queue";
 pub const DB_SECONDS: &str = "krisp_db_seconds";
@@ -147,6 +152,9 @@ pub async fn serve(address: SocketAddr, pool: PgPool) -> anyhow::Result<SocketAd
     metrics::gauge!(LIVE_FEEDS).increment(0.0);
     for writers in ["feeds", "unary"] {
         metrics::gauge!(WRITER_QUEUE, "writers" => writers).set(0.0);
+    }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!(crate::partitions::MAINTENANCE_RUNS, "outcome" => outcome).increment(0);
     }
     let listener = TcpListener::bind(address)
         .await

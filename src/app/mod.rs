@@ -343,6 +343,11 @@ async fn monitor_database(
         };
         if last != Some(status) {
             tracing::info!(?status, "health changed");
+            metrics::gauge!(crate::metrics::SERVING).set(if status == ServingStatus::Serving {
+                1.0
+            } else {
+                0.0
+            });
             health.set_service_status("", status).await;
             health.set_service_status(service_name, status).await;
             last = Some(status);
@@ -352,6 +357,7 @@ async fn monitor_database(
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}
         }
     }
+    metrics::gauge!(crate::metrics::SERVING).set(0.0);
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;

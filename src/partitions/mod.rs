@@ -19,7 +19,7 @@
 
 mod maintenance;
 
-pub use maintenance::{Maintenance, maintain};
+pub use maintenance::{MAINTENANCE_RUNS, Maintenance, maintain};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};

@@ -181,6 +181,8 @@ struct Budget {
 
 impl Budget {
     fn new(limit: u64, medium: &'static str) -> Self {
+        metrics::gauge!(crate::metrics::SPOOL_BUDGET_BYTES, "medium" => medium).set(limit as f64);
+        metrics::gauge!(crate::metrics::SPOOL_BYTES, "medium" => medium).set(0.0);
         Self {
             limit,
             used: AtomicU64::new(0),

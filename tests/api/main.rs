@@ -26,6 +26,7 @@ mod migrations;
 mod outage;
 mod participations;
 mod partitions;
+mod prometheus;
 mod replicas;
 mod server;
 mod spool;
