@@ -190,7 +190,7 @@ async fn server_options(args: &Args, database: &str) -> anyhow::Result<PgConnect
 }
 
 async fn serve(args: &Args, max_connections: u32) -> anyhow::Result<()> {
-    krisp_ingest::telemetry::init(krisp_ingest::config::LogFormat::Text);
+    let _telemetry = krisp_ingest::telemetry::init(krisp_ingest::config::LogFormat::Text, None)?;
     let pool = krisp_ingest::app::pool_options(max_connections)
         .connect_with(server_options(args, BENCH_DATABASE).await?)
         .await?;

@@ -66,6 +66,7 @@ impl IngestService {
     }
 
     /// Creates a user; with a request id, a retry returns the user it created.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn create_user(
         &self,
         user: NewUser,
@@ -87,6 +88,7 @@ impl IngestService {
         same.then_some(stored).ok_or_else(|| reused(id, "user"))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn get_user(&self, id: Uuid) -> Result<User, Error> {
         self.storage
             .get_user(id)
@@ -95,6 +97,7 @@ impl IngestService {
     }
 
     /// Deletes the user and all that hangs under them; returns the participations deleted.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn delete_user(&self, id: Uuid) -> Result<u64, Error> {
         // What the first attempt counted: if its commit's answer is lost and the user is
         // gone afterwards, that attempt deleted them.
@@ -118,14 +121,17 @@ impl IngestService {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn upsert_timezone(&self, timezone: Timezone) -> Result<(Timezone, bool), Error> {
         settled(RETRY_SAME_ID, |_| self.storage.upsert_timezone(&timezone)).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn list_timezones(&self) -> Result<Vec<Timezone>, Error> {
         self.storage.list_timezones().await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn create_session(
         &self,
         session_type: SessionType,
@@ -151,6 +157,7 @@ impl IngestService {
         .await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn get_session(&self, id: Uuid) -> Result<Session, Error> {
         self.storage
             .get_session(id)
@@ -158,6 +165,7 @@ impl IngestService {
             .ok_or_else(|| Error::not_found("session", id))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn end_session(&self, id: Uuid, ended_at: DateTime<Utc>) -> Result<Session, Error> {
         settled(RETRY_AFTER_READ, |again| {
             self.end_session_at(id, ended_at, again)
@@ -192,6 +200,7 @@ impl IngestService {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn join_session(
         &self,
         join: NewParticipation,
@@ -230,6 +239,7 @@ impl IngestService {
             .ok_or_else(|| reused(id, "participation"))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn get_participation(&self, id: Uuid) -> Result<Participation, Error> {
         self.storage
             .get_participation(id)
@@ -237,6 +247,7 @@ impl IngestService {
             .ok_or_else(|| Error::not_found("participation", id))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn leave_session(&self, leave: Leave) -> Result<Participation, Error> {
         settled(RETRY_AFTER_READ, |again| {
             self.leave_session_as(&leave, again)
@@ -282,6 +293,7 @@ impl IngestService {
 
     /// Records one sentiment or event outside any stream; with a request id, a retry
     /// returns what the first call stored.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn record<T: Batched>(
         &self,
         participation_id: Uuid,
@@ -356,6 +368,7 @@ impl IngestService {
     }
 
     /// The entries of `range` in a participation's timeline, in chunks as they are read.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn timeline(
         &self,
         participation_id: Uuid,

@@ -36,6 +36,7 @@ impl IngestService {
     /// number of batches, and a trailer whose count matches, followed by the end of the
     /// stream. Anything else (including a stream that merely stops, which is what a
     /// cancelled or broken-off client looks like) stores nothing.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn ingest_stream<T, S>(&self, frames: S) -> Result<Receipt, Error>
     where
         T: FeedTable,

@@ -90,6 +90,7 @@ impl<T: FeedTable> Batcher<T> {
 
     /// Stores `row` once it can be committed: `true` when stored, `false` when its
     /// participation is missing or the item lies outside it.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn insert(&self, row: Unary<T>) -> Result<bool, Error> {
         let (done, outcome) = oneshot::channel();
         self.queue

@@ -58,6 +58,7 @@ impl FeedWriter {
 
     /// Writes `append` with others; returns once it is committed (or refused: ABORTED
     /// when a newer stream holds the feed).
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn append(&self, append: Append) -> Result<(), Error> {
         let (done, outcome) = oneshot::channel();
         self.queue

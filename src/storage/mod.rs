@@ -267,6 +267,7 @@ impl Storage {
     /// A turn for a stream to hold a connection, waiting up to `wait` for one (the stream
     /// reads no further meanwhile, so HTTP/2 flow control holds its client back). Past
     /// `wait`: RESOURCE_EXHAUSTED with RetryInfo, nothing stored.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn stream_slot(&self, wait: std::time::Duration) -> Result<StreamSlot, Error> {
         let slots = Arc::clone(&self.stream_slots);
         let waiting = Gauged::up(crate::metrics::STREAMS_WAITING);
@@ -294,6 +295,7 @@ impl Storage {
     /// Opens (or takes over) a live feed of `participation_id` for a new stream; `None`
     /// when the participation does not exist. A few opens run at once (thousands of
     /// feeds reconnecting must not take the pool), the rest wait their turn.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn open_feed(
         &self,
         participation_id: Uuid,
@@ -331,6 +333,7 @@ impl Storage {
     }
 
     /// Closes a live feed at `final_seq`.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn close_feed(
         &self,
         feed: &OpenFeed,
@@ -349,6 +352,7 @@ impl Storage {
     }
 
     /// Opens a transaction bounded by the current call's deadline.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, Error> {
         call::begin(&self.pool).await
     }
@@ -356,6 +360,7 @@ impl Storage {
     /// Records one feed item outside any stream (the unary record RPCs); `false` when the
     /// participation is missing, the item lies outside it, or the id is taken (`keyed`:
     /// the client chose `id`, and its user claimed it before).
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn insert_feed_item<T: Batched>(
         &self,
         participation_id: Uuid,
@@ -389,6 +394,7 @@ impl Storage {
 
     /// The item of `T` stored under `id` for `participation`'s user at `item`'s time (its
     /// start), if any.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn feed_item<T: FeedTable>(
         &self,
         participation: &Participation,
@@ -401,6 +407,7 @@ impl Storage {
     /// The claim the user of `participation` holds on `id` (a `request_id`) for an item of
     /// `T`: the participation it was claimed for, and the item unless the retention
     /// dropped it ([`items::claim`]).
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn feed_claim<T: FeedTable>(
         &self,
         participation: &Participation,

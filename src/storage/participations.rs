@@ -63,7 +63,7 @@ impl Storage {
     /// Citus each runs as a statement of its own, and UNION keeps the one id). On Citus
     /// the session and the participation live on different shards, and this statement
     /// is the participations -> sessions rule (docs/GUARANTEES.md, "On Citus").
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn insert_participation(
         &self,
         id: Uuid,
@@ -100,7 +100,7 @@ impl Storage {
         Ok(participation)
     }
 
-    #[tracing::instrument(skip_all, fields(participation_id = %id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn get_participation(&self, id: Uuid) -> Result<Option<Participation>, Error> {
         participation(&self.pool, &self.routes, id).await
     }
@@ -115,7 +115,7 @@ impl Storage {
     /// leave is committed; the items are then read afresh. A write that checked its span
     /// before the lock and takes its foreign-key lock after it can still commit an item
     /// past the leave (docs/GUARANTEES.md, "A participation spans its items").
-    #[tracing::instrument(skip_all, fields(participation_id = %participation.id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn leave_participation(
         &self,
         participation: &Participation,

@@ -40,7 +40,7 @@ impl TryFrom<SessionRow> for Session {
 
 impl Storage {
     /// Creates or updates a timezone; `true` when it was created.
-    #[tracing::instrument(skip_all, fields(code = %timezone.code))]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn upsert_timezone(&self, timezone: &Timezone) -> Result<(Timezone, bool), Error> {
         let (code, utc_offset_seconds, created): (String, i32, bool) = sqlx::query_as(
             "INSERT INTO timezones (code, utc_offset_seconds) VALUES ($1, $2) \
@@ -61,7 +61,7 @@ impl Storage {
         ))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn list_timezones(&self) -> Result<Vec<Timezone>, Error> {
         let rows: Vec<(String, i32)> =
             sqlx::query_as("SELECT code, utc_offset_seconds FROM timezones ORDER BY code")
@@ -77,7 +77,7 @@ impl Storage {
     }
 
     /// Inserts a session; `None` when a session with this id exists already.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn insert_session(&self, session: &Session) -> Result<Option<Session>, Error> {
         let row: Option<SessionRow> = sqlx::query_as(&format!(
             "INSERT INTO sessions (id, session_type, started_at, ended_at) VALUES ($1, $2, $3, $4) \
@@ -93,7 +93,7 @@ impl Storage {
         row.map(Session::try_from).transpose()
     }
 
-    #[tracing::instrument(skip_all, fields(session_id = %id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn get_session(&self, id: Uuid) -> Result<Option<Session>, Error> {
         let row: Option<SessionRow> = sqlx::query_as(&format!(
             "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
@@ -107,7 +107,7 @@ impl Storage {
     /// Sets the end of a session that has not ended; `None` when it has (or is gone). The
     /// schema refuses an end before the session's last connection
     /// (`sessions_ends_after_last_connection`): a JoinSession that committed first.
-    #[tracing::instrument(skip_all, fields(session_id = %id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn end_session(
         &self,
         id: Uuid,

@@ -19,6 +19,7 @@ pub struct FeedCopy<'c> {
 }
 
 impl<'c> FeedCopy<'c> {
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn begin<T: FeedTable>(conn: &'c mut PgConnection) -> Result<Self, Error> {
         let mut copy = conn.copy_in_raw(T::COPY_STATEMENT).await?;
         copy.send(&HEADER[..]).await?;
@@ -26,6 +27,7 @@ impl<'c> FeedCopy<'c> {
     }
 
     /// Sends encoded rows.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn send(&mut self, rows: &[u8]) -> Result<(), Error> {
         if !rows.is_empty() {
             self.copy.send(rows).await?;
@@ -34,6 +36,7 @@ impl<'c> FeedCopy<'c> {
     }
 
     /// Ends the COPY (the database checks its constraints here); returns the rows stored.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn finish(mut self) -> Result<u64, Error> {
         self.copy.send(&TRAILER[..]).await?;
         Ok(self.copy.finish().await?)
@@ -41,6 +44,7 @@ impl<'c> FeedCopy<'c> {
 
     /// Abandons the COPY (the transaction then rolls back); `true` when the connection
     /// is usable afterwards.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn abort(self, reason: &str) -> bool {
         match self.copy.abort(reason).await {
             Ok(()) => true,
@@ -63,6 +67,7 @@ pub struct StreamConnection {
 }
 
 impl StreamConnection {
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn acquire(pool: &PgPool) -> Result<Self, Error> {
         Ok(Self {
             conn: Some(pool.acquire().await?),

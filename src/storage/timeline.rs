@@ -213,6 +213,7 @@ type FeedItemRow = (
 impl Storage {
     /// The items of `feed` numbered `from..=through` that are stored, by number: what a
     /// resend of them must match. Items the retention dropped are missing.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn stored_feed_items(
         &self,
         feed: &OpenFeed,

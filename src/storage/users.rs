@@ -34,7 +34,7 @@ impl Storage {
     /// Inserts a user; `None` when a user with this id exists already. The external id
     /// is claimed in `user_external_ids` first, in the same transaction: its primary key
     /// is what keeps external ids unique (migrations/0003_scale_out.sql).
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn insert_user(&self, id: Uuid, user: &NewUser) -> Result<Option<User>, Error> {
         let mut tx = self.begin().await?;
         sqlx::query(
@@ -67,7 +67,7 @@ impl Storage {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(user_id = %id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn get_user(&self, id: Uuid) -> Result<Option<User>, Error> {
         let row: Option<UserRow> = sqlx::query_as(
             "SELECT id, external_id, country, native_language, region, created_at \
@@ -86,6 +86,7 @@ impl Storage {
     ///
     /// `counted` gets the participations counted before the commit: when the commit's
     /// answer is lost, the caller still knows what it deleted.
+    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn delete_user(
         &self,
         id: Uuid,

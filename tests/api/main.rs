@@ -34,5 +34,6 @@ mod startup;
 mod streams;
 mod timeline;
 mod tls;
+mod traces;
 mod unary_feed;
 mod users_timezones_sessions;

@@ -66,6 +66,12 @@ pub struct Cli {
     )]
     pub metrics_listen: MetricsListen,
 
+    /// Export traces over OTLP/gRPC to this collector (e.g. `http://127.0.0.1:4317`): a
+    /// span for each call (continuing the client's W3C `traceparent`), its service step
+    /// and its database work. Off when unset.
+    #[arg(long, env = "KRISP_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
     /// Log format on standard error.
     #[arg(long, env = "KRISP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,

@@ -41,6 +41,13 @@ pub trait Hook: Clone + Send + Sync + 'static {
         response
     }
 
+    /// The span the rest of the stack is called in (the handler's own spans are made
+    /// then): none by default.
+    fn span(&self, carry: &Self::Carry) -> Option<tracing::Span> {
+        let _ = carry;
+        None
+    }
+
     /// Runs the call (`call`: its handler, the rest of the stack, then [`Hook::after`])
     /// inside whatever context the hook gives it: a span, a deadline. As it is, by default.
     fn around<T: 'static, C>(&self, carry: Self::Carry, call: C) -> BoxFuture<'static, T>
@@ -97,7 +104,10 @@ where
             Ok(carry) => carry,
             Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
         };
-        let call = self.inner.call(request);
+        let call = {
+            let _entered = self.hook.span(&carry).map(tracing::Span::entered);
+            self.inner.call(request)
+        };
         let hook = self.hook.clone();
         self.hook.around(carry, move |carry| {
             Box::pin(async move {

@@ -1,13 +1,16 @@
 //! A request id for every call: taken from the `x-request-id` metadata when the client
 //! sends a usable one, generated otherwise; recorded on a span that wraps the whole call
-//! (so every log line of the call carries it) and echoed in the response metadata. The
-//! call also runs inside its deadline's [`crate::deadline::scope`], read from
-//! `grpc-timeout`, so that storage can pass the deadline on to PostgreSQL.
+//! (so every log line of the call carries it) and echoed in the response metadata. With
+//! traces on, the span is the call's server span and continues the W3C `traceparent`
+//! the client sent ([`crate::telemetry`]). The call also runs inside its deadline's
+//! [`crate::deadline::scope`], read from `grpc-timeout`, so that storage can pass the
+//! deadline on to PostgreSQL.
 
 use futures_util::future::BoxFuture;
 use http::HeaderValue;
 use tonic::body::Body;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
 
 use super::Hook;
@@ -23,6 +26,19 @@ fn usable(value: &HeaderValue) -> Option<String> {
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestId;
+
+/// A request's headers as OpenTelemetry's propagator reads them.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
 
 /// What a call carries: its id, its span, its deadline.
 pub struct Call {
@@ -46,8 +62,36 @@ impl Hook for RequestId {
             .and_then(|value| value.to_str().ok())
             .and_then(crate::deadline::parse_grpc_timeout)
             .and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
-        let span = tracing::info_span!("rpc", request_id = %id, method = %request.uri().path());
+        let path = request.uri().path();
+        let span = tracing::info_span!(
+            "rpc",
+            request_id = %id,
+            method = %path,
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty,
+        );
+        if crate::telemetry::traces_on() {
+            // The parent first: an OpenTelemetry span takes it only until it starts.
+            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.extract(&Headers(request.headers()))
+            });
+            // Without a traceparent the call starts a trace of its own.
+            let _ = span.set_parent(parent);
+            // Recorded only for traces: the logs show the request id and the method.
+            let name = path.trim_start_matches('/');
+            span.record("otel.name", name);
+            span.record("otel.kind", "server");
+            span.set_attribute("rpc.system", "grpc");
+            if let Some((service, method)) = name.split_once('/') {
+                span.set_attribute("rpc.service", service.to_owned());
+                span.set_attribute("rpc.method", method.to_owned());
+            }
+        }
         Ok(Call { id, span, deadline })
+    }
+
+    fn span(&self, call: &Call) -> Option<tracing::Span> {
+        Some(call.span.clone())
     }
 
     fn after(&self, call: Call, mut response: http::Response<Body>) -> http::Response<Body> {
