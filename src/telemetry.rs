@@ -17,7 +17,11 @@ use std::{
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider},
+};
 use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
@@ -49,10 +53,18 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber; `otlp_endpoint` (e.g. `http://127.0.0.1:4317`) turns
-/// trace export on. `RUST_LOG` overrides the logs' default filter. Call it inside the
+/// Where traces go, and the share of calls traced that no client's `traceparent` asked
+/// to be (1.0: every call).
+#[derive(Debug, Clone)]
+pub struct Otlp {
+    /// e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    pub sample_ratio: f64,
+}
+
+/// Installs the global subscriber; `otlp` turns trace export on. `RUST_LOG` overrides the logs' default filter. Call it inside the
 /// Tokio runtime (the exporter runs on it).
-pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> anyhow::Result<Telemetry> {
     let directives = std::env::var("RUST_LOG")
         .ok()
         .filter(|d| !d.trim().is_empty())
@@ -79,16 +91,22 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Te
             ),
         ),
     };
-    let (everything, traces, provider) = match otlp_endpoint {
+    let (everything, traces, provider) = match otlp {
         None => (None, None, None),
-        Some(endpoint) => {
+        Some(Otlp {
+            endpoint,
+            sample_ratio,
+        }) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
                 .build()
                 .with_context(|| format!("cannot export traces to {endpoint}"))?;
+            // A call the client traces is traced; of the others, this share.
+            let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(*sample_ratio)));
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
+                .with_sampler(sampler)
                 .with_resource(
                     Resource::builder()
                         .with_service_name("krisp-ingest")

@@ -33,6 +33,7 @@ mod reads;
 mod report;
 mod scenarios;
 mod server;
+mod traces;
 mod unary;
 
 /// mimalloc rather than the system allocator: with thousands of open streams, glibc's
@@ -144,6 +145,20 @@ struct Args {
     /// Where to write the chart (SVG) of the live feeds' latency percentiles.
     #[arg(long, default_value = "docs/benchmarks-live.svg")]
     live_chart: PathBuf,
+    /// The server under test serves its Prometheus metrics (on a port of its own, as the
+    /// service does by default) and so records them.
+    #[arg(long, global = true)]
+    server_metrics: bool,
+    /// The server under test exports traces over OTLP to a sink in this process (the
+    /// number of spans it received is reported).
+    #[arg(long, global = true)]
+    traces: bool,
+    /// With --traces: the share of calls the server traces.
+    #[arg(long, global = true, default_value_t = 1.0)]
+    trace_sample_ratio: f64,
+    /// (internal) Where the server under test exports its traces.
+    #[arg(long, global = true, hide = true)]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -166,13 +181,29 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    match &args.command {
+    let mut args = Args::parse();
+    // Only the benchmark itself, never its `serve` child, runs the sink.
+    let sink = match (&args.command, args.traces) {
+        (Some(Command::Serve { .. }), _) | (_, false) => None,
+        (_, true) => {
+            let sink = traces::Sink::start().await?;
+            args.otlp_endpoint = Some(sink.endpoint.clone());
+            Some(sink)
+        }
+    };
+    let outcome = match &args.command {
         Some(Command::Serve { max_connections }) => serve(&args, *max_connections).await,
         Some(Command::Live(live)) => live::run(&args, live).await,
         Some(Command::Helpers(helpers)) => helpers::run(&args, helpers).await,
         None => run(&args).await,
+    };
+    if let Some(sink) = sink {
+        println!(
+            "traces: on, {} spans received by the benchmark's OTLP sink",
+            sink.spans()
+        );
     }
+    outcome
 }
 
 /// Connect options for `database` on the benchmark's server.
@@ -190,16 +221,34 @@ async fn server_options(args: &Args, database: &str) -> anyhow::Result<PgConnect
 }
 
 async fn serve(args: &Args, max_connections: u32) -> anyhow::Result<()> {
-    let _telemetry = krisp_ingest::telemetry::init(krisp_ingest::config::LogFormat::Text, None)?;
+    let otlp = args
+        .otlp_endpoint
+        .clone()
+        .map(|endpoint| krisp_ingest::telemetry::Otlp {
+            endpoint,
+            sample_ratio: args.trace_sample_ratio,
+        });
+    let telemetry =
+        krisp_ingest::telemetry::init(krisp_ingest::config::LogFormat::Text, otlp.as_ref())?;
     let pool = krisp_ingest::app::pool_options(max_connections)
         .connect_with(server_options(args, BENCH_DATABASE).await?)
         .await?;
-    let app = Application::build(krisp_ingest::app::Settings::default(), pool).await?;
+    let settings = krisp_ingest::app::Settings {
+        metrics: args
+            .server_metrics
+            .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..krisp_ingest::app::Settings::default()
+    };
+    let app = Application::build(settings, pool).await?;
     println!("listening on {}", app.local_addr());
-    app.run_until_stopped(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+    let served = app
+        .run_until_stopped(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    // The spans still buffered go to the sink before the process ends.
+    telemetry.shutdown();
+    served
 }
 
 /// What the run measures on: `auto` without pg_partman goes on with the default

@@ -26,6 +26,15 @@ impl Server {
         if let Some(dir) = &args.data_dir {
             command.arg("--data-dir").arg(dir);
         }
+        if args.server_metrics {
+            command.arg("--server-metrics");
+        }
+        if let Some(endpoint) = &args.otlp_endpoint {
+            command.arg("--otlp-endpoint").arg(endpoint);
+            command
+                .arg("--trace-sample-ratio")
+                .arg(args.trace_sample_ratio.to_string());
+        }
         let mut child = command
             .arg("serve")
             .arg("--max-connections")
@@ -71,9 +80,21 @@ impl Server {
             .await?)
     }
 
+    /// Stops the server as Ctrl-C would (it exports its last spans), killing it when it
+    /// has not ended within 10 s.
     pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
-        let _ = self.child.start_kill();
-        self.child.wait().await?;
+        let interrupted = std::process::Command::new("kill")
+            .args(["-INT", &self.pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        let ended = interrupted
+            && tokio::time::timeout(std::time::Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok();
+        if !ended {
+            let _ = self.child.start_kill();
+            self.child.wait().await?;
+        }
         Ok(())
     }
 }

@@ -144,18 +144,11 @@ fn the_benchmark_runs_every_method_and_reports_the_ratio() {
 }
 
 #[test]
-fn every_live_feed_helper_is_measured_pipelined_and_one_append_at_a_time() {
+fn every_live_feed_helper_is_measured_pipelined_and_one_append_at_a_time_traces_on() {
     let _one_at_a_time = BENCH_DATABASE.lock().unwrap_or_else(|e| e.into_inner());
     let output = Command::new(env!("CARGO_BIN_EXE_krisp-bench"))
-        .args([
-            "--repeat",
-            "1",
-            "helpers",
-            "--items",
-            "2000",
-            "--per-append",
-            "50",
-        ])
+        .args(["--repeat", "1", "--server-metrics", "--traces"])
+        .args(["helpers", "--items", "2000", "--per-append", "50"])
         .output()
         .expect("run krisp-bench helpers");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -168,6 +161,14 @@ fn every_live_feed_helper_is_measured_pipelined_and_one_append_at_a_time() {
         stdout.contains("one feed of 2000 items in appends of 50"),
         "{stdout}"
     );
+    // The server under test recorded metrics and exported its spans to the sink.
+    let spans: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("traces: on, "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no traces line:\n{stdout}"));
+    assert!(spans > 0, "{stdout}");
     for helper in ["rust", "python-sync", "python-asyncio", "typescript"] {
         let row = stdout
             .lines()

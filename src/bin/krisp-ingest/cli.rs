@@ -72,6 +72,17 @@ pub struct Cli {
     #[arg(long, env = "KRISP_OTLP_ENDPOINT", global = true)]
     pub otlp_endpoint: Option<String>,
 
+    /// With --otlp-endpoint: the share of calls traced (0 to 1) among those whose client
+    /// sent no sampled `traceparent` (those are always traced). Each traced call costs
+    /// server CPU (docs/BENCHMARKS.md, "Metrics and traces").
+    #[arg(
+        long,
+        env = "KRISP_OTLP_SAMPLE_RATIO",
+        default_value_t = 1.0,
+        global = true
+    )]
+    pub otlp_sample_ratio: f64,
+
     /// Log format on standard error.
     #[arg(long, env = "KRISP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,

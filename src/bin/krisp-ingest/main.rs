@@ -24,7 +24,11 @@ use krisp_ingest::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let telemetry = match telemetry::init(cli.log_format, cli.otlp_endpoint.as_deref()) {
+    let otlp = cli.otlp_endpoint.clone().map(|endpoint| telemetry::Otlp {
+        endpoint,
+        sample_ratio: cli.otlp_sample_ratio.clamp(0.0, 1.0),
+    });
+    let telemetry = match telemetry::init(cli.log_format, otlp.as_ref()) {
         Ok(telemetry) => telemetry,
         Err(error) => {
             eprintln!("krisp-ingest: {error:#}");
