@@ -18,6 +18,7 @@ use super::{
     feeds::{Append, Appended, append_feeds, superseded},
     writer_connection::{WriterConnection, unavailable},
 };
+use crate::domain::{FeedEntry, FeedItem, NewEvent, NewSentiment};
 use crate::error::Error;
 
 /// How a feed whose append's outcome is unknown goes on.
@@ -123,6 +124,9 @@ async fn write(conn: &mut PgConnection, batch: Vec<Job>, options: &PgConnectOpti
     match committed {
         Ok(appended) => {
             for ((append, reply), appended) in appends.iter().zip(replies).zip(appended) {
+                if matches!(appended, Appended::Stored) {
+                    count_ingested(append);
+                }
                 let _ = reply.send(outcome(append, appended));
             }
         }
@@ -246,4 +250,19 @@ async fn lost_commit(options: &PgConnectOptions, xid: &str) -> Option<bool> {
         }
     }
     None
+}
+
+/// Counts the items of a committed append in `krisp_items_ingested_total{kind}`.
+fn count_ingested(append: &Append) {
+    let events = append
+        .items
+        .iter()
+        .filter(|item| matches!(item, FeedEntry::Event(_)))
+        .count();
+    let sentiments = append.items.len() - events;
+    for (kind, n) in [(NewSentiment::KIND, sentiments), (NewEvent::KIND, events)] {
+        if n > 0 {
+            metrics::counter!(crate::metrics::ITEMS_INGESTED, "kind" => kind).increment(n as u64);
+        }
+    }
 }
