@@ -352,7 +352,6 @@ impl Storage {
     }
 
     /// Opens a transaction bounded by the current call's deadline.
-    #[tracing::instrument(level = "debug", skip_all, fields(otel.kind = "client", db.system = "postgresql"))]
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, Error> {
         call::begin(&self.pool).await
     }
