@@ -32,6 +32,31 @@ fn start_with(
     (child, address, lines)
 }
 
+/// The real binary serving `db` (as the role the tests connect as), on a data directory
+/// of its own, with `env` besides: a process of its own, so its own metrics and traces.
+pub(crate) struct Served {
+    pub(crate) child: Child,
+    pub(crate) address: SocketAddr,
+    pub(crate) lines: mpsc::Receiver<String>,
+    pub(crate) logged: Vec<String>,
+    _data_dir: tempfile::TempDir,
+}
+
+pub(crate) async fn serve_database(db: &sqlx::PgPool, env: &[(&str, &str)]) -> Served {
+    let (root, data_dir) = fresh_data_dir();
+    let url = crate::item_times::url_of(db).await;
+    let mut all = vec![("DATABASE_URL", url.as_str())];
+    all.extend_from_slice(env);
+    let (child, address, lines, logged) = start_logged(&data_dir, &all);
+    Served {
+        child,
+        address,
+        lines,
+        logged,
+        _data_dir: root,
+    }
+}
+
 /// Like [`start_with`], and also returns what the server logged before it listened.
 pub(crate) fn start_logged(
     data_dir: &Path,

@@ -15,7 +15,13 @@ fn items(first: u64, last: u64) -> Vec<proto::FeedItem> {
     (first..=last).map(item).collect()
 }
 
-fn feed(app: &TestApp, feed_id: &str, participation_id: &str, options: FeedOptions) -> LiveFeed {
+/// The client crate's live feed `feed_id` of `participation_id` over `app`'s channel.
+pub(crate) fn feed(
+    app: &TestApp,
+    feed_id: &str,
+    participation_id: &str,
+    options: FeedOptions,
+) -> LiveFeed {
     let client = with_channel(app.channel.clone(), None).unwrap();
     LiveFeed::new(client, feed_id, participation_id, options)
 }

@@ -36,12 +36,9 @@ pub(crate) fn value(scrape: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn a_scrape_shows_the_counters_move() {
     let db = fresh_database().await;
-    let (_root, data_dir) = crate::helpers::fresh_data_dir();
-    let url = crate::item_times::url_of(&db).await;
-    let (child, address, lines, logged) =
-        crate::binary::start_logged(&data_dir, &[("DATABASE_URL", &url)]);
-    let metrics = crate::binary::metrics_address(&logged);
-    let app = TestApp::connect(address, db.clone()).await;
+    let served = crate::binary::serve_database(&db, &[]).await;
+    let metrics = crate::binary::metrics_address(&served.logged);
+    let app = TestApp::connect(served.address, db.clone()).await;
 
     let stream_ok = "krisp_rpc_requests_total{method=\"/krisp.ingest.v1.IngestService/StreamSentiments\",code=\"Ok\"}";
     let get_not_found = "krisp_rpc_requests_total{method=\"/krisp.ingest.v1.IngestService/GetUser\",code=\"NotFound\"}";
@@ -80,11 +77,10 @@ async fn a_scrape_shows_the_counters_move() {
         .unwrap();
 
     // A live feed of two appends through the client crate's helper.
-    let client = krisp_ingest_client::with_channel(app.channel.clone(), None).unwrap();
-    let mut feed = krisp_ingest_client::LiveFeed::new(
-        client,
-        Uuid::new_v4().to_string(),
-        participation.id.clone(),
+    let mut feed = crate::client_feed::feed(
+        &app,
+        &Uuid::new_v4().to_string(),
+        &participation.id,
         krisp_ingest_client::FeedOptions::default(),
     );
     feed.append(vec![crate::live::item(1), crate::live::item(2)])
@@ -165,5 +161,9 @@ async fn a_scrape_shows_the_counters_move() {
         assert!(after.contains(series), "{series} missing:\n{after}");
     }
     drop(app);
-    assert!(crate::binary::terminate(child, &lines).await.success());
+    assert!(
+        crate::binary::terminate(served.child, &served.lines)
+            .await
+            .success()
+    );
 }

@@ -17,7 +17,7 @@ use regex::Regex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, eventually, frames, fresh_database, sentiments};
+use crate::helpers::{TestApp, eventually, fresh_database, sentiments};
 
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -224,49 +224,29 @@ fn thresholds_are_left_out_of_alert_expressions_only() {
 #[tokio::test]
 async fn a_real_prometheus_finds_series_for_every_rule_alert_and_panel() {
     let db = fresh_database().await;
-    let (_root, data_dir) = crate::helpers::fresh_data_dir();
-    let url = crate::item_times::url_of(&db).await;
-    let (child, address, lines, logged) =
-        crate::binary::start_logged(&data_dir, &[("DATABASE_URL", &url)]);
-    let metrics = crate::binary::metrics_address(&logged);
+    let served = crate::binary::serve_database(&db, &[]).await;
+    let metrics = crate::binary::metrics_address(&served.logged);
     let prometheus = Prometheus::start(metrics);
-    let app = TestApp::connect(address, db.clone()).await;
+    let app = TestApp::connect(served.address, db.clone()).await;
 
     // A short load of every kind: unary calls, a client stream, a live feed, a read, a
     // refused call.
     let participation = app.participation().await;
-    let messages = frames::stream(
+    app.stream_sentiments(&participation.id, vec![sentiments(0, 50)])
+        .await;
+    let mut feed = crate::client_feed::feed(
+        &app,
         &Uuid::new_v4().to_string(),
         &participation.id,
-        vec![sentiments(0, 50)],
-    );
-    app.client
-        .clone()
-        .stream_sentiments(tokio_stream::iter(messages))
-        .await
-        .unwrap();
-    let client = krisp_ingest_client::with_channel(app.channel.clone(), None).unwrap();
-    let mut feed = krisp_ingest_client::LiveFeed::new(
-        client,
-        Uuid::new_v4().to_string(),
-        participation.id.clone(),
         krisp_ingest_client::FeedOptions::default(),
     );
     feed.append(vec![crate::live::item(1), crate::live::item(2)])
         .await
         .unwrap();
     feed.close().await.unwrap();
-    let mut reads = app
-        .client
-        .clone()
-        .get_timeline(proto::GetTimelineRequest {
-            participation_id: participation.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while reads.message().await.unwrap().is_some() {}
+    let (entries, _) =
+        crate::timeline::read(&app, crate::timeline::request(&participation.id)).await;
+    assert_eq!(entries.len(), 52);
     let refused = app
         .client
         .clone()
@@ -313,6 +293,10 @@ async fn a_real_prometheus_finds_series_for_every_rule_alert_and_panel() {
     );
 
     drop(app);
-    assert!(crate::binary::terminate(child, &lines).await.success());
+    assert!(
+        crate::binary::terminate(served.child, &served.lines)
+            .await
+            .success()
+    );
     tokio::time::sleep(Duration::from_millis(1)).await;
 }

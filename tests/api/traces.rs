@@ -60,14 +60,9 @@ async fn a_call_with_a_traceparent_is_traced_into_its_service_step_and_database_
     );
 
     let db = fresh_database().await;
-    let (_root, data_dir) = crate::helpers::fresh_data_dir();
-    let url = crate::item_times::url_of(&db).await;
     let endpoint = format!("http://{collector}");
-    let (child, address, lines, _) = crate::binary::start_logged(
-        &data_dir,
-        &[("DATABASE_URL", &url), ("KRISP_OTLP_ENDPOINT", &endpoint)],
-    );
-    let app = TestApp::connect(address, db.clone()).await;
+    let served = crate::binary::serve_database(&db, &[("KRISP_OTLP_ENDPOINT", &endpoint)]).await;
+    let app = TestApp::connect(served.address, db.clone()).await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
@@ -99,7 +94,11 @@ async fn a_call_with_a_traceparent_is_traced_into_its_service_step_and_database_
         .unwrap();
     drop(app);
     // A clean stop exports what is left.
-    assert!(crate::binary::terminate(child, &lines).await.success());
+    assert!(
+        crate::binary::terminate(served.child, &served.lines)
+            .await
+            .success()
+    );
 
     let mut spans = Vec::new();
     while let Ok(Some(batch)) =

@@ -118,15 +118,20 @@ where
     }
 }
 
-/// Something a response body carries until it is done or dropped (a permit), and
-/// that may look at each frame going out (the trailers, with the call's status).
+/// Something a body carries until it is done or dropped (a permit), and that may look at
+/// each frame going through (the trailers, with the call's status; the messages).
 pub trait Watcher: Send + Unpin + 'static {
     fn frame(&mut self, _frame: &Frame<Bytes>) {}
 }
 
 /// `response` with `watcher` attached to its body.
 fn watched<W: Watcher>(response: http::Response<Body>, watcher: W) -> http::Response<Body> {
-    response.map(|body| Body::new(Watched { body, watcher }))
+    response.map(|body| watch(body, watcher))
+}
+
+/// `body` with `watcher` attached (a request's or a response's).
+fn watch<W: Watcher>(body: Body, watcher: W) -> Body {
+    Body::new(Watched { body, watcher })
 }
 
 struct Watched<W> {

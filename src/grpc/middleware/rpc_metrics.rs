@@ -15,20 +15,19 @@
 
 use std::{
     collections::HashMap,
-    pin::Pin,
     sync::OnceLock,
     task::{Context, Poll},
     time::Instant,
 };
 
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 use hyper::body::Bytes;
 use metrics::Counter;
 use prost::Message as _;
-use tonic::{Status, body::Body};
+use tonic::body::Body;
 use tower::{Layer, Service};
 
-use super::{Hook, Watcher, watched};
+use super::{Hook, Watcher, watch, watched};
 use crate::metrics::{
     GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_MSG_RECEIVED, GRPC_MSG_SENT, GRPC_STARTED,
     RPC_REQUESTS,
@@ -272,45 +271,28 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let received = CallLabels::of(request.uri().path()).counter(GRPC_MSG_RECEIVED);
         self.inner.call(request.map(|body| {
-            Body::new(Counted {
+            watch(
                 body,
-                framing: Framing::default(),
-                received,
-            })
+                CountReceived {
+                    framing: Framing::default(),
+                    received,
+                },
+            )
         }))
     }
 }
 
-struct Counted {
-    body: Body,
+/// Counts the messages of a request body as it is read.
+struct CountReceived {
     framing: Framing,
     received: Counter,
 }
 
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let messages = self.framing.messages_in(data);
-            self.received.increment(messages);
+impl Watcher for CountReceived {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.received.increment(self.framing.messages_in(data));
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
