@@ -89,6 +89,15 @@ async fn a_scrape_shows_the_counters_move() {
     feed.append(vec![crate::live::item(3)]).await.unwrap();
     feed.close().await.unwrap();
 
+    // Paths no service serves: UNIMPLEMENTED, counted under "unknown" whatever they say.
+    for path in [
+        "/krisp.ingest.v1.IngestService/NoSuchMethod",
+        "/made.up.Service/Anything",
+    ] {
+        let status = unserved_call(&app, path).await;
+        assert_eq!(status.code(), tonic::Code::Unimplemented, "{path}");
+    }
+
     let after = scrape(metrics).await;
     let delta = |series: &str| value(&after, series) - value(&before, series);
     // The go-grpc-prometheus family, with its labels.
@@ -121,6 +130,18 @@ async fn a_scrape_shows_the_counters_move() {
         ("krisp_live_feed_ack_seconds_count".to_owned(), 2.0),
     ] {
         assert_eq!(delta(&series), expected, "{series}:\n{after}");
+    }
+    let unknown = r#"grpc_type="unknown",grpc_service="unknown",grpc_method="unknown""#;
+    let unknown_handled =
+        format!("grpc_server_handled_total{{{unknown},grpc_code=\"Unimplemented\"}}");
+    assert_eq!(delta(&unknown_handled), 2.0, "{after}");
+    assert_eq!(
+        delta("krisp_rpc_requests_total{method=\"unknown\",code=\"Unimplemented\"}"),
+        2.0,
+        "{after}"
+    );
+    for made_up in ["NoSuchMethod", "made.up", "Anything"] {
+        assert!(!after.contains(made_up), "{made_up} in a label:\n{after}");
     }
     assert!(
         after.contains(r#"grpc_server_handling_seconds_bucket{grpc_type="unary",grpc_service="krisp.ingest.v1.IngestService",grpc_method="GetUser",le="0.0005"}"#),
@@ -166,4 +187,18 @@ async fn a_scrape_shows_the_counters_move() {
             .await
             .success()
     );
+}
+
+/// A unary call of `path`, which no service serves, with an empty message.
+async fn unserved_call(app: &TestApp, path: &'static str) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    grpc.unary(
+        tonic::Request::new(()),
+        http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .unwrap_err()
 }

@@ -12,6 +12,10 @@
 //! And, kept for the dashboards that use it, `krisp_rpc_requests_total{method, code}`.
 //! A call is counted finished at once for a trailers-only answer (most errors),
 //! otherwise when its trailers go out.
+//!
+//! The labels of every served method are made once, from the services' own descriptor
+//! sets; a path that no service serves is counted under `unknown`, so that what a client
+//! writes in its request line never becomes a series of its own.
 
 use std::{
     collections::HashMap,
@@ -22,7 +26,7 @@ use std::{
 
 use http_body::Frame;
 use hyper::body::Bytes;
-use metrics::Counter;
+use metrics::{Counter, Histogram, Key, Label, Level, Metadata};
 use prost::Message as _;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -33,61 +37,102 @@ use crate::metrics::{
     RPC_REQUESTS,
 };
 
-/// The labels of one call.
-#[derive(Debug, Clone)]
-pub struct CallLabels {
-    path: String,
-    service: String,
-    method: String,
-    kind: &'static str,
+/// gRPC's status codes, 0 to 16.
+const CODES: usize = 17;
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// The labels of one served method (or of every path no service serves), made once:
+/// a call builds no label of its own.
+#[derive(Debug)]
+struct CallLabels {
+    /// `grpc_type`, `grpc_service`, `grpc_method`.
+    grpc: &'static [Label],
+    /// Those and `grpc_code`, by code.
+    handled: Vec<&'static [Label]>,
+    /// `krisp_rpc_requests_total`'s `method` (the path) and `code` (tonic's name), by code.
+    requests: Vec<&'static [Label]>,
 }
 
 impl CallLabels {
-    fn of(path: &str) -> Self {
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or(("unknown", path));
-        let kind = method_types().get(path).copied().unwrap_or("unknown");
+    fn new(kind: &str, service: &str, method: &str, path: &str) -> Self {
+        let grpc = vec![
+            Label::new("grpc_type", kind.to_owned()),
+            Label::new("grpc_service", service.to_owned()),
+            Label::new("grpc_method", method.to_owned()),
+        ];
+        let codes = (0..CODES).filter_map(|n| i32::try_from(n).ok().map(tonic::Code::from));
+        let handled = codes
+            .clone()
+            .map(|code| {
+                let mut labels = grpc.clone();
+                labels.push(Label::new("grpc_code", code_name(code)));
+                leak(labels)
+            })
+            .collect();
+        let requests = codes
+            .map(|code| {
+                leak(vec![
+                    Label::new("method", path.to_owned()),
+                    Label::new("code", format!("{code:?}")),
+                ])
+            })
+            .collect();
         Self {
-            path: path.to_owned(),
-            service: service.to_owned(),
-            method: method.to_owned(),
-            kind,
+            grpc: leak(grpc),
+            handled,
+            requests,
         }
     }
 
-    fn labels(&self) -> [(&'static str, String); 3] {
-        [
-            ("grpc_type", self.kind.to_owned()),
-            ("grpc_service", self.service.clone()),
-            ("grpc_method", self.method.clone()),
-        ]
+    /// The labels of the method `path` names.
+    fn of(path: &str) -> &'static Self {
+        static UNKNOWN: OnceLock<CallLabels> = OnceLock::new();
+        served().get(path).unwrap_or_else(|| {
+            UNKNOWN.get_or_init(|| Self::new("unknown", "unknown", "unknown", "unknown"))
+        })
     }
 
     fn counter(&self, name: &'static str) -> Counter {
-        metrics::counter!(name, &self.labels())
+        counter(name, self.grpc)
     }
 }
 
-/// `unary`, `client_stream`, `server_stream` or `bidi_stream` of every method served, from
-/// the services' own descriptor sets.
-fn method_types() -> &'static HashMap<String, &'static str> {
-    static TYPES: OnceLock<HashMap<String, &'static str>> = OnceLock::new();
-    TYPES.get_or_init(|| {
+/// Labels live as long as the process: a handful of methods, made once.
+fn leak(labels: Vec<Label>) -> &'static [Label] {
+    Box::leak(labels.into_boxed_slice())
+}
+
+fn counter(name: &'static str, labels: &'static [Label]) -> Counter {
+    let key = Key::from_static_parts(name, labels);
+    metrics::with_recorder(|recorder| recorder.register_counter(&key, &METADATA))
+}
+
+fn histogram(name: &'static str, labels: &'static [Label]) -> Histogram {
+    let key = Key::from_static_parts(name, labels);
+    metrics::with_recorder(|recorder| recorder.register_histogram(&key, &METADATA))
+}
+
+/// The labels of every method served, by path, from the services' own descriptor sets
+/// (`grpc_type` is `unary`, `client_stream`, `server_stream` or `bidi_stream`).
+fn served() -> &'static HashMap<String, CallLabels> {
+    static SERVED: OnceLock<HashMap<String, CallLabels>> = OnceLock::new();
+    SERVED.get_or_init(|| {
         let sets = [
             crate::proto::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
         ];
-        let mut types = HashMap::new();
+        let mut served = HashMap::new();
         for set in sets {
             let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
                 continue;
             };
             for file in set.file {
                 for service in &file.service {
+                    let service_name = format!("{}.{}", file.package(), service.name());
                     for method in &service.method {
                         let kind = match (method.client_streaming(), method.server_streaming()) {
                             (false, false) => "unary",
@@ -95,14 +140,14 @@ fn method_types() -> &'static HashMap<String, &'static str> {
                             (false, true) => "server_stream",
                             (true, true) => "bidi_stream",
                         };
-                        let path =
-                            format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                        types.insert(path, kind);
+                        let path = format!("/{service_name}/{}", method.name());
+                        let labels = CallLabels::new(kind, &service_name, method.name(), &path);
+                        served.insert(path, labels);
                     }
                 }
             }
         }
-        types
+        served
     })
 }
 
@@ -111,7 +156,7 @@ pub struct RpcMetrics;
 
 /// What the hook keeps from the request: the call's labels and when it started.
 pub struct Started {
-    labels: CallLabels,
+    labels: &'static CallLabels,
     at: Instant,
 }
 
@@ -132,9 +177,8 @@ impl Hook for RpcMetrics {
         let early = response
             .headers()
             .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        if let Some(code) = &early {
+            .map(|v| status_code(v.as_bytes()));
+        if let Some(code) = early {
             handled(&started, code);
             return response;
         }
@@ -150,19 +194,20 @@ impl Hook for RpcMetrics {
     }
 }
 
-fn handled(started: &Started, status: &str) {
-    let (code, debug_name) = match status.parse::<i32>().map(tonic::Code::from) {
-        Ok(code) => (code_name(code), format!("{code:?}")),
-        Err(_) => (status.to_owned(), status.to_owned()),
-    };
-    let labels = &started.labels;
-    let mut with_code = labels.labels().to_vec();
-    with_code.push(("grpc_code", code));
-    metrics::counter!(GRPC_HANDLED, &with_code).increment(1);
-    metrics::histogram!(GRPC_HANDLING_SECONDS, &labels.labels())
-        .record(started.at.elapsed().as_secs_f64());
-    metrics::counter!(RPC_REQUESTS, "method" => labels.path.clone(), "code" => debug_name)
-        .increment(1);
+/// The code of a `grpc-status` value; one that is no code is Unknown, as tonic reads it.
+fn status_code(value: &[u8]) -> tonic::Code {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Unknown, tonic::Code::from)
+}
+
+fn handled(started: &Started, code: tonic::Code) {
+    let labels = started.labels;
+    let n = usize::try_from(code as i32).unwrap_or(0).min(CODES - 1);
+    counter(GRPC_HANDLED, labels.handled[n]).increment(1);
+    histogram(GRPC_HANDLING_SECONDS, labels.grpc).record(started.at.elapsed().as_secs_f64());
+    counter(RPC_REQUESTS, labels.requests[n]).increment(1);
 }
 
 /// A code as go-grpc-prometheus names it (Go's `codes.Code.String()`).
@@ -190,8 +235,7 @@ impl Watcher for AtTrailers {
         {
             let code = trailers
                 .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("0");
+                .map_or(tonic::Code::Ok, |v| status_code(v.as_bytes()));
             handled(&started, code);
         }
     }
@@ -316,26 +360,66 @@ mod tests {
         }
     }
 
+    /// The value of `name` among `labels`.
+    fn label(labels: &[Label], name: &str) -> String {
+        labels
+            .iter()
+            .find(|l| l.key() == name)
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn every_method_has_its_type() {
-        let types = method_types();
-        assert_eq!(types["/krisp.ingest.v1.IngestService/CreateUser"], "unary");
+        let kind = |path: &str| label(CallLabels::of(path).grpc, "grpc_type");
+        assert_eq!(kind("/krisp.ingest.v1.IngestService/CreateUser"), "unary");
         assert_eq!(
-            types["/krisp.ingest.v1.IngestService/StreamSentiments"],
+            kind("/krisp.ingest.v1.IngestService/StreamSentiments"),
             "client_stream"
         );
         assert_eq!(
-            types["/krisp.ingest.v1.IngestService/GetTimeline"],
+            kind("/krisp.ingest.v1.IngestService/GetTimeline"),
             "server_stream"
         );
         assert_eq!(
-            types["/krisp.ingest.v1.IngestService/LiveFeed"],
+            kind("/krisp.ingest.v1.IngestService/LiveFeed"),
             "bidi_stream"
         );
-        assert_eq!(types["/grpc.health.v1.Health/Check"], "unary");
+        assert_eq!(kind("/grpc.health.v1.Health/Check"), "unary");
         assert_eq!(
-            types["/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"],
+            kind("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
             "bidi_stream"
         );
+    }
+
+    #[test]
+    fn a_path_no_service_serves_is_unknown_whatever_it_says() {
+        for path in ["/krisp.ingest.v1.IngestService/Nope", "/x", "/a/b/c", ""] {
+            let labels = CallLabels::of(path);
+            for name in ["grpc_type", "grpc_service", "grpc_method"] {
+                assert_eq!(label(labels.grpc, name), "unknown", "{path:?}");
+            }
+            assert_eq!(label(labels.requests[0], "method"), "unknown", "{path:?}");
+        }
+        let create = CallLabels::of("/krisp.ingest.v1.IngestService/CreateUser");
+        assert_eq!(
+            label(create.grpc, "grpc_service"),
+            "krisp.ingest.v1.IngestService"
+        );
+        assert_eq!(label(create.grpc, "grpc_method"), "CreateUser");
+        assert_eq!(label(create.handled[0], "grpc_code"), "OK");
+        assert_eq!(label(create.handled[5], "grpc_code"), "NotFound");
+        assert_eq!(label(create.requests[5], "code"), "NotFound");
+        assert_eq!(
+            label(create.requests[0], "method"),
+            "/krisp.ingest.v1.IngestService/CreateUser"
+        );
+    }
+
+    #[test]
+    fn a_status_that_is_no_code_is_unknown() {
+        assert_eq!(status_code(b"5"), tonic::Code::NotFound);
+        assert_eq!(status_code(b"99"), tonic::Code::Unknown);
+        assert_eq!(status_code(b"x"), tonic::Code::Unknown);
     }
 }
