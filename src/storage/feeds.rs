@@ -184,6 +184,27 @@ pub async fn append_feeds(
         .collect())
 }
 
+/// Advances each feed of a batch (`$1` users, `$2` feeds, `$3` epochs, `$4` positions
+/// written from, `$5` positions written through) where it is still at `from` under that
+/// epoch and open; returns the feeds advanced.
+///
+/// Each feed by its key, in one statement for every feed of the batch. The subquery
+/// keeps the arrays a relation of their own (Citus plans it as an intermediate result
+/// joined on the distribution column), and `f.user_id = ANY($1)` lets Citus run it on the
+/// shards of the batch's users only. A feed still open is matched as a join clause
+/// against the subquery's NULL, not as a filter of `live_feeds` alone: the planner's
+/// guess for `closed_at IS NULL` without statistics (1 row in 200) let a plan cached
+/// while the table was empty scan the batch's users' feeds and re-read the arrays for
+/// each one (docs/decisions/0012-feed-batches-planned-without-guesses.md).
+pub const ADVANCE_FEEDS: &str = "UPDATE live_feeds AS f SET committed_seq = u.through \
+     FROM (SELECT *, NULL::timestamptz FROM unnest($1::uuid[], $2::uuid[], $3::int8[], \
+               $4::int8[], $5::int8[]) OFFSET 0) \
+         AS u (user_id, feed_id, epoch, from_seq, through, closed_at) \
+     WHERE f.user_id = u.user_id AND f.feed_id = u.feed_id AND f.epoch = u.epoch \
+       AND f.committed_seq = u.from_seq AND f.closed_at IS NOT DISTINCT FROM u.closed_at \
+       AND f.user_id = ANY($1) \
+     RETURNING f.user_id, f.feed_id, f.epoch";
+
 /// [`append_feeds`] for the appends not refused: whether each was written.
 async fn advance_and_store(
     conn: &mut PgConnection,
@@ -205,31 +226,14 @@ async fn advance_and_store(
         froms.push(seq(append.from)?);
         throughs.push(seq(append.through())?);
     }
-    // Each feed by its key. A plan made for the batch's actual size can join the arrays
-    // to every feed's row (a hash join: 5.5 ms for 200 of 10,000 feeds, growing with the
-    // table), where the generic plan looks each feed up in the primary key (1.9 ms).
-    // PostgreSQL's plan cache settles on the generic plan by itself after five executions
-    // (it costs less); on Citus the statement is planned for its parameters
-    // (docs/decisions/0001-plans-chosen-by-postgresql.md).
-    // One statement for every feed of the batch; the subquery keeps the arrays a
-    // relation of their own (Citus plans it as an intermediate result joined on the
-    // distribution column), and `f.user_id = ANY($1)` lets Citus run it on the shards of
-    // the batch's users only.
-    let advanced: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
-        "UPDATE live_feeds AS f SET committed_seq = u.through \
-         FROM (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[])) \
-             AS u (user_id, feed_id, epoch, from_seq, through) \
-         WHERE f.user_id = u.user_id AND f.feed_id = u.feed_id AND f.epoch = u.epoch \
-           AND f.committed_seq = u.from_seq AND f.closed_at IS NULL AND f.user_id = ANY($1) \
-         RETURNING f.user_id, f.feed_id, f.epoch",
-    )
-    .bind(&user_ids)
-    .bind(&feed_ids)
-    .bind(&epochs)
-    .bind(&froms)
-    .bind(&throughs)
-    .fetch_all(&mut *conn)
-    .await?;
+    let advanced: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(ADVANCE_FEEDS)
+        .bind(&user_ids)
+        .bind(&feed_ids)
+        .bind(&epochs)
+        .bind(&froms)
+        .bind(&throughs)
+        .fetch_all(&mut *conn)
+        .await?;
     let written: Vec<bool> = appends
         .iter()
         .map(|a| advanced.contains(&(a.user_id, a.feed_id, a.epoch)))

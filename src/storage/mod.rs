@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use batch::Batcher;
 pub(crate) use call::begin_on;
-pub use feeds::OpenFeed;
+pub use feeds::{ADVANCE_FEEDS, OpenFeed};
 pub use items::FeedTable;
 use items::Unary;
 pub use migrations::{MIGRATOR, check_migrated, migrate};

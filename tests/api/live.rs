@@ -121,6 +121,34 @@ pub async fn feed_rows(db: &PgPool, feed_id: &str) -> (i64, i64, i64) {
     .unwrap()
 }
 
+/// A feed's row closed by anything but its stream (here by hand) takes no further item
+/// from that stream, even one that names the right epoch and position: the batch
+/// statement matches open feeds only, and the stream is told to go on elsewhere.
+#[tokio::test]
+async fn a_feed_closed_behind_its_stream_takes_no_more_items() {
+    let app = spawn_app().await;
+    let participation = app.participation().await;
+    let feed_id = Uuid::new_v4().to_string();
+    let (mut call, _) = FeedCall::open(app.channel.clone(), &feed_id, &participation.id).await;
+    assert_eq!(call.ack(append(1, 3)).await, 3);
+    sqlx::query("UPDATE live_feeds SET closed_at = now() WHERE feed_id = $1")
+        .bind(Uuid::parse_str(&feed_id).unwrap())
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let status = call.send(append(4, 2)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(status.message().contains("closed"), "{status:?}");
+    assert_eq!(feed_rows(&app.db, &feed_id).await, (3, 3, 3));
+    let committed: i64 =
+        sqlx::query_scalar("SELECT committed_seq FROM live_feeds WHERE feed_id = $1")
+            .bind(Uuid::parse_str(&feed_id).unwrap())
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(committed, 3);
+}
+
 #[tokio::test]
 async fn appends_are_acknowledged_once_committed_and_close_returns_a_receipt() {
     let app = spawn_app().await;

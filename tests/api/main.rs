@@ -11,6 +11,7 @@ mod client_feed;
 mod commit_cutter;
 mod deletes;
 mod distribution;
+mod feed_plans;
 mod helpers;
 mod hostile;
 mod idempotency;
