@@ -82,21 +82,19 @@ async fn copy_to(
     participation: &Participation,
     entries: u64,
 ) -> anyhow::Result<Measurement> {
-    // COPY takes no parameters: the statement's with its values written in.
-    let sql = storage::timeline_sql(&TimelineRange::all())
-        .replace("$1", &format!("'{}'::uuid", participation.user_id))
-        .replace("$2", &format!("'{}'::uuid", participation.id))
-        .replace(
-            "$3",
-            &format!("'{}'::timestamptz", participation.connected_at.to_rfc3339()),
-        );
+    // The service's own statement with its values written in, as PostgreSQL's text.
+    let sql = storage::timeline_copy_sql(
+        participation.user_id,
+        participation.id,
+        participation.connected_at,
+        &TimelineRange::all(),
+    )
+    .replace(" (FORMAT binary)", "");
     let mut conn = fx.pool.acquire().await?;
     let probe = CpuProbe::start(None);
     let started = Instant::now();
     let mut lines = 0u64;
-    let mut out = conn
-        .copy_out_raw(&format!("COPY ({sql}) TO STDOUT"))
-        .await?;
+    let mut out = conn.copy_out_raw(&sql).await?;
     while let Some(chunk) = out.try_next().await? {
         lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
     }

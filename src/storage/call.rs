@@ -112,34 +112,29 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// The backend of `conn`, for [`cancel_abandoned`].
+/// The backend of `conn`, for [`cancel_backend`].
 pub async fn backend_pid(conn: &mut PgConnection) -> Result<i32, Error> {
     Ok(sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(conn)
         .await?)
 }
 
-/// Stops the statement a dropped call left running on `conn` (backend `pid`), and gives
-/// the connection back only once that statement has ended: a cancel that arrived after
-/// the connection went back to the pool would stop the next call's statement instead.
-/// A connection whose state is then unclear is closed rather than reused.
-pub async fn cancel_abandoned(pool: &PgPool, mut conn: PoolConnection<Postgres>, pid: i32) {
-    let cancelled = async {
-        // A connection of its own: the pool may be busy.
-        let mut other = PgConnection::connect_with(&pool.connect_options()).await?;
-        sqlx::query("SELECT pg_cancel_backend($1)")
-            .bind(pid)
-            .execute(&mut other)
-            .await?;
-        other.close().await
-    };
-    if let Err(error) = cancelled.await {
-        tracing::warn!(pid, %error, "the call went away, but cancelling its statement failed");
-        conn.close_on_drop();
-        return;
-    }
-    // The statement ends with its last rows or with the cancel's error; a ping reads
-    // either up to the connection's next ReadyForQuery (a second one after the error).
+/// Asks PostgreSQL, over a connection of its own (the pool may be busy), to cancel the
+/// statement backend `pid` runs.
+pub async fn cancel_backend(pool: &PgPool, pid: i32) -> Result<(), sqlx::Error> {
+    let mut other = PgConnection::connect_with(&pool.connect_options()).await?;
+    sqlx::query("SELECT pg_cancel_backend($1)")
+        .bind(pid)
+        .execute(&mut other)
+        .await?;
+    other.close().await
+}
+
+/// Makes `conn`, whose statement was cancelled and has ended, fit to go back to the pool:
+/// a cancel that arrived after its statement ended would stop the next one instead, so a
+/// ping takes it (a second one then reads the connection's next ReadyForQuery); a
+/// connection whose state is still unclear is closed rather than reused.
+pub async fn after_cancel(conn: &mut PoolConnection<Postgres>) {
     if conn.ping().await.is_err() && conn.ping().await.is_err() {
         conn.close_on_drop();
     }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// The binary COPY header: signature, flags, header extension length.
 pub const HEADER: [u8; 19] = *b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";

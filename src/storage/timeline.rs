@@ -3,10 +3,11 @@
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgPool, Postgres, pool::PoolConnection};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::copy_out::{CopyDecoder, CopyRow};
 use super::{OpenFeed, Storage, call};
 use crate::domain::{
     EntryKind, Event, EventKind, FeedEntry, NewEvent, NewSentiment, Participation, Sentiment,
@@ -115,6 +116,52 @@ pub fn timeline_lower_bound(participation: &Participation, range: &TimelineRange
         .fold(participation.connected_at, DateTime::max)
 }
 
+/// The timeline read of `range` as `COPY (...) TO STDOUT (FORMAT binary)`: the
+/// statement of [`timeline_sql`] with its values written in as literals (COPY takes no
+/// parameters; every value is typed, a uuid, a time or a rank, and so written by us).
+/// Planned for these values at every read, as [`timeline_sql`] is sent unprepared.
+pub fn timeline_copy_sql(
+    user_id: Uuid,
+    participation_id: Uuid,
+    lower: DateTime<Utc>,
+    range: &TimelineRange,
+) -> String {
+    let time = |at: DateTime<Utc>| {
+        format!(
+            "'{}'::timestamptz",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        )
+    };
+    let mut values = vec![
+        format!("'{user_id}'::uuid"),
+        format!("'{participation_id}'::uuid"),
+        time(lower),
+    ];
+    values.extend(range.until().map(time));
+    if let Some(after) = range.after_position() {
+        values.push(time(after.at));
+        values.push(kind_rank(after.kind).to_string());
+        values.push(format!("'{}'::uuid", after.id));
+    }
+    // From the last parameter down, so that `$1` never matches the start of `$10`.
+    let sql = values
+        .iter()
+        .enumerate()
+        .rev()
+        .fold(timeline_sql(range), |sql, (i, value)| {
+            sql.replace(&format!("${}", i + 1), value)
+        });
+    format!("COPY ({sql}) TO STDOUT (FORMAT binary)")
+}
+
+/// An entry kind's rank in timeline order at one instant: events first.
+fn kind_rank(kind: EntryKind) -> i32 {
+    match kind {
+        EntryKind::Event => 0,
+        EntryKind::Sentiment => 1,
+    }
+}
+
 impl Storage {
     /// The entries of `range` in a participation's timeline, in timeline order, in
     /// chunks as they are read. One statement, so one snapshot: an item committed while
@@ -129,22 +176,29 @@ impl Storage {
         let (user_id, participation_id) = (participation.user_id, participation.id);
         let lower = timeline_lower_bound(participation, &range);
         tokio::spawn(async move {
-            let gone = tx.clone();
             let read = async {
                 let mut conn = pool.acquire().await?;
                 let started = std::time::Instant::now();
                 let pid = call::backend_pid(&mut conn).await?;
-                let abandoned = tokio::select! {
-                    () = gone.closed() => true,
-                    gone = read_chunks(&mut conn, user_id, participation_id, lower, range, &tx) => gone?,
+                let sql = timeline_copy_sql(user_id, participation_id, lower, &range);
+                let mut copy = TimelineCopy {
+                    conn: &mut conn,
+                    pool: &pool,
+                    pid,
+                    ended: false,
+                    cancelled: false,
                 };
-                if abandoned {
-                    // The client went away: PostgreSQL need not send the rest for nobody.
-                    call::cancel_abandoned(&pool, conn, pid).await;
-                } else {
+                let outcome = copy.read(participation_id, &sql, &tx).await;
+                let (ended, cancelled) = (copy.ended, copy.cancelled);
+                if !ended {
+                    // The COPY's messages are still on the wire: no other call may read them.
+                    conn.close_on_drop();
+                } else if cancelled {
+                    call::after_cancel(&mut conn).await;
+                } else if outcome.is_ok() {
                     crate::metrics::db_time("timeline_read", started);
                 }
-                Ok::<_, Error>(())
+                outcome
             };
             if let Err(error) = read.await {
                 let _ = tx.send(Err(error)).await;
@@ -154,48 +208,126 @@ impl Storage {
     }
 }
 
-/// Reads `range` of a timeline into `tx`, chunk by chunk, until its end or until the
-/// client goes away (then `true`).
-async fn read_chunks(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    participation_id: Uuid,
-    lower: DateTime<Utc>,
-    range: TimelineRange,
-    tx: &mpsc::Sender<Result<Vec<TimelineEntry>, Error>>,
-) -> Result<bool, Error> {
-    let sql = timeline_sql(&range);
-    let mut query = sqlx::query_as::<_, TimelineRow>(&sql)
-        .bind(user_id)
-        .bind(participation_id)
-        .bind(lower);
-    if let Some(until) = range.until() {
-        query = query.bind(until);
-    }
-    if let Some(after) = range.after_position() {
-        let rank: i32 = match after.kind {
-            EntryKind::Event => 0,
-            EntryKind::Sentiment => 1,
+/// A timeline's COPY on its connection, read to its end whatever the client does: a
+/// COPY left half read would leave its rows on the wire for the connection's next call.
+struct TimelineCopy<'a> {
+    conn: &'a mut PoolConnection<Postgres>,
+    pool: &'a PgPool,
+    /// The backend, to cancel the COPY when the client goes away.
+    pid: i32,
+    /// Whether the COPY ended (all its rows, or an error): the connection is clean.
+    ended: bool,
+    /// Whether the COPY was cancelled because the client went away.
+    cancelled: bool,
+}
+
+impl TimelineCopy<'_> {
+    /// Reads the timeline of `sql` (from [`timeline_copy_sql`]) into `tx`, chunk by chunk.
+    /// When the client goes away, PostgreSQL is asked to stop (it need not send the rest
+    /// for nobody) and what it still sends is read and dropped.
+    ///
+    /// Binary COPY: its rows cost the server far less to decode than a query's
+    /// (docs/decisions/0013-timeline-read-with-binary-copy.md). Planned for its values,
+    /// like any unprepared statement: a plan made for these values leaves the partitions
+    /// out before locking them, where a generic plan locks all of them (~3,000 locks with
+    /// a year of partitions: 16 timelines at once ran out of the lock table). No upper
+    /// bound of its own: a leave does not move items recorded ahead of it.
+    async fn read(
+        &mut self,
+        participation_id: Uuid,
+        sql: &str,
+        tx: &mpsc::Sender<Result<Vec<TimelineEntry>, Error>>,
+    ) -> Result<(), Error> {
+        let mut data = match self.conn.copy_out_raw(sql).await {
+            Ok(data) => data.ready_chunks(CHUNK_ROWS),
+            Err(error) => {
+                // Refused before any row: the statement has ended.
+                self.ended = true;
+                return Err(error.into());
+            }
         };
-        query = query.bind(after.at).bind(rank).bind(after.id);
-    }
-    // Not a prepared statement: a plan made for these parameters leaves the partitions
-    // out before locking them, where a generic plan (which PostgreSQL also builds at a
-    // prepared statement's sixth run, to compare) locks all of them, ~3,000 locks with a
-    // year of partitions: 16 timelines at once ran out of the lock table ("out of shared
-    // memory"). No upper bound of its own: a leave does not move items recorded ahead of
-    // it.
-    let mut chunks = query.persistent(false).fetch(conn).ready_chunks(CHUNK_ROWS);
-    while let Some(rows) = chunks.next().await {
-        let entries = rows
-            .into_iter()
-            .map(|row| timeline_entry(participation_id, row?))
-            .collect::<Result<Vec<_>, Error>>()?;
-        if tx.send(Ok(entries)).await.is_err() {
-            return Ok(true);
+        let mut decoder = CopyDecoder::default();
+        let mut gone = false;
+        let mut failed = None;
+        loop {
+            let pieces = tokio::select! {
+                biased;
+                () = tx.closed(), if !gone => {
+                    gone = true;
+                    self.cancelled = call::cancel_backend(self.pool, self.pid).await.is_ok();
+                    continue;
+                }
+                pieces = data.next() => pieces,
+            };
+            let Some(pieces) = pieces else {
+                self.ended = true;
+                break;
+            };
+            for piece in pieces {
+                match piece {
+                    // sqlx reads the COPY's error up to its ReadyForQuery: it has ended.
+                    Err(error) => {
+                        self.ended = true;
+                        failed.get_or_insert(Error::from(error));
+                    }
+                    Ok(piece) if !gone && failed.is_none() => decoder.push(&piece),
+                    Ok(_) => {}
+                }
+            }
+            if self.ended {
+                break;
+            }
+            if gone || failed.is_some() {
+                continue;
+            }
+            let mut entries = Vec::new();
+            loop {
+                match decoder
+                    .next_row()
+                    .and_then(|row| row.map(copied_row).transpose())
+                {
+                    Ok(Some(row)) => match timeline_entry(participation_id, row) {
+                        Ok(entry) => entries.push(entry),
+                        Err(error) => {
+                            failed = Some(error);
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
+                }
+            }
+            if !entries.is_empty() && tx.send(Ok(entries)).await.is_err() {
+                gone = true;
+                self.cancelled = call::cancel_backend(self.pool, self.pid).await.is_ok();
+            }
+        }
+        match failed {
+            // An error after the client went away is the cancel's, which nobody reads.
+            Some(_) if gone => Ok(()),
+            Some(error) => Err(error),
+            None if !gone && !decoder.ended() => Err(Error::internal(anyhow::anyhow!(
+                "the timeline's COPY data ended without its end marker"
+            ))),
+            None => Ok(()),
         }
     }
-    Ok(false)
+}
+
+/// A [`TimelineRow`] from its binary COPY row.
+fn copied_row(mut row: CopyRow) -> Result<TimelineRow, Error> {
+    Ok((
+        row.bool()?,
+        row.uuid()?,
+        row.timestamptz()?,
+        row.optional_timestamptz()?,
+        row.text()?,
+        row.optional_float8()?,
+        row.optional_jsonb()?,
+    ))
 }
 
 /// A stored item of a live feed: its number, then a [`TimelineRow`].

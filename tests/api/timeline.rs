@@ -469,7 +469,7 @@ async fn timeline_query_wait(db: &PgPool) -> Option<Option<String>> {
     sqlx::query_scalar(
         "SELECT wait_event FROM pg_stat_activity \
          WHERE datname = current_database() AND state = 'active' \
-           AND query LIKE 'SELECT false AS is_event%'",
+           AND query LIKE 'COPY (SELECT false AS is_event%'",
     )
     .fetch_optional(db)
     .await
