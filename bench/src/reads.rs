@@ -82,19 +82,20 @@ async fn copy_to(
     participation: &Participation,
     entries: u64,
 ) -> anyhow::Result<Measurement> {
-    // The service's own statement with its values written in, as PostgreSQL's text.
-    let sql = storage::timeline_copy_sql(
+    // The service's own statement with its values written in, in PostgreSQL's text.
+    let sql = storage::timeline_literal_sql(
         participation.user_id,
         participation.id,
         participation.connected_at,
         &TimelineRange::all(),
-    )
-    .replace(" (FORMAT binary)", "");
+    );
     let mut conn = fx.pool.acquire().await?;
     let probe = CpuProbe::start(None);
     let started = Instant::now();
     let mut lines = 0u64;
-    let mut out = conn.copy_out_raw(&sql).await?;
+    let mut out = conn
+        .copy_out_raw(&format!("COPY ({sql}) TO STDOUT"))
+        .await?;
     while let Some(chunk) = out.try_next().await? {
         lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
     }

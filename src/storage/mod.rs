@@ -42,7 +42,7 @@ pub use spool::{Spool, SpoolSettings, Spooler};
 pub(crate) use streams::{
     FeedCopy, StreamClaim, StreamConnection, claim_stream, finish_stream, hold_participation,
 };
-pub use timeline::{timeline_copy_sql, timeline_lower_bound, timeline_sql};
+pub use timeline::{timeline_copy_sql, timeline_literal_sql, timeline_lower_bound, timeline_sql};
 pub use writer_connection::IDLE_CHECK;
 
 use crate::domain::{NewEvent, NewSentiment, Participation};

@@ -116,11 +116,23 @@ pub fn timeline_lower_bound(participation: &Participation, range: &TimelineRange
         .fold(participation.connected_at, DateTime::max)
 }
 
-/// The timeline read of `range` as `COPY (...) TO STDOUT (FORMAT binary)`: the
-/// statement of [`timeline_sql`] with its values written in as literals (COPY takes no
-/// parameters; every value is typed, a uuid, a time or a rank, and so written by us).
-/// Planned for these values at every read, as [`timeline_sql`] is sent unprepared.
+/// The timeline read of `range` as `COPY (...) TO STDOUT (FORMAT binary)`, with
+/// [`timeline_literal_sql`]. Planned for its values at every read, as [`timeline_sql`]
+/// is sent unprepared.
 pub fn timeline_copy_sql(
+    user_id: Uuid,
+    participation_id: Uuid,
+    lower: DateTime<Utc>,
+    range: &TimelineRange,
+) -> String {
+    let sql = timeline_literal_sql(user_id, participation_id, lower, range);
+    format!("COPY ({sql}) TO STDOUT (FORMAT binary)")
+}
+
+/// The statement of [`timeline_sql`] with its values written in as literals, as COPY
+/// needs (it takes no parameters). Every value is typed, a uuid, a time or a rank, and
+/// so written by the server, never taken from a client's text.
+pub fn timeline_literal_sql(
     user_id: Uuid,
     participation_id: Uuid,
     lower: DateTime<Utc>,
@@ -144,14 +156,13 @@ pub fn timeline_copy_sql(
         values.push(format!("'{}'::uuid", after.id));
     }
     // From the last parameter down, so that `$1` never matches the start of `$10`.
-    let sql = values
+    values
         .iter()
         .enumerate()
         .rev()
         .fold(timeline_sql(range), |sql, (i, value)| {
             sql.replace(&format!("${}", i + 1), value)
-        });
-    format!("COPY ({sql}) TO STDOUT (FORMAT binary)")
+        })
 }
 
 /// An entry kind's rank in timeline order at one instant: events first.
@@ -280,26 +291,13 @@ impl TimelineCopy<'_> {
             if gone || failed.is_some() {
                 continue;
             }
-            let mut entries = Vec::new();
-            loop {
-                match decoder
-                    .next_row()
-                    .and_then(|row| row.map(copied_row).transpose())
-                {
-                    Ok(Some(row)) => match timeline_entry(participation_id, row) {
-                        Ok(entry) => entries.push(entry),
-                        Err(error) => {
-                            failed = Some(error);
-                            break;
-                        }
-                    },
-                    Ok(None) => break,
-                    Err(error) => {
-                        failed = Some(error);
-                        break;
-                    }
+            let entries = match decoded(&mut decoder, participation_id) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    failed = Some(error);
+                    continue;
                 }
-            }
+            };
             if !entries.is_empty() && tx.send(Ok(entries)).await.is_err() {
                 gone = true;
                 self.cancelled = call::cancel_backend(self.pool, self.pid).await.is_ok();
@@ -315,6 +313,15 @@ impl TimelineCopy<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// The entries of the whole rows `decoder` holds.
+fn decoded(decoder: &mut CopyDecoder, participation_id: Uuid) -> Result<Vec<TimelineEntry>, Error> {
+    let mut entries = Vec::new();
+    while let Some(row) = decoder.next_row()? {
+        entries.push(timeline_entry(participation_id, copied_row(row)?)?);
+    }
+    Ok(entries)
 }
 
 /// A [`TimelineRow`] from its binary COPY row.

@@ -26,6 +26,21 @@ pub(crate) fn feed(
     LiveFeed::new(client, feed_id, participation_id, options)
 }
 
+/// A live feed of `participation_id` through the client crate's helper: `appends` one
+/// after the other, then the close; panics unless every append is acknowledged.
+pub(crate) async fn feed_through(
+    app: &TestApp,
+    participation_id: &str,
+    appends: Vec<Vec<proto::FeedItem>>,
+) -> proto::FeedClosed {
+    let feed_id = Uuid::new_v4().to_string();
+    let mut live = feed(app, &feed_id, participation_id, FeedOptions::default());
+    for items in appends {
+        live.append(items).await.unwrap();
+    }
+    live.close().await.unwrap()
+}
+
 #[tokio::test]
 async fn a_pipelined_feed_cut_mid_way_stores_every_item_once() {
     let app = spawn_app().await;

@@ -409,7 +409,6 @@ impl TestApp {
             .map(|r| r.into_inner().participation.unwrap())
     }
 
-    /// A user connected to a new session at t0 (in timezone UTC).
     /// Streams `batches` of sentiments for `participation_id` in one new stream; panics
     /// unless it commits.
     pub async fn stream_sentiments(
@@ -428,11 +427,23 @@ impl TestApp {
             .expect("a receipt")
     }
 
+    /// A user connected to a new session at t0 (in timezone UTC).
     pub async fn participation(&self) -> proto::Participation {
         self.upsert_timezone("UTC", 0).await;
         let user = self.create_user(&format!("user-{}", Uuid::new_v4())).await;
         let session = self.create_session(t0()).await;
         self.join(&user, &session, t0()).await.expect("JoinSession")
+    }
+
+    /// GetUser of an id no user has: its status (NOT_FOUND).
+    pub async fn get_unknown_user(&self) -> Status {
+        self.client
+            .clone()
+            .get_user(proto::GetUserRequest {
+                user_id: Uuid::new_v4().to_string(),
+            })
+            .await
+            .expect_err("GetUser of an unknown id")
     }
 }
 

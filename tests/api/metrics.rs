@@ -57,14 +57,7 @@ async fn a_scrape_shows_the_counters_move() {
         .stream_sentiments(tokio_stream::iter(messages))
         .await
         .unwrap();
-    let status = app
-        .client
-        .clone()
-        .get_user(proto::GetUserRequest {
-            user_id: Uuid::new_v4().to_string(),
-        })
-        .await
-        .unwrap_err();
+    let status = app.get_unknown_user().await;
     assert_eq!(status.code(), tonic::Code::NotFound);
     app.client
         .clone()
@@ -77,17 +70,15 @@ async fn a_scrape_shows_the_counters_move() {
         .unwrap();
 
     // A live feed of two appends through the client crate's helper.
-    let mut feed = crate::client_feed::feed(
+    crate::client_feed::feed_through(
         &app,
-        &Uuid::new_v4().to_string(),
         &participation.id,
-        krisp_ingest_client::FeedOptions::default(),
-    );
-    feed.append(vec![crate::live::item(1), crate::live::item(2)])
-        .await
-        .unwrap();
-    feed.append(vec![crate::live::item(3)]).await.unwrap();
-    feed.close().await.unwrap();
+        vec![
+            vec![crate::live::item(1), crate::live::item(2)],
+            vec![crate::live::item(3)],
+        ],
+    )
+    .await;
 
     // Paths no service serves: UNIMPLEMENTED, counted under "unknown" whatever they say.
     for path in [

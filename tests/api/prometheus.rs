@@ -12,10 +12,8 @@ use std::{
     time::Duration,
 };
 
-use krisp_ingest::proto;
 use regex::Regex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use uuid::Uuid;
 
 use crate::helpers::{TestApp, eventually, fresh_database, sentiments};
 
@@ -234,27 +232,16 @@ async fn a_real_prometheus_finds_series_for_every_rule_alert_and_panel() {
     let participation = app.participation().await;
     app.stream_sentiments(&participation.id, vec![sentiments(0, 50)])
         .await;
-    let mut feed = crate::client_feed::feed(
+    crate::client_feed::feed_through(
         &app,
-        &Uuid::new_v4().to_string(),
         &participation.id,
-        krisp_ingest_client::FeedOptions::default(),
-    );
-    feed.append(vec![crate::live::item(1), crate::live::item(2)])
-        .await
-        .unwrap();
-    feed.close().await.unwrap();
+        vec![vec![crate::live::item(1), crate::live::item(2)]],
+    )
+    .await;
     let (entries, _) =
         crate::timeline::read(&app, crate::timeline::request(&participation.id)).await;
     assert_eq!(entries.len(), 52);
-    let refused = app
-        .client
-        .clone()
-        .get_user(proto::GetUserRequest {
-            user_id: Uuid::new_v4().to_string(),
-        })
-        .await
-        .unwrap_err();
+    let refused = app.get_unknown_user().await;
     assert_eq!(refused.code(), tonic::Code::NotFound);
 
     // Scraped twice at least after the load, and the rules evaluated on it.

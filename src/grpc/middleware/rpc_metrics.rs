@@ -182,12 +182,11 @@ impl Hook for RpcMetrics {
             handled(&started, code);
             return response;
         }
-        let sent = started.labels.counter(GRPC_MSG_SENT);
+        let sent = CountMessages::new(started.labels.counter(GRPC_MSG_SENT));
         watched(
             response,
             AtTrailers {
                 started: Some(started),
-                framing: Framing::default(),
                 sent,
             },
         )
@@ -221,15 +220,12 @@ fn code_name(code: tonic::Code) -> String {
 /// Counts the messages going out, and the call when the trailers (with the status) go.
 struct AtTrailers {
     started: Option<Started>,
-    framing: Framing,
-    sent: Counter,
+    sent: CountMessages,
 }
 
 impl Watcher for AtTrailers {
     fn frame(&mut self, frame: &Frame<Bytes>) {
-        if let Some(data) = frame.data_ref() {
-            self.sent.increment(self.framing.messages_in(data));
-        }
+        self.sent.frame(frame);
         if let Some(trailers) = frame.trailers_ref()
             && let Some(started) = self.started.take()
         {
@@ -313,29 +309,32 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let received = CallLabels::of(request.uri().path()).counter(GRPC_MSG_RECEIVED);
-        self.inner.call(request.map(|body| {
-            watch(
-                body,
-                CountReceived {
-                    framing: Framing::default(),
-                    received,
-                },
-            )
-        }))
+        let received =
+            CountMessages::new(CallLabels::of(request.uri().path()).counter(GRPC_MSG_RECEIVED));
+        self.inner.call(request.map(|body| watch(body, received)))
     }
 }
 
-/// Counts the messages of a request body as it is read.
-struct CountReceived {
+/// Counts the gRPC messages of a body (a request's or a response's) in `counter` as its
+/// frames pass.
+struct CountMessages {
     framing: Framing,
-    received: Counter,
+    counter: Counter,
 }
 
-impl Watcher for CountReceived {
+impl CountMessages {
+    fn new(counter: Counter) -> Self {
+        Self {
+            framing: Framing::default(),
+            counter,
+        }
+    }
+}
+
+impl Watcher for CountMessages {
     fn frame(&mut self, frame: &Frame<Bytes>) {
         if let Some(data) = frame.data_ref() {
-            self.received.increment(self.framing.messages_in(data));
+            self.counter.increment(self.framing.messages_in(data));
         }
     }
 }

@@ -121,12 +121,7 @@ async fn users_timezones_sessions_and_participations_work_on_citus() {
         crate::helpers::fetch_user(&mut client, &user.id).await,
         user
     );
-    let status = client
-        .get_user(proto::GetUserRequest {
-            user_id: Uuid::new_v4().to_string(),
-        })
-        .await
-        .unwrap_err();
+    let status = app.get_unknown_user().await;
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
 
     // Timezones: created, then updated, and listed.
