@@ -56,7 +56,10 @@ fn timeline_entry(participation_id: Uuid, row: TimelineRow) -> Result<TimelineEn
     }
 }
 
-/// Rows one chunk holds at most: a chunk is what the query has ready, up to this.
+/// Rows a chunk holds: the first chunk is what the query has ready (a reader waiting for
+/// its first entry waits for no more); later ones gather at least this many (fewer only
+/// at the end, and under twice as many), however few rows each read from PostgreSQL
+/// brings, so that a chunked read makes few messages.
 const CHUNK_ROWS: usize = 256;
 /// Chunks in flight between the query and the client; with [`CHUNK_ROWS`], bounds the
 /// memory of a timeline read, however slow its client.
@@ -258,6 +261,8 @@ impl TimelineCopy<'_> {
             }
         };
         let mut decoder = CopyDecoder::default();
+        let mut pending: Vec<TimelineEntry> = Vec::new();
+        let mut first = true;
         let mut gone = false;
         let mut failed = None;
         loop {
@@ -291,16 +296,20 @@ impl TimelineCopy<'_> {
             if gone || failed.is_some() {
                 continue;
             }
-            let entries = match decoded(&mut decoder, participation_id) {
-                Ok(entries) => entries,
+            match decoded(&mut decoder, participation_id) {
+                Ok(entries) => pending.extend(entries),
                 Err(error) => {
                     failed = Some(error);
                     continue;
                 }
-            };
-            if !entries.is_empty() && tx.send(Ok(entries)).await.is_err() {
-                gone = true;
-                self.cancelled = call::cancel_backend(self.pool, self.pid).await.is_ok();
+            }
+            let chunk = first || pending.len() >= CHUNK_ROWS || decoder.ended();
+            if chunk && !pending.is_empty() {
+                first = false;
+                if tx.send(Ok(std::mem::take(&mut pending))).await.is_err() {
+                    gone = true;
+                    self.cancelled = call::cancel_backend(self.pool, self.pid).await.is_ok();
+                }
             }
         }
         match failed {
